@@ -1,0 +1,142 @@
+"""Typed configuration of a `fit` run: one dataclass per concern, composed into `FitConfig`.
+
+Defaults are our own (tuned on real data, see README "Results"); `--preset pixelrec` switches to
+the PixelRec reference code's choices (SPEC §6) so its paper figures can be reproduced.
+Every setting is written to the run's config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import PixelrecError
+from .model import LossConfig
+from .sequence import SequenceConfig
+
+ITEM_KINDS = ("id", "frozen", "partial", "e2e", "hybrid")
+
+
+@dataclass
+class ItemsConfig:
+    """Which item tower, and where its inputs come from."""
+
+    kind: str = "id"  # id | frozen | partial | e2e | hybrid
+    cache: str | None = None  # HDF5 cache from `pixelrec encode` (frozen / partial / hybrid)
+    images: str | None = None  # covers dir or LMDB (e2e)
+    encoder: str = "ViT-B-32"  # open_clip model (e2e)
+    pretrained: str = "none"  # none | open_clip tag | local checkpoint path (e2e)
+    tune_blocks: int = -1  # e2e: train only the top K encoder blocks (-1 = all)
+    adapter: str = "linear"  # linear | mlp: cached/pooled embedding -> d
+    head: str = "pooled"  # pooled | token_relu_mean (PixelRec: mean over tokens of ReLU(Linear(h)))
+    hybrid: str = "sum"  # hybrid: sum | concat (id + image, concat is projected back to d)
+    image_branch: str = "frozen"  # hybrid: frozen | partial
+    grad_checkpointing: bool = False  # e2e
+    cache_in_memory: str = "auto"  # auto | yes | no: load the cache into RAM
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    encoder_lr: float = 1e-4  # image-encoder blocks (partial / e2e)
+    encoder_weight_decay: float = 0.0
+    patience: int = 10  # early stop after this many epochs without a better valid NDCG@10
+    windows: str = "sliding"  # sliding | chunks (PixelRec)
+    stride: int = 0  # sliding windows: 0 = max_len // 2
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    amp: bool = True  # mixed precision on CUDA
+    eval_batch_size: int = 1024
+    min_interactions: int = 3
+    cold_threshold: int = 1  # evaluation: targets with fewer training interactions are "cold"
+
+
+@dataclass
+class FitConfig:
+    interactions: str
+    out: str
+    items: ItemsConfig = field(default_factory=ItemsConfig)
+    model: SequenceConfig = field(default_factory=SequenceConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "default"
+    init_from: str | None = None  # transfer: start from a trained run's sequence encoder and image tower
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FitConfig":
+        return cls(
+            interactions=d["interactions"],
+            out=d["out"],
+            items=_load(ItemsConfig, d.get("items", {})),
+            model=_load(SequenceConfig, d.get("model", {})),
+            loss=_load(LossConfig, d.get("loss", {})),
+            train=_load(TrainConfig, d.get("train", {})),
+            preset=d.get("preset", "default"),
+            init_from=d.get("init_from"),
+        )
+
+    def validate(self) -> None:
+        if self.items.kind not in ITEM_KINDS:
+            raise PixelrecError(f"unknown --items {self.items.kind!r}; expected one of {', '.join(ITEM_KINDS)}")
+        if self.loss.loss not in ("softmax", "bpr"):
+            raise PixelrecError(f"unknown --loss {self.loss.loss!r}; expected softmax or bpr")
+        if self.train.windows not in ("sliding", "chunks"):
+            raise PixelrecError(f"unknown --windows {self.train.windows!r}; expected sliding or chunks")
+        if self.items.kind in ("frozen", "partial", "hybrid") and not self.items.cache:
+            raise PixelrecError(f"--items {self.items.kind} needs --cache CACHE.h5 (made by `pixelrec encode`)")
+        if self.items.kind == "e2e" and not self.items.images:
+            raise PixelrecError("--items e2e needs --images DIR|LMDB (the covers) and --encoder")
+        for name, value in (("--max-len", self.model.max_len), ("--dim", self.model.dim),
+                            ("--epochs", self.train.epochs), ("--batch-size", self.train.batch_size)):
+            if value < 1:
+                raise PixelrecError(f"{name} must be at least 1 (got {value})")
+
+
+def _load(cls, d: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# The PixelRec reference code's choices (SPEC §6). Keys are "section.field".
+PIXELREC_PRESET: dict[str, Any] = {
+    "model.dim": 512,
+    "model.layers": 2,
+    "model.heads": 4,
+    "model.inner_mult": 2,
+    "model.dropout": 0.1,
+    "model.attn_dropout": 0.1,
+    "model.max_len": 10,
+    "train.windows": "chunks",
+    "train.lr": 1e-4,
+    "train.weight_decay": 0.1,
+    "train.encoder_lr": 1e-4,
+    "train.encoder_weight_decay": 0.0,
+    "train.patience": 30,
+    "train.batch_size": 16,
+    "loss.loss": "bpr",
+    "items.head": "token_relu_mean",
+    "items.tune_blocks": 2,
+}
+
+PRESETS = {"default": {}, "pixelrec": PIXELREC_PRESET}
+
+
+def apply_preset(cfg: FitConfig, name: str, explicit: set[str] = frozenset()) -> FitConfig:
+    """Set the preset's values on cfg, except for keys the user gave explicitly ("section.field")."""
+    if name not in PRESETS:
+        raise PixelrecError(f"unknown --preset {name!r}; expected one of {', '.join(PRESETS)}")
+    cfg.preset = name
+    for key, value in PRESETS[name].items():
+        if key in explicit:
+            continue
+        section, fld = key.split(".")
+        setattr(getattr(cfg, section), fld, value)
+    return cfg

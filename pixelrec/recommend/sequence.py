@@ -1,0 +1,140 @@
+"""Sequence encoders (the user tower): item vectors of a history -> a state per position.
+
+Both take left-padded input: x [B, L, d] item vectors and mask [B, L] (True = real item), so the
+last position always holds the most recent item and `states[:, -1]` is the user vector.
+The state at position t only depends on items at positions <= t (causal), which is what lets one
+forward pass train every next-item prediction of a window at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PixelrecError
+
+
+@dataclass
+class SequenceConfig:
+    model: str = "sasrec"  # sasrec | gru4rec
+    dim: int = 64  # item/user vector size d
+    max_len: int = 50  # L: how many recent items the model sees
+    layers: int = 2
+    heads: int = 2  # SASRec only
+    inner_mult: int = 4  # SASRec feed-forward width = inner_mult * dim
+    dropout: float = 0.3
+    attn_dropout: float = 0.3  # SASRec only
+    gru_hidden: int = 0  # GRU4Rec hidden size; 0 = 2 * dim
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, attn_dropout: float, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise PixelrecError(f"--dim {dim} is not divisible by the number of heads ({heads})")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_dropout = attn_dropout
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (t.view(B, L, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))  # [B, h, L, d/h]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        return self.drop(self.proj(y.transpose(1, 2).reshape(B, L, d)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, cfg: SequenceConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.dim)
+        self.attn = CausalSelfAttention(cfg.dim, cfg.heads, cfg.attn_dropout, cfg.dropout)
+        self.ln2 = nn.LayerNorm(cfg.dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.inner_mult * cfg.dim),
+            nn.GELU(),
+            nn.Linear(cfg.inner_mult * cfg.dim, cfg.dim),
+            nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), allowed)
+        return x + self.mlp(self.ln2(x))
+
+
+class SASRec(nn.Module):
+    """Self-attentive sequential recommendation (Kang & McAuley 2018) with learned positions."""
+
+    def __init__(self, cfg: SequenceConfig):
+        super().__init__()
+        self.pos = nn.Embedding(cfg.max_len, cfg.dim)
+        self.ln_in = nn.LayerNorm(cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.ln_out = nn.LayerNorm(cfg.dim)
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        # positions count back from the most recent item, so they mean the same for any padding
+        x = self.drop(self.ln_in(x + self.pos.weight[-L:]))
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        allowed = causal & mask[:, None, :]  # [B, L, L]: query t sees real keys <= t
+        allowed = allowed | torch.eye(L, dtype=torch.bool, device=x.device)  # padded queries see themselves (no NaN)
+        allowed = allowed[:, None]  # [B, 1, L, L] broadcast over heads
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.ln_out(x)
+
+
+class GRU4Rec(nn.Module):
+    """GRU over the session (Hidasi et al. 2016), projected back to the item space."""
+
+    def __init__(self, cfg: SequenceConfig):
+        super().__init__()
+        hidden = cfg.gru_hidden or 2 * cfg.dim
+        self.drop = nn.Dropout(cfg.dropout)
+        self.gru = nn.GRU(cfg.dim, hidden, num_layers=cfg.layers, batch_first=True)
+        self.out = nn.Linear(hidden, cfg.dim)
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        # Left padding -> right padding, so the GRU starts at the first real item; outputs at real
+        # positions are then exact (padding only comes after them) and we shift them back.
+        pad = (~mask).sum(1, keepdim=True)  # [B, 1]
+        t = torch.arange(L, device=x.device)[None]  # [1, L]
+        to_right = ((t + pad) % L)[..., None].expand(-1, -1, x.shape[-1])  # [B, L, d]
+        h, _ = self.gru(self.drop(torch.gather(x, 1, to_right)))  # [B, L, hidden]
+        to_left = ((t - pad) % L)[..., None].expand(-1, -1, h.shape[-1])
+        return self.out(self.drop(torch.gather(h, 1, to_left)))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.GRU):
+        for name, p in module.named_parameters():
+            if "weight" in name:
+                nn.init.xavier_uniform_(p)
+            else:
+                nn.init.zeros_(p)
+
+
+def build_sequence_encoder(cfg: SequenceConfig) -> nn.Module:
+    if cfg.model == "sasrec":
+        return SASRec(cfg)
+    if cfg.model == "gru4rec":
+        return GRU4Rec(cfg)
+    raise PixelrecError(f"unknown --model {cfg.model!r}; expected sasrec or gru4rec")

@@ -1,0 +1,197 @@
+"""`pixelrec fit`: the training loop with per-epoch validation, early stopping, checkpoints and resume.
+
+Resume contract: every epoch draws its randomness from generators seeded by (seed, epoch), and the
+model/optimiser/early-stopping state is checkpointed atomically after every finished epoch. A run
+killed at any point and restarted with `resume=True` continues after the last finished epoch and
+ends with the same weights and metrics as an uninterrupted run (on the same device).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.sequences import SequenceData, load_sequences
+from ..errors import PixelrecError
+from ..runtime import log, progress, resolve_device, seed_everything
+from .batches import iterate_batches, sample_negatives, training_windows
+from .build import build_optimizer, build_recommender
+from .config import FitConfig
+from .model import Recommender
+from .run import RunDir
+
+VALID_METRIC = "ndcg@10"
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    best_epoch: int
+    epochs_run: int
+    valid: dict[str, float]
+    test: dict[str, Any]
+    seconds: float
+    seconds_per_epoch: float
+
+
+def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitResult:
+    cfg.validate()
+    t0 = time.time()
+    run = RunDir(cfg.out)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+
+    data = load_sequences(cfg.interactions, cfg.train.min_interactions)
+    log(f"data: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
+        f" ({data.dropped_users} users with < {cfg.train.min_interactions} interactions dropped,"
+        f" {data.dropped_interactions} rows)")
+    state = _prepare_run_dir(run, cfg, data, resume, overwrite)
+
+    model = build_recommender(cfg, data).to(device)
+    if cfg.init_from and state is None:
+        from .transfer import init_from_run
+
+        init_from_run(model, cfg.init_from, data)
+    optimizer = build_optimizer(model, cfg)
+    history: list[dict[str, Any]] = []
+    best = {"epoch": -1, "score": -math.inf}
+    bad_epochs, start = 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
+        start = state["epoch"] + 1
+        log(f"resuming {run.path} after epoch {state['epoch']} (best valid {VALID_METRIC} "
+            f"{best['score']:.4f} at epoch {best['epoch']})")
+
+    windows = training_windows(data, cfg.model.max_len, cfg.train.windows, cfg.train.stride or cfg.model.max_len // 2)
+    if len(windows) == 0:
+        raise PixelrecError(f"{cfg.interactions}: no training sequence has two items; nothing to train on")
+    amp = _autocast(device, cfg.train.amp)
+    stopped = bad_epochs >= cfg.train.patience
+    for epoch in range(start, cfg.train.epochs):
+        if stopped:
+            break
+        t_epoch = time.time()
+        torch.manual_seed(cfg.train.seed * 100_003 + epoch)  # dropout etc.: same per epoch on resume
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch)
+        model.train()
+        total, steps = 0.0, 0
+        bar = progress(iterate_batches(windows, cfg.train.batch_size, gen),
+                       total=math.ceil(len(windows) / cfg.train.batch_size), desc=f"epoch {epoch}")
+        for seq in bar:
+            neg = sample_negatives(seq, data.num_items, gen) if cfg.loss.loss == "bpr" else None
+            with amp:
+                loss = model.training_loss(seq.to(device), None if neg is None else neg.to(device), gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, steps = total + loss.item(), steps + 1
+            bar.set_postfix(loss=f"{total / steps:.4f}")
+        train_seconds = time.time() - t_epoch
+
+        valid = evaluate_split(model, data, "valid", ks=(10, 20), batch_size=cfg.train.eval_batch_size)
+        score = valid[VALID_METRIC]
+        improved = score > best["score"]
+        if improved:
+            best = {"epoch": epoch, "score": score}
+            bad_epochs = 0
+            run.save_checkpoint(run.best, {"model": model.state_dict(), "epoch": epoch})
+        else:
+            bad_epochs += 1
+        history.append({"epoch": epoch, "train_loss": total / max(steps, 1), "train_seconds": round(train_seconds, 3),
+                        "seconds": round(time.time() - t_epoch, 3),
+                        **{f"valid_{k}": v for k, v in valid.items() if k != "users"}})
+        run.save_checkpoint(run.last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "epoch": epoch, "history": history, "best": best, "bad_epochs": bad_epochs})
+        run.write_metrics(history)
+        log(f"epoch {epoch}: loss {total / max(steps, 1):.4f}  valid {VALID_METRIC} {score:.4f}"
+            f"  recall@10 {valid['recall@10']:.4f}  ({train_seconds:.1f}s train){'  *' if improved else ''}")
+        stopped = bad_epochs >= cfg.train.patience
+
+    if best["epoch"] < 0:
+        raise PixelrecError(f"{run.path}: no epoch finished (--epochs {cfg.train.epochs})")
+    model.load_state_dict(run.load_checkpoint(run.best, device)["model"])
+    test = finalize_run(model, data, run, cfg)
+    train_times = [h["train_seconds"] for h in history]
+    result = FitResult(run.path, best["epoch"], len(history), valid={k[6:]: v for k, v in history[best["epoch"]].items() if k.startswith("valid_")},
+                       test=test, seconds=time.time() - t0, seconds_per_epoch=float(np.mean(train_times)))
+    log(f"best epoch {best['epoch']}: test ndcg@10 {test['overall']['ndcg@10']:.4f} recall@10 {test['overall']['recall@10']:.4f}")
+    return result
+
+
+def _prepare_run_dir(run: RunDir, cfg: FitConfig, data: SequenceData, resume: bool, overwrite: bool) -> dict | None:
+    """Write config + data for a new run, or check them and return the last checkpoint on resume."""
+    if resume:
+        if not run.last.is_file():
+            if run.exists():
+                log(f"{run.path}: no finished epoch to resume from; starting from the beginning")
+            run.write_config(cfg.to_dict(), data)
+            run.write_data(data)
+            return None
+        meta = run.read_config()
+        if meta["data"]["fingerprint"] != data.fingerprint:
+            raise PixelrecError(f"{run.path}: --resume with different data than the run was started on "
+                                f"({cfg.interactions} has fingerprint {data.fingerprint[:12]}, the run "
+                                f"{meta['data']['fingerprint'][:12]})")
+        diffs = _config_diff(meta["config"], cfg.to_dict(), ignore={"train.epochs", "train.patience", "train.device"})
+        if diffs:
+            raise PixelrecError(f"{run.path}: --resume with different settings than the run: {'; '.join(diffs)}")
+        return run.load_checkpoint(run.last)
+    if run.exists() and not overwrite:
+        raise PixelrecError(f"{run.path} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
+    if overwrite:
+        for p in (run.last, run.best, run.metrics, run.results):
+            p.unlink(missing_ok=True)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_config(cfg.to_dict(), data)
+    run.write_data(data)
+    return None
+
+
+def _config_diff(old: dict, new: dict, ignore: set[str], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        if path in ignore or path in ("out", "interactions"):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, ignore, prefix=f"{path}.")
+        elif a != b:
+            out.append(f"{path} was {a!r}, now {b!r}")
+    return out
+
+
+def _autocast(device: torch.device, amp: bool):
+    if device.type == "cuda" and amp:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def evaluate_split(model: Recommender, data: SequenceData, split: str, ks=(5, 10, 20), batch_size: int = 1024) -> dict:
+    """Full-ranking metrics of a split through an exact FAISS index (overall numbers only)."""
+    from ..index.evaluate import evaluate_model
+
+    return evaluate_model(model, data, split, ks=ks, batch_size=batch_size)["overall"]
+
+
+def finalize_run(model: Recommender, data: SequenceData, run: RunDir, cfg: FitConfig) -> dict:
+    """Index the final item vectors in the run dir and write the test metrics (results.json)."""
+    from ..index.evaluate import build_run_index, evaluate_model
+    from ..runtime import write_json
+
+    model.eval()
+    build_run_index(model, data, run)
+    report = evaluate_model(model, data, "test", ks=(5, 10, 20), batch_size=cfg.train.eval_batch_size,
+                            cold_threshold=cfg.train.cold_threshold, tower_kind=cfg.items.kind)
+    write_json(run.results, report)
+    return report
+

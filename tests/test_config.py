@@ -1,0 +1,191 @@
+"""FitConfig: validation, presets (SPEC §6 reference preset) and the config.json round trip."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from pixelrec.errors import PixelrecError
+from pixelrec.recommend.config import (
+    PIXELREC_PRESET,
+    FitConfig,
+    ItemsConfig,
+    TrainConfig,
+    apply_preset,
+)
+from pixelrec.recommend.model import LossConfig
+from pixelrec.recommend.sequence import SequenceConfig
+
+
+def cfg(**items) -> FitConfig:
+    return FitConfig(interactions="i.csv", out="run", items=ItemsConfig(**items))
+
+
+# ---- validate ----------------------------------------------------------------------------------
+
+
+def test_defaults_validate():
+    c = cfg()
+    c.validate()
+    assert c.items.kind == "id" and c.preset == "default"
+
+
+@pytest.mark.parametrize("kind", ["id", "frozen", "partial", "e2e", "hybrid"])
+def test_every_kind_validates_with_its_inputs(kind):
+    cfg(kind=kind, cache="c.h5", images="covers").validate()
+
+
+def test_unknown_kind():
+    with pytest.raises(PixelrecError) as err:
+        cfg(kind="pixels").validate()
+    msg = str(err.value)
+    assert "'pixels'" in msg and "--items" in msg and "frozen" in msg
+
+
+@pytest.mark.parametrize("kind", ["frozen", "partial", "hybrid"])
+def test_cache_kinds_need_a_cache(kind):
+    with pytest.raises(PixelrecError) as err:
+        cfg(kind=kind).validate()
+    msg = str(err.value)
+    assert "--cache" in msg and kind in msg and "pixelrec encode" in msg
+
+
+def test_e2e_needs_images():
+    with pytest.raises(PixelrecError) as err:
+        cfg(kind="e2e").validate()
+    assert "--images" in str(err.value)
+    # a cache is not a substitute for the images
+    with pytest.raises(PixelrecError, match="--images"):
+        cfg(kind="e2e", cache="c.h5").validate()
+
+
+def test_unknown_loss_and_windows():
+    c = cfg()
+    c.loss.loss = "hinge"
+    with pytest.raises(PixelrecError, match="--loss 'hinge'"):
+        c.validate()
+    c = cfg()
+    c.train.windows = "overlap"
+    with pytest.raises(PixelrecError, match="--windows 'overlap'"):
+        c.validate()
+
+
+@pytest.mark.parametrize("section,field,flag", [
+    ("model", "max_len", "--max-len"),
+    ("model", "dim", "--dim"),
+    ("train", "epochs", "--epochs"),
+    ("train", "batch_size", "--batch-size"),
+])
+@pytest.mark.parametrize("value", [0, -3])
+def test_sizes_must_be_positive(section, field, flag, value):
+    c = cfg()
+    setattr(getattr(c, section), field, value)
+    with pytest.raises(PixelrecError) as err:
+        c.validate()
+    assert flag in str(err.value) and str(value) in str(err.value)
+    setattr(getattr(c, section), field, 1)
+    c.validate()
+
+
+# ---- presets -----------------------------------------------------------------------------------
+
+
+def test_pixelrec_preset_values():
+    c = apply_preset(cfg(), "pixelrec")
+    assert c.preset == "pixelrec"
+    assert c.model.dim == 512
+    assert c.model.max_len == 10
+    assert c.model.layers == 2 and c.model.heads == 4 and c.model.inner_mult == 2
+    assert c.model.dropout == 0.1 and c.model.attn_dropout == 0.1
+    assert c.train.windows == "chunks"
+    assert c.loss.loss == "bpr"
+    assert c.train.lr == 1e-4 and c.train.weight_decay == 0.1
+    assert c.train.encoder_lr == 1e-4 and c.train.encoder_weight_decay == 0.0
+    assert c.train.patience == 30
+    assert c.items.head == "token_relu_mean"
+    assert c.items.tune_blocks == 2
+    c.validate()
+
+
+def test_pixelrec_preset_leaves_other_settings_alone():
+    c = cfg(kind="frozen", cache="c.h5")
+    c.train.seed = 7
+    c.train.epochs = 3
+    apply_preset(c, "pixelrec")
+    assert c.items.kind == "frozen" and c.items.cache == "c.h5"
+    assert c.train.seed == 7 and c.train.epochs == 3
+    assert c.model.model == "sasrec"
+
+
+def test_preset_keeps_explicit_keys():
+    c = cfg()
+    c.model.dim = 64
+    c.train.lr = 3e-3
+    c.loss.loss = "softmax"
+    apply_preset(c, "pixelrec", explicit={"model.dim", "train.lr", "loss.loss"})
+    assert c.model.dim == 64 and c.train.lr == 3e-3 and c.loss.loss == "softmax"
+    # everything not explicit still follows the preset
+    assert c.model.max_len == 10 and c.train.windows == "chunks" and c.train.weight_decay == 0.1
+
+
+def test_default_preset_changes_nothing():
+    c = cfg()
+    before = copy.deepcopy(c.to_dict())
+    apply_preset(c, "default")
+    assert c.to_dict() == before
+
+
+def test_unknown_preset():
+    with pytest.raises(PixelrecError) as err:
+        apply_preset(cfg(), "sasrec2018")
+    msg = str(err.value)
+    assert "'sasrec2018'" in msg and "pixelrec" in msg
+
+
+def test_preset_table_does_not_change_when_applied():
+    snapshot = dict(PIXELREC_PRESET)
+    c = apply_preset(cfg(), "pixelrec")
+    c.model.dim = 8
+    assert PIXELREC_PRESET == snapshot
+    assert apply_preset(cfg(), "pixelrec").model.dim == 512
+
+
+# ---- to_dict / from_dict -----------------------------------------------------------------------
+
+
+def full_config() -> FitConfig:
+    return FitConfig(
+        interactions="/data/i.csv",
+        out="/runs/a",
+        items=ItemsConfig(kind="partial", cache="c.h5", tune_blocks=2, adapter="mlp", head="token_relu_mean"),
+        model=SequenceConfig(model="gru4rec", dim=32, max_len=7, layers=1, gru_hidden=48),
+        loss=LossConfig(loss="softmax", negatives=256, full_softmax_max_items=5000),
+        train=TrainConfig(epochs=3, lr=5e-4, windows="chunks", stride=3, seed=11, amp=False),
+        preset="pixelrec",
+        init_from="/runs/base",
+    )
+
+
+def test_round_trip():
+    c = full_config()
+    d = c.to_dict()
+    assert FitConfig.from_dict(d) == c
+    # through JSON too (config.json)
+    assert FitConfig.from_dict(json.loads(json.dumps(d))) == c
+    assert d["model"]["gru_hidden"] == 48 and d["loss"]["negatives"] == 256 and d["init_from"] == "/runs/base"
+
+
+def test_round_trip_of_defaults():
+    c = FitConfig(interactions="i.csv", out="o")
+    assert FitConfig.from_dict(c.to_dict()) == c
+
+
+def test_from_dict_tolerates_missing_and_unknown_keys():
+    # older or newer config.json files: missing keys take defaults, unknown ones are ignored
+    d = {"interactions": "i.csv", "out": "o", "model": {"dim": 24, "future_option": 1}, "extra": True}
+    c = FitConfig.from_dict(d)
+    assert c.model.dim == 24 and c.model.max_len == SequenceConfig().max_len
+    assert c.items == ItemsConfig() and c.train == TrainConfig() and c.loss == LossConfig()
+    assert c.preset == "default" and c.init_from is None
