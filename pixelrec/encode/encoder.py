@@ -1,0 +1,461 @@
+"""The image encoder: an open_clip vision tower that can be cut at any transformer block (SPEC §1, §6).
+
+`build_encoder(EncoderConfig)` creates an open_clip model, keeps only its vision tower (`.visual`)
+and wraps it in `ImageEncoder`, which adds what the two-stage system needs on top of open_clip:
+
+- two poolings: ``model`` (open_clip's own pooled output: ln_post, token/avg/attentional pool and
+  proj, dim = embed_dim) and ``mean`` (mean over all tokens of the last block's output, without
+  ln_post or proj, dim = width: how PixelRec's ViT PixelNet pools);
+- two preprocessing presets: ``default`` (the model's own open_clip eval transform) and
+  ``pixelrec`` (the reference code: squash to image_size x image_size, no crop, mean = std = 0.5);
+- a split at block K for ViT towers: ``tokens_at_split(x, K)`` are the activations entering the last
+  K blocks and ``rest(tokens, K)`` finishes the forward pass, so ``rest(tokens_at_split(x, K), K)``
+  is ``forward(x)``. `TopBlocks` is that last part as a standalone module (the `partial` item tower
+  trains it on cached tokens), built without the lower blocks.
+
+Random initialisation ('none') is seeded, so one config always gives the same weights. Weights come
+from a local checkpoint file (full open_clip CLIP, an `ImageEncoder`, or a bare vision tower state
+dict) or an open_clip pretrained tag (needs the network; never used by tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import open_clip
+import torch
+import torch.nn as nn
+from open_clip.factory import load_state_dict as _open_clip_load_state_dict
+from open_clip.model import _build_vision_tower, resize_pos_embed
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transformer import VisionTransformer
+from open_clip.utils import to_2tuple
+from PIL import Image
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import PixelrecError
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+TINY_MODEL = "pixelrec-tiny-vit"
+POOLINGS = ("model", "mean")
+PRESETS = ("default", "pixelrec")
+PIXELREC_MEAN_STD = (0.5, 0.5, 0.5)
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt")
+
+
+@dataclass
+class EncoderConfig:
+    """Which image encoder to build and how it reads images and pools."""
+
+    model: str = "ViT-B-32"  # an open_clip model name (open_clip.list_models()) or pixelrec-tiny-vit
+    pretrained: str = "none"  # none (seeded random init) | open_clip tag | local checkpoint path
+    pooling: str = "model"  # model: open_clip pooled output (dim embed_dim) | mean: mean of last hidden tokens (dim width)
+    preset: str = "default"  # default: the model's open_clip eval transform | pixelrec: squash, mean = std = 0.5
+    image_size: Optional[int] = None  # override the model's input size
+    seed: int = 0  # random-init seed (pretrained='none')
+
+
+def _pool_and_project(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ViT head on the last block's output: [B, T, W] -> [B, E].
+
+    Runs VisionTransformer's own `_pool` code on any module carrying its head attributes (the tower
+    itself or a `PoolHead`), so a split tower computes exactly what the whole tower computes.
+    """
+    pooled, _ = VisionTransformer._pool(head, x)
+    if head.proj is not None:
+        pooled = pooled @ head.proj
+    return pooled
+
+
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """Residual attention blocks, batch first: [B, T, W] -> [B, T, W]."""
+    for block in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
+
+
+class PoolHead(nn.Module):
+    """The pooling/projection head of an open_clip VisionTransformer, detached from its blocks."""
+
+    _global_pool = VisionTransformer._global_pool  # used by VisionTransformer._pool
+
+    def __init__(self, visual: VisionTransformer):
+        super().__init__()
+        self.ln_post = visual.ln_post
+        self.proj = visual.proj
+        self.attn_pool = visual.attn_pool
+        self.attn_pool_contrastive = getattr(visual, "attn_pool_contrastive", None)
+        self.attn_pool_type = getattr(visual, "attn_pool_type", "")
+        self.pool_type = visual.pool_type
+        self.final_ln_after_pool = visual.final_ln_after_pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _pool_and_project(self, x)  # [B, T, W] -> [B, E]
+
+
+class TopBlocks(nn.Module):
+    """The last K transformer blocks of a ViT tower plus its pooling: cached tokens -> item embedding.
+
+    `forward(tokens)` equals `ImageEncoder.rest(tokens, K)` for the encoder it came from.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, head: Optional[PoolHead], pooling: str, config_json: str):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise PixelrecError(f"pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
+        self.blocks = blocks
+        self.head = head  # None for 'mean' pooling, which has no weights
+        self.pooling = pooling
+        self.k = len(blocks)
+        self.config_json = config_json
+        self.grad_checkpointing = False
+
+    @classmethod
+    def from_config(cls, config_json: str, k: int, pooling: str) -> "TopBlocks":
+        """Freshly initialised top K blocks (+ head) of the ViT described by an open_clip model config."""
+        cfg = json.loads(config_json)
+        vision_cfg = dict(cfg["vision_cfg"])
+        if vision_cfg.get("timm_model_name") or not isinstance(vision_cfg.get("layers", 12), int):
+            raise PixelrecError("top blocks need a ViT tower; this model config describes another tower")
+        layers = int(vision_cfg.get("layers", 12))
+        if not 1 <= k <= layers:
+            raise PixelrecError(f"split block {k}: expected 1..{layers} for a ViT with {layers} blocks")
+        vision_cfg["layers"] = k  # build only the blocks we keep; the stem is tiny and dropped below
+        with torch.random.fork_rng(devices=[]):
+            visual = _build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False))
+        head = PoolHead(visual) if pooling == "model" else None
+        return cls(visual.transformer.resblocks, head, pooling, config_json)
+
+    @classmethod
+    def from_state(cls, config_json: str, k: int, pooling: str, state: dict[str, torch.Tensor]) -> "TopBlocks":
+        """Rebuild a TopBlocks from its model config and exact weights (e.g. those stored in a cache)."""
+        top = cls.from_config(config_json, k, pooling)
+        try:
+            top.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise PixelrecError(f"top-block weights do not fit the model config: {str(exc).splitlines()[0]}") from None
+        return top
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final block output before ln_post: [B, T, W] -> [B, T, W] (for token-wise heads)."""
+        return _run_blocks(self.blocks, tokens, self.grad_checkpointing)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.hidden(tokens)  # [B, T, W]
+        if self.head is None:
+            return x.mean(dim=1)  # [B, W]
+        return self.head(x)  # [B, E]
+
+
+class PixelLoader:
+    """item id -> preprocessed pixels [3, H, W] from an image store; picklable for DataLoader workers.
+
+    Encoding and end-to-end training both load through it, so they see identical pixels. JPEG
+    decoding is reduced (PIL draft) to no less than the encoder's input size on both sides.
+    Raises the store's ImageLoadError for an image that cannot be loaded.
+    """
+
+    def __init__(self, store: Any, preprocess: Callable[[Image.Image], torch.Tensor], max_side: int):
+        self.store = store
+        self.preprocess = preprocess
+        self.max_side = max_side
+
+    def __call__(self, item_id: str) -> torch.Tensor:
+        return self.preprocess(self.store.load(item_id, max_side=self.max_side))
+
+
+class ImageEncoder(nn.Module):
+    """An open_clip vision tower with a chosen pooling and preprocessing; ViT towers can be split.
+
+    Towers that are not open_clip VisionTransformers (ModifiedResNet, timm) support the plain
+    forward with 'model' pooling only; for them `num_blocks` and `num_tokens` are 0 and
+    `supports_split` is False.
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        config: EncoderConfig,
+        model_config: dict,
+        preprocess_cfg: dict,
+    ):
+        super().__init__()
+        self.visual = visual
+        self.config = config
+        self.pooling = config.pooling
+        self.model_config_json = json.dumps(model_config, sort_keys=True)
+        self.preprocess_cfg = preprocess_cfg
+        self.preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)  # PIL -> [3, H, W]
+        self.image_size = int(to_2tuple(preprocess_cfg["size"])[0])
+        self.supports_split = isinstance(visual, VisionTransformer)
+        self.grad_checkpointing = False
+        if self.supports_split:
+            if not visual.transformer.batch_first:
+                raise PixelrecError(f"{config.model}: sequence-first transformers are not supported")
+            self.width = int(visual.transformer.width)
+            self.num_blocks = len(visual.transformer.resblocks)
+            self.num_tokens = int(visual.grid_size[0] * visual.grid_size[1] + 1)  # patches + class token
+        else:
+            if self.pooling != "model":
+                raise PixelrecError(
+                    f"--pooling {self.pooling} needs a ViT tower; {config.model} is a {type(visual).__name__}"
+                )
+            self.num_blocks = 0
+            self.num_tokens = 0
+        was_training = visual.training
+        with torch.no_grad():
+            visual.eval()  # batch norm towers cannot run a batch of one in training mode
+            probe = self.forward(torch.zeros(1, 3, self.image_size, self.image_size))
+            visual.train(was_training)
+        self.dim = int(probe.shape[-1])
+        if not self.supports_split:
+            self.width = self.dim
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def _blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    def _require_vit(self, what: str) -> None:
+        if not self.supports_split:
+            raise PixelrecError(f"{what} needs a ViT tower; {self.config.model} is a {type(self.visual).__name__}")
+
+    def check_split(self, k: int) -> None:
+        """Raise PixelrecError unless this tower can be split before its last k blocks."""
+        self._require_vit("--split-block")
+        if not 1 <= k <= self.num_blocks:
+            raise PixelrecError(
+                f"--split-block {k}: expected 1..{self.num_blocks} for {self.config.model} ({self.num_blocks} blocks)"
+            )
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Last block output [B, T, W] -> pooled [B, E]."""
+        if self.pooling == "mean":
+            return x.mean(dim=1)  # all tokens incl. class token, no ln_post, no proj
+        return _pool_and_project(self.visual, x)
+
+    def _head_modules(self) -> list[nn.Module | nn.Parameter]:
+        v = self.visual
+        parts = [v.ln_post, v.proj, v.attn_pool, getattr(v, "attn_pool_contrastive", None)]
+        return [p for p in parts if p is not None]
+
+    def pixel_loader(self, store: Any) -> "PixelLoader":
+        """item id -> preprocessed pixels [3, H, W] from an image store, as this encoder expects them."""
+        return PixelLoader(store, self.preprocess, self.image_size)
+
+    def weights_sha256(self) -> str:
+        """Fingerprint of the tower's weights (names, shapes, dtypes and values)."""
+        digest = hashlib.sha256()
+        for key, value in sorted(self.visual.state_dict().items()):
+            tensor = value.detach().to("cpu").contiguous()
+            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    # ---- forward passes --------------------------------------------------------------------------
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> pooled [B, E]."""
+        if not self.supports_split:
+            return self.visual(pixels)
+        return self._pool(self.last_hidden(pixels))
+
+    def last_hidden(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Final block output before ln_post: [B, 3, H, W] -> [B, T, W]."""
+        self._require_vit("the last hidden state")
+        x = self.visual._embeds(pixels)  # [B, T, W]
+        return _run_blocks(self._blocks(), x, self.grad_checkpointing)
+
+    def tokens_at_split(self, pixels: torch.Tensor, k: int) -> torch.Tensor:
+        """Activations entering the last k blocks: [B, 3, H, W] -> [B, T, W]."""
+        self.check_split(k)
+        x = self.visual._embeds(pixels)  # [B, T, W]
+        return _run_blocks(self._blocks()[: self.num_blocks - k], x, self.grad_checkpointing)
+
+    def rest(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """The last k blocks and the pooling: [B, T, W] -> [B, E]."""
+        self.check_split(k)
+        x = _run_blocks(self._blocks()[self.num_blocks - k :], tokens, self.grad_checkpointing)
+        return self._pool(x)
+
+    def forward_split(self, pixels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass giving both the pooled output [B, E] and the tokens entering the last k blocks [B, T, W]."""
+        tokens = self.tokens_at_split(pixels, k)
+        return self.rest(tokens, k), tokens
+
+    # ---- training support ------------------------------------------------------------------------
+
+    def top_blocks(self, k: int) -> TopBlocks:
+        """A standalone copy (exact weights, all trainable) of the last k blocks and the pooling head."""
+        self.check_split(k)
+        blocks = copy.deepcopy(self._blocks()[self.num_blocks - k :])
+        head = copy.deepcopy(PoolHead(self.visual)) if self.pooling == "model" else None
+        top = TopBlocks(blocks, head, self.pooling, self.model_config_json)
+        return top.requires_grad_(True).train(self.training)
+
+    def set_trainable_blocks(self, k: Optional[int]) -> None:
+        """Freeze everything but the top k blocks and the pooling head; k = None or -1: all trainable.
+
+        With 'mean' pooling the head (ln_post, proj) is unused and stays frozen, so no parameter is
+        trainable without receiving a gradient.
+        """
+        all_trainable = k is None or k < 0
+        self.visual.requires_grad_(all_trainable)
+        if not all_trainable:
+            self._require_vit(f"--tune-blocks {k}")
+            if k > self.num_blocks:
+                raise PixelrecError(f"--tune-blocks {k}: {self.config.model} has only {self.num_blocks} blocks")
+            for block in self._blocks()[self.num_blocks - k :]:
+                block.requires_grad_(True)
+        if self.supports_split:
+            head_trainable = self.pooling == "model"
+            for part in self._head_modules():
+                part.requires_grad_(head_trainable)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        if not self.supports_split and hasattr(self.visual, "set_grad_checkpointing"):
+            self.visual.set_grad_checkpointing(enable)
+
+
+# ---- construction ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """Silence open_clip's root-logger warnings ("Model initialized randomly", ...)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _unknown_model(name: str) -> PixelrecError:
+    names = open_clip.list_models()
+    close = difflib.get_close_matches(name, names, n=3)
+    examples = close or ["ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50"]
+    return PixelrecError(
+        f"unknown model {name!r}; valid names include {', '.join(examples)} and the tiny test model "
+        f"{TINY_MODEL} ({len(names)} in all, see open_clip.list_models())"
+    )
+
+
+def _resolve_pretrained(model: str, pretrained: str) -> tuple[Optional[str], Optional[Path]]:
+    """-> (open_clip tag, local checkpoint path); both None for random init."""
+    if pretrained in ("", "none", None):
+        return None, None
+    if os.path.isfile(pretrained):
+        return None, Path(pretrained)
+    if open_clip.get_pretrained_cfg(model, pretrained):
+        return pretrained, None
+    if os.sep in pretrained or "/" in pretrained or Path(pretrained).suffix in CHECKPOINT_SUFFIXES:
+        raise PixelrecError(f"--pretrained {pretrained}: checkpoint file not found")
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    known = (
+        f"tags for {model}: {', '.join(tags[:6])}{', ...' if len(tags) > 6 else ''}"
+        if tags
+        else f"open_clip has no pretrained tags for {model}"
+    )
+    raise PixelrecError(f"--pretrained {pretrained}: not a checkpoint file nor an open_clip tag ({known})")
+
+
+def _load_local_checkpoint(clip: nn.Module, path: Path, model: str) -> None:
+    """Load a local checkpoint into clip.visual: a full CLIP or ImageEncoder state dict ('visual.*' keys)
+    or a bare vision tower state dict. Position embeddings are resized to the model's grid."""
+    try:
+        state = _open_clip_load_state_dict(str(path))
+    except Exception as exc:  # torch.load / safetensors raise many types on a bad file
+        raise PixelrecError(f"{path}: cannot read checkpoint: {exc}") from None
+    if not isinstance(state, dict) or not state:
+        raise PixelrecError(f"{path}: not a state dict checkpoint")
+    if not any(key.startswith("visual.") for key in state):
+        state = {f"visual.{key}": value for key, value in state.items()}
+    resize_pos_embed(state, clip)
+    visual_state = {key[len("visual.") :]: value for key, value in state.items() if key.startswith("visual.")}
+    try:
+        incompatible = clip.visual.load_state_dict(visual_state, strict=False)
+    except RuntimeError as exc:
+        raise PixelrecError(f"{path} does not fit {model}: {str(exc).splitlines()[-1].strip()}") from None
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        raise PixelrecError(
+            f"{path} does not fit {model}: missing {incompatible.missing_keys[:3]}, "
+            f"unexpected {incompatible.unexpected_keys[:3]}"
+        )
+
+
+def _preprocess_cfg(visual: nn.Module, cfg: EncoderConfig) -> dict:
+    if cfg.preset == "default":
+        out = dict(visual.preprocess_cfg)
+    else:  # pixelrec reference: transforms.Resize((S, S)) (bilinear), ToTensor, Normalize(0.5, 0.5)
+        size = to_2tuple(visual.preprocess_cfg["size"])
+        out = asdict(
+            PreprocessCfg(
+                size=size,
+                mean=PIXELREC_MEAN_STD,
+                std=PIXELREC_MEAN_STD,
+                interpolation="bilinear",
+                resize_mode="squash",
+            )
+        )
+    out["size"] = list(to_2tuple(out["size"]))
+    out["mean"], out["std"] = list(out["mean"]), list(out["std"])
+    return out
+
+
+def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> ImageEncoder:
+    """Create the encoder described by `cfg` (eval mode) on `device`. Never downloads unless
+    `cfg.pretrained` is an open_clip tag."""
+    if cfg.pooling not in POOLINGS:
+        raise PixelrecError(f"--pooling {cfg.pooling}: expected one of {', '.join(POOLINGS)}")
+    if cfg.preset not in PRESETS:
+        raise PixelrecError(f"--preset {cfg.preset}: expected one of {', '.join(PRESETS)}")
+    model_config = open_clip.get_model_config(cfg.model) if cfg.model in open_clip.list_models() else None
+    if model_config is None:
+        raise _unknown_model(cfg.model)
+    if cfg.image_size is not None:
+        if cfg.image_size <= 0:
+            raise PixelrecError(f"--image-size {cfg.image_size}: expected a positive integer")
+        model_config["vision_cfg"]["image_size"] = cfg.image_size
+    tag, path = _resolve_pretrained(cfg.model, cfg.pretrained)
+
+    with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        try:
+            clip = open_clip.create_model(
+                cfg.model,
+                pretrained=tag,
+                force_image_size=cfg.image_size,
+                pretrained_text=False,
+                device="cpu",
+            )
+        except RuntimeError as exc:
+            if tag is None:
+                raise
+            raise PixelrecError(
+                f"cannot load pretrained {cfg.model}/{tag}: {exc}; download it elsewhere and pass the file path"
+            ) from None
+    if path is not None:
+        _load_local_checkpoint(clip, path, cfg.model)
+    visual = clip.visual
+    del clip  # the text tower is never used
+    encoder = ImageEncoder(visual, cfg, model_config, _preprocess_cfg(visual, cfg))
+    return encoder.to(device).eval()
