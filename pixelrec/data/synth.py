@@ -63,6 +63,7 @@ class SynthConfig:
     min_len: int = 5
     max_len: int = 40
     zipf: float = 1.0
+    appeal: float = 0.8  # how much an item's popularity shows on its cover (contrast): 0 = not at all, 1 = fully
     p_stay: float = 0.5
     p_next: float = 0.3
     p_two_styles: float = 0.5
@@ -92,6 +93,7 @@ class SynthConfig:
             (0 <= self.p_two_styles <= 1 and 0 <= self.cold_user_frac <= 1,
              "p_two_styles and cold_user_frac must be in [0, 1]"),
             (self.zipf >= 0, "zipf exponent must be >= 0"),
+            (0 <= self.appeal <= 1, "appeal must be in [0, 1]"),
             (1 <= self.jpeg_quality <= 100, "jpeg_quality must be in 1..100"),
         ]
         for ok, message in checks:
@@ -182,8 +184,13 @@ def _shape_masks() -> dict[str, Callable[..., np.ndarray]]:
     }
 
 
-def _render(item_style: np.ndarray, styles: _Styles, size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Yield uint8 covers [n, size, size, 3] chunk by chunk, in item order."""
+def _render(item_style: np.ndarray, styles: _Styles, size: int, rng: np.random.Generator,
+            appeal: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Yield uint8 covers [n, size, size, 3] chunk by chunk, in item order.
+
+    `appeal` [n] in [0, 1] sets the contrast of the shape against its background (0.35 .. 1), so a
+    cover's look says how attractive the item is (users pick attractive items more often).
+    """
     n = len(item_style)
     params = {  # per-item jitter, drawn for all items up front so chunking cannot change it
         "cx": rng.uniform(0.3, 0.7, n), "cy": rng.uniform(0.3, 0.7, n), "r": rng.uniform(0.18, 0.3, n),
@@ -191,6 +198,9 @@ def _render(item_style: np.ndarray, styles: _Styles, size: int, rng: np.random.G
     }
     bg32 = (styles.background[item_style] + rng.normal(0, 10, (n, 3))).astype(np.float32)
     fg32 = (styles.foreground[item_style] + rng.normal(0, 10, (n, 3))).astype(np.float32)
+    if appeal is not None:
+        contrast = (0.35 + 0.65 * appeal).astype(np.float32)[:, None]
+        fg32 = bg32 + contrast * (fg32 - bg32)
     grid = (np.arange(size, dtype=np.float32) + 0.5) / size
     x, y = grid[None, :], grid[:, None]
     masks = _shape_masks()
@@ -395,7 +405,7 @@ def synthesize(out_dir: str | os.PathLike, cfg: SynthConfig | None = None) -> Sy
     user_ids = _ids(cfg.user_prefix, cfg.users)
 
     rows, cold_used = _interactions(cfg, cat, seq_rng)
-    covers = _write_covers(out, item_ids, cat.style, styles, cfg, pixel_rng)
+    covers = _write_covers(out, item_ids, cat.style, styles, cfg, pixel_rng, _appeal(cat.weight, cfg.appeal, item_rng))
     items_csv = _write_items(out / "items.csv", item_ids, cat.style, styles, item_rng)
     interactions_csv = out / "interactions.csv"
     with atomic_path(interactions_csv) as tmp:
@@ -461,15 +471,21 @@ def _read_rgb(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
+def _appeal(weight: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """[M] in [0, 1]: the item's popularity percentile mixed with noise (strength 1 = popularity alone)."""
+    pct = np.argsort(np.argsort(weight)) / max(len(weight) - 1, 1)
+    return strength * pct + (1 - strength) * rng.random(len(weight))
+
+
 def _write_covers(out: Path, item_ids: np.ndarray, item_style: np.ndarray, styles: _Styles, cfg: SynthConfig,
-                  rng: np.random.Generator) -> Path:
+                  rng: np.random.Generator, appeal: np.ndarray | None = None) -> Path:
     """Render every cover into a temporary folder, renamed to covers/ when complete."""
     final, tmp = out / "covers", out / f".covers.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     bar = progress(total=len(item_ids), desc="covers", unit="img")
     k = 0
-    for chunk in _render(item_style, styles, cfg.image_size, rng):
+    for chunk in _render(item_style, styles, cfg.image_size, rng, appeal):
         for pixels in chunk:
             (tmp / f"{item_ids[k]}.jpg").write_bytes(_jpeg_bytes(pixels, cfg.jpeg_quality))
             k += 1

@@ -44,7 +44,7 @@ def load_trained(run_dir: str, device: str | torch.device = "cpu", index_device:
     index = ItemIndex.load(run.index_dir, device=index_device)
     vectors, ids = index.vectors, index.ids
     table = torch.zeros(int(ids.max()) + 1, vectors.shape[1])
-    table[torch.from_numpy(ids)] = torch.from_numpy(vectors)
+    table[torch.from_numpy(np.array(ids))] = torch.from_numpy(np.array(vectors, dtype=np.float32))
     names = np.array(list(data.item_ids) + list(read_added_items(run)), dtype=object)
     if len(names) < len(table):
         raise PixelrecError(f"{run.index_dir}: the index holds item ids up to {len(table) - 1} but the run "

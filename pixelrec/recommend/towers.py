@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..runtime import progress
+
 
 class ItemTower(nn.Module):
     """Base class. Subclasses implement `encode(idx)` for real items (idx >= 1)."""
@@ -16,6 +18,7 @@ class ItemTower(nn.Module):
     dim: int
     num_items: int  # real items; valid indices are 1..num_items
     cheap: bool = False  # computing every item's vector each step is affordable (allows full softmax)
+    vector_batch_size: int = 4096  # items per chunk when computing the whole catalogue's vectors
 
     def encode(self, idx: torch.Tensor) -> torch.Tensor:  # [U] -> [U, d]
         raise NotImplementedError
@@ -33,11 +36,14 @@ class ItemTower(nn.Module):
         return out
 
     @torch.no_grad()
-    def all_vectors(self, batch_size: int = 4096) -> torch.Tensor:
+    def all_vectors(self, batch_size: int | None = None) -> torch.Tensor:
         """[num_items + 1, d] vectors of the whole catalogue (row 0 = padding = zeros)."""
         device = next(self.parameters()).device
         idx = torch.arange(self.num_items + 1, device=device)
-        return torch.cat([self(chunk) for chunk in idx.split(batch_size)]).float()
+        chunks = idx.split(batch_size or self.vector_batch_size)
+        if len(chunks) > 4:
+            chunks = progress(chunks, desc="item vectors", unit="batch")
+        return torch.cat([self(chunk).float() for chunk in chunks])
 
 
 class IdTower(ItemTower):
@@ -57,7 +63,7 @@ class IdTower(ItemTower):
         return self.embedding(idx)
 
     @torch.no_grad()
-    def all_vectors(self, batch_size: int = 4096) -> torch.Tensor:
+    def all_vectors(self, batch_size: int | None = None) -> torch.Tensor:
         return self.embedding.weight.detach().float().clone()
 
 
@@ -76,5 +82,5 @@ class TableTower(ItemTower):
         return self.table[idx]
 
     @torch.no_grad()
-    def all_vectors(self, batch_size: int = 4096) -> torch.Tensor:
+    def all_vectors(self, batch_size: int | None = None) -> torch.Tensor:
         return self.table.clone()

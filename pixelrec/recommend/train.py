@@ -57,7 +57,7 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitRes
     if cfg.init_from and state is None:
         from .transfer import init_from_run
 
-        init_from_run(model, cfg.init_from, data)
+        init_from_run(model, cfg)
     optimizer = build_optimizer(model, cfg)
     history: list[dict[str, Any]] = []
     best = {"epoch": -1, "score": -math.inf}

@@ -1,0 +1,609 @@
+"""FAISS item index: top-k retrieval over the recommender's item vectors (SPEC §1.3, §7, §10).
+
+`ItemIndex` wraps any FAISS index-factory spec ("Flat", "IVF1024,Flat", "IVF1024,PQ16", "HNSW32",
+"OPQ16,IVF1024,PQ16", "SQ8", ...) built for inner-product scoring (or cosine: vectors and queries
+L2-normalised, then inner product). Results are item vocabulary ids (int64, never 0; -1 marks
+padding), kept through `faiss.IndexIDMap`.
+
+Conventions shared by `ItemIndex.search` and the torch reference `brute_force_search`:
+
+- each user's excluded ids (their history) never appear in the results;
+- rows are sorted by score (descending); equal scores are ordered by the **smaller item id first**,
+  so for the exact (Flat) index both give identical lists, ties included, whenever the two score
+  computations agree bit for bit (FAISS and torch use different BLAS kernels, which can differ in
+  the last float32 bit; that can only swap items whose scores agree to ~1e-7 relative);
+- rows with fewer than k eligible items (tiny catalogue, long history) end with id -1, score -inf.
+
+History exclusion is exact: a user with h excluded ids is searched for k + h' + 1 candidates
+(h' = h rounded up to a power of two, so users are grouped into few over-fetch sizes), the
+excluded ids are dropped and the first k kept; at most h candidates can be dropped, so k remain.
+The one spare candidate shows whether the k-th score is tied with items that were not fetched;
+only then (exact index) is the row searched again, twice as wide, to order the tie by id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+import torch
+
+from ..errors import PixelrecError
+from ..runtime import atomic_path, log, progress, resolve_device, write_json
+
+METRICS = ("ip", "cosine")
+EXAMPLE_SPECS = ("Flat", "IVF1024,Flat", "IVF1024,PQ16", "HNSW32", "OPQ16,IVF1024,PQ16", "PQ16", "SQ8")
+INDEX_FILE, META_FILE, VECTORS_FILE, IDS_FILE = "index.faiss", "index.json", "item_vectors.npy", "item_ids.npy"
+GPU_MAX_K = 2048  # largest k FAISS GPU indexes can return; larger over-fetches search a CPU copy
+_CHUNK_ENTRIES = 1 << 22  # queries x candidates handled per FAISS call (bounds result memory)
+_REBUILD_HINT = "rebuild it with `pixelrec index RUN_DIR`"
+
+
+class ItemIndex:
+    """Item vectors in a FAISS index, plus the raw vectors and ids as numpy arrays.
+
+    Create with `ItemIndex.build` or `ItemIndex.load`. The raw (un-normalised) vectors are kept so
+    the index can be rebuilt with another spec (`ItemIndex.build(ix.vectors, ix.ids, spec=...)`)
+    and checked against `brute_force_search`.
+    """
+
+    def __init__(self, index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, *, spec: str, metric: str,
+                 device: str = "cpu"):
+        """Wrap a trained CPU `faiss.IndexIDMap` holding `vectors` under `ids` (use build/load)."""
+        self._spec = spec
+        self._metric = metric
+        self._vectors = vectors
+        self._ids = ids
+        self._order = np.argsort(ids, kind="stable")
+        self._is_exact = isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
+        self._params = _read_params(index)
+        self._index, self._device, self._gpu_resources = _place(index, device, spec)
+        self._cpu_copy: faiss.Index | None = None
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def build(cls, vectors: np.ndarray, ids: np.ndarray, spec: str = "Flat", metric: str = "ip",
+              nprobe: int | None = None, ef_search: int | None = None, device: str = "cpu") -> "ItemIndex":
+        """Index `vectors` [N, d] under vocabulary `ids` [N] (int64, unique, >= 1).
+
+        `spec` is any FAISS index-factory string; a bare "IVF<n>" means "IVF<n>,Flat". Indexes that
+        need training are trained on `vectors`. `nprobe` (IVF) and `ef_search` (HNSW) set the search
+        breadth; when left None, nprobe = min(nlist, 16) and efSearch = 64 (see DEFAULT_NPROBE).
+        `device`: "cpu", "cuda[:N]" (needs faiss-gpu: pixelrec[gpu]) or "auto" (GPU when usable).
+        """
+        _check_metric(metric)
+        vectors, ids = _check_items(vectors, ids)
+        if len(ids) == 0:
+            raise PixelrecError("no item vectors to index")
+        index, spec = _make_index(spec, vectors.shape[1])
+        data = _for_metric(vectors, metric)
+        _train(index, data, spec)
+        index = faiss.IndexIDMap(index)
+        index.add_with_ids(data, ids)
+        nprobe, ef_search = _default_params(index, nprobe, ef_search)
+        _set_params(index, spec, nprobe, ef_search)
+        return cls(index, vectors, ids, spec=spec, metric=metric, device=device)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str = "cpu") -> "ItemIndex":
+        """Load an index saved by `save`; any missing, corrupt or inconsistent file is a PixelrecError."""
+        directory = Path(directory)
+        missing = [name for name in (INDEX_FILE, META_FILE, VECTORS_FILE, IDS_FILE) if not (directory / name).is_file()]
+        if missing:
+            raise PixelrecError(f"{directory}: item index incomplete, missing {', '.join(missing)}; {_REBUILD_HINT}")
+        meta = _read_meta(directory / META_FILE)
+        _check_metric(meta["metric"])
+        index = _read_index(directory / INDEX_FILE, meta)
+        vectors = _load_npy(directory / VECTORS_FILE, mmap=True)
+        ids = _load_npy(directory / IDS_FILE, mmap=False)
+        _check_consistent(directory, meta, index, vectors, ids)
+        _set_params(index, meta["spec"], meta.get("nprobe"), meta.get("ef_search"))
+        return cls(index, vectors, ids, spec=meta["spec"], metric=meta["metric"], device=device)
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def ntotal(self) -> int:
+        """Number of indexed items."""
+        return int(self._index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        """Item vector dimension."""
+        return int(self._index.d)
+
+    @property
+    def spec(self) -> str:
+        """FAISS index-factory string the index was built from."""
+        return self._spec
+
+    @property
+    def metric(self) -> str:
+        """"ip" (inner product) or "cosine"."""
+        return self._metric
+
+    @property
+    def device(self) -> str:
+        """Where searches run: "cpu" or "cuda:N"."""
+        return self._device
+
+    @property
+    def is_exact(self) -> bool:
+        """True for a Flat index (exhaustive search, same results as `brute_force_search`)."""
+        return self._is_exact
+
+    @property
+    def nprobe(self) -> int | None:
+        """IVF lists visited per query (None for non-IVF indexes)."""
+        return self._params["nprobe"]
+
+    @property
+    def ef_search(self) -> int | None:
+        """HNSW search breadth (None for non-HNSW indexes)."""
+        return self._params["ef_search"]
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """The raw item vectors [N, d] as given (not normalised), in insertion order."""
+        return self._vectors
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Item ids [N] in insertion order (row i of `vectors` is item `ids[i]`)."""
+        return self._ids
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def __repr__(self) -> str:
+        return f"ItemIndex({self.describe()})"
+
+    def describe(self) -> str:
+        """One line: spec, exactness, metric, size, search parameters and device."""
+        kind = "exact" if self.is_exact else "approximate"
+        metric = "inner product" if self.metric == "ip" else "cosine"
+        params = "".join(f", {name}={value}" for name, value in self._params.items() if value is not None)
+        return f"{self.spec} ({kind}, {metric}), {self.ntotal} items, d={self.dim}{params}, {self.device}"
+
+    # ----------------------------------------------------------------------------- changes
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change nprobe (IVF) and/or efSearch (HNSW) without rebuilding; None leaves a value as is."""
+        _set_params(self._index, self.spec, nprobe, ef_search, gpu=self._device != "cpu")
+        self._params.update({k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None})
+        self._cpu_copy = None
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add new items (e.g. cold items encoded later) under new ids; existing ids are never reused.
+
+        Trained indexes (IVF, PQ) encode them with their existing quantizers; nothing is retrained.
+        """
+        vectors, ids = _check_items(vectors, ids, dim=self.dim)
+        taken = np.intersect1d(ids, self._ids)
+        if len(taken):
+            raise PixelrecError(f"item id(s) already in the index: {_preview(taken)}; new items need new ids")
+        self._index.add_with_ids(_for_metric(vectors, self.metric), ids)
+        self._vectors = np.concatenate([self._vectors, vectors])
+        self._ids = np.concatenate([self._ids, ids])
+        self._order = np.argsort(self._ids, kind="stable")
+        self._cpu_copy = None
+
+    # ----------------------------------------------------------------------------- queries
+    def search(self, queries: np.ndarray, k: int,
+               exclude: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items for each query vector: (scores [U, k] float32, ids [U, k] int64).
+
+        `exclude[u]` lists item ids user u must not get (their history; ids not in the index are
+        harmless). See the module docstring for the ordering, tie and padding conventions; an
+        approximate index can also pad a row when its nprobe / efSearch reaches too few items.
+        Queries are grouped by over-fetch size and processed in chunks, so memory stays bounded.
+        """
+        queries = _prepare_queries(queries, self.dim, self.metric)
+        _check_k(k, self.ntotal)
+        excluded = _exclusion_lists(exclude, len(queries))
+        fetch = _fetch_sizes(excluded, k, self.ntotal)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        with progress(total=len(queries), desc="search", unit="user") as bar:
+            for size in np.unique(fetch):
+                rows = np.flatnonzero(fetch == size)
+                step = max(1, _CHUNK_ENTRIES // int(size))
+                for start in range(0, len(rows), step):
+                    chunk = rows[start:start + step]
+                    scores[chunk], ids[chunk] = self._search_rows(
+                        queries[chunk], [excluded[u] for u in chunk], k, int(size))
+                    bar.update(len(chunk))
+        return scores, ids
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """Raw vectors [len(ids), d] of the given item ids (unknown ids are a PixelrecError)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        positions, found = _positions(self._ids[self._order], ids)
+        if not found.all():
+            raise PixelrecError(f"item id(s) not in the index: {_preview(ids[~found])}")
+        return np.asarray(self._vectors[self._order[positions]])
+
+    def serialized_size(self) -> int:
+        """Bytes of the serialized FAISS index (the size of index.faiss)."""
+        return int(faiss.serialize_index(self._cpu_index()).nbytes)
+
+    # ----------------------------------------------------------------------------- persistence
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write index.faiss (CPU form), item_vectors.npy, item_ids.npy, then index.json, each atomically."""
+        directory = Path(directory)
+        with atomic_path(directory / INDEX_FILE) as tmp:
+            faiss.write_index(self._cpu_index(), str(tmp))
+            digest, size = _sha256(tmp), tmp.stat().st_size
+        _save_npy(directory / VECTORS_FILE, self._vectors)
+        _save_npy(directory / IDS_FILE, self._ids)
+        write_json(directory / META_FILE, {
+            "spec": self.spec, "metric": self.metric, "dim": self.dim, "ntotal": self.ntotal,
+            "nprobe": self.nprobe, "ef_search": self.ef_search, "exact": self.is_exact,
+            "faiss_version": faiss.__version__, "index_bytes": size, "index_sha256": digest,
+        })
+
+    # ----------------------------------------------------------------------------- internals
+    def _search_rows(self, queries: np.ndarray, excluded: list[np.ndarray], k: int,
+                     fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search `fetch` candidates, drop excluded ids, keep k; widen the fetch on ties at the cut."""
+        scores, ids = self._faiss_search(queries, fetch)
+        top_scores, top_ids, cut_tie = _select(scores, ids, excluded, k)
+        redo = np.flatnonzero(cut_tie) if self.is_exact and fetch < self.ntotal else []
+        if len(redo):
+            top_scores[redo], top_ids[redo] = self._search_rows(
+                queries[redo], [excluded[r] for r in redo], k, min(self.ntotal, 2 * fetch))
+        return top_scores, top_ids
+
+    def _faiss_search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._device != "cpu" and fetch > GPU_MAX_K:
+            if self._cpu_copy is None:
+                self._cpu_copy = self._cpu_index()
+            return self._cpu_copy.search(queries, fetch)
+        return self._index.search(queries, fetch)
+
+    def _cpu_index(self) -> faiss.Index:
+        return self._index if self._device == "cpu" else faiss.index_gpu_to_cpu(self._index)
+
+
+def brute_force_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int,
+                       exclude: Sequence[np.ndarray] | None = None, metric: str = "ip", device: str = "cpu",
+                       batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The PixelRec-style reference: torch matmul of each query batch with all items, excluded ids set
+    to -inf, a full stable sort, the first k kept. Same outputs and conventions as `ItemIndex.search`.
+    """
+    _check_metric(metric)
+    vectors, ids = _check_items(vectors, ids)
+    order = np.argsort(ids, kind="stable")  # sort by id so a stable sort breaks ties by smaller id
+    ids = ids[order]
+    items = torch.from_numpy(_for_metric(vectors[order], metric)).to(resolve_device(device))
+    queries = _prepare_queries(queries, vectors.shape[1], metric)
+    _check_k(k, len(ids))
+    excluded = _exclusion_lists(exclude, len(queries))
+    batch = batch_size or max(1, (_CHUNK_ENTRIES * 4) // len(ids))
+    scores = np.empty((len(queries), k), dtype=np.float32)
+    top_ids = np.empty((len(queries), k), dtype=np.int64)
+    for start in progress(range(0, len(queries), batch), desc="brute force", unit="batch"):
+        stop = min(start + batch, len(queries))
+        batch_scores = torch.from_numpy(queries[start:stop]).to(items.device) @ items.T
+        rows, cols = _exclusion_pairs(excluded[start:stop], ids)
+        batch_scores[torch.from_numpy(rows).to(items.device), torch.from_numpy(cols).to(items.device)] = -torch.inf
+        values, positions = torch.sort(batch_scores, dim=1, descending=True, stable=True)
+        scores[start:stop] = values[:, :k].cpu().numpy()
+        top_ids[start:stop] = ids[positions[:, :k].cpu().numpy()]
+    top_ids[np.isneginf(scores)] = -1
+    return scores, top_ids
+
+
+# --------------------------------------------------------------------------------- validation
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise PixelrecError(f"unknown index metric {metric!r}; expected one of {', '.join(METRICS)}")
+
+
+def _check_items(vectors: np.ndarray, ids: np.ndarray, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (float32 C-contiguous vectors [N, d], int64 ids [N])."""
+    vectors = np.asarray(vectors)
+    ids = np.asarray(ids)
+    if vectors.ndim != 2 or ids.ndim != 1 or len(vectors) != len(ids):
+        raise PixelrecError(f"expected item vectors [N, d] and ids [N], got {vectors.shape} and {ids.shape}")
+    if dim is not None and vectors.shape[1] != dim:
+        raise PixelrecError(
+            f"item vectors have dimension {vectors.shape[1]} but the index holds {dim}-dimensional vectors")
+    if len(ids) and not np.issubdtype(ids.dtype, np.integer):
+        raise PixelrecError(f"item ids must be integers, got {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if (ids < 1).any():
+        raise PixelrecError(f"item ids must be >= 1 (0 is padding), got {_preview(ids[ids < 1])}")
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise PixelrecError(f"duplicate item id(s): {_preview(unique[counts > 1])}")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise PixelrecError(f"item vector(s) with NaN or inf for item id(s) {_preview(ids[bad])}")
+    return vectors, ids
+
+
+def _prepare_queries(queries: np.ndarray, dim: int, metric: str) -> np.ndarray:
+    queries = np.asarray(queries)
+    if queries.ndim != 2:
+        raise PixelrecError(f"expected query vectors [U, d], got shape {queries.shape}")
+    if queries.shape[1] != dim:
+        raise PixelrecError(
+            f"query vectors have dimension {queries.shape[1]} but the item vectors have dimension {dim}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(queries).all(axis=1))
+    if len(bad):
+        raise PixelrecError(f"query vector(s) with NaN or inf at row(s) {_preview(bad)}")
+    return _for_metric(queries, metric)
+
+
+def _check_k(k: int, ntotal: int) -> None:
+    if int(k) != k or k < 1:
+        raise PixelrecError(f"k must be a positive integer, got {k}")
+    if k > ntotal:
+        raise PixelrecError(f"k={k} but the index holds only {ntotal} items")
+
+
+def _for_metric(vectors: np.ndarray, metric: str) -> np.ndarray:
+    """Vectors as FAISS sees them: unchanged for "ip", L2-normalised rows for "cosine"."""
+    if metric == "ip":
+        return vectors
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def _preview(values: np.ndarray, limit: int = 5) -> str:
+    shown = ", ".join(str(v) for v in np.asarray(values)[:limit])
+    return shown + (f" ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+# --------------------------------------------------------------------------------- index creation
+def _make_index(spec: str, dim: int) -> tuple[faiss.Index, str]:
+    """An untrained inner-product index for `spec` (a bare "IVF<n>" becomes "IVF<n>,Flat")."""
+    if re.fullmatch(r"(.+,)?IVF\d+(_\w+)?", spec):
+        spec += ",Flat"
+    try:
+        return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT), spec
+    except RuntimeError as error:
+        examples = "; ".join(EXAMPLE_SPECS)
+        raise PixelrecError(
+            f"invalid index spec {spec!r} for {dim}-dimensional vectors: {_faiss_message(error)}; "
+            f"valid examples: {examples} (any FAISS index_factory string with inner-product support)"
+        ) from None
+
+
+def _train(index: faiss.Index, vectors: np.ndarray, spec: str) -> None:
+    """Train `index` on the item vectors, turning too-few-vectors failures into a PixelrecError."""
+    if index.is_trained:
+        return
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        _check_training_size(spec, len(vectors), ivf.nlist)
+        if len(vectors) < 39 * ivf.nlist:
+            log(f"index {spec}: {len(vectors)} vectors for {ivf.nlist} lists (FAISS advises >= {39 * ivf.nlist})")
+            ivf.cp.min_points_per_centroid = 1  # already warned once above; keep FAISS quiet
+    try:
+        index.train(vectors)
+    except RuntimeError as error:
+        found = re.search(r"training points \((\d+)\).*clusters \((\d+)\)", str(error))
+        if found:
+            _check_training_size(spec, int(found.group(1)), int(found.group(2)))
+        raise PixelrecError(f"training index {spec!r} failed: {_faiss_message(error)}") from None
+
+
+def _check_training_size(spec: str, available: int, needed: int) -> None:
+    if available >= needed:
+        return
+    smaller = 2 ** int(np.log2(available / 39)) if available >= 39 else 0
+    hint = f"fewer centroids (e.g. 'IVF{smaller},Flat') or 'Flat'" if smaller else "'Flat'"
+    raise PixelrecError(
+        f"index spec {spec!r} needs at least {needed} item vectors to train {needed} centroids, "
+        f"but there are only {available}; use {hint}"
+    )
+
+
+# Search breadth when the user gives none (FAISS's own defaults, nprobe 1 and efSearch 16, lose
+# much of the exact top-k): probe up to 16 lists, efSearch 64.
+DEFAULT_NPROBE = 16
+DEFAULT_EF_SEARCH = 64
+
+
+def _default_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> tuple[int | None, int | None]:
+    ivf = faiss.try_extract_index_ivf(index)
+    if nprobe is None and ivf is not None:
+        nprobe = min(int(ivf.nlist), DEFAULT_NPROBE)
+    if ef_search is None and _find_hnsw(index) is not None:
+        ef_search = DEFAULT_EF_SEARCH
+    return nprobe, ef_search
+
+
+def _set_params(index: faiss.Index, spec: str, nprobe: int | None, ef_search: int | None, gpu: bool = False) -> None:
+    """Apply nprobe / efSearch through FAISS's ParameterSpace (GpuParameterSpace for a GPU index)."""
+    space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
+    for name, value, applies_to in (("nprobe", nprobe, "IVF"), ("efSearch", ef_search, "HNSW")):
+        if value is None:
+            continue
+        if int(value) != value or value < 1:
+            raise PixelrecError(f"{name} must be a positive integer, got {value}")
+        try:
+            space.set_index_parameter(index, name, int(value))
+        except RuntimeError:
+            raise PixelrecError(f"{name} applies to {applies_to} indexes only, not to {spec!r}") from None
+
+
+def _read_params(index: faiss.Index) -> dict[str, int | None]:
+    """Effective search parameters of a CPU index (None where they do not apply)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    hnsw = _find_hnsw(index)
+    return {"nprobe": int(ivf.nprobe) if ivf is not None else None,
+            "ef_search": int(hnsw.hnsw.efSearch) if hnsw is not None else None}
+
+
+def _find_hnsw(index: faiss.Index) -> Any:
+    """The HNSW index inside `index` (through IDMap / PreTransform wrappers), or None."""
+    index = faiss.downcast_index(index)
+    while True:
+        if isinstance(index, faiss.IndexHNSW):
+            return index
+        inner = getattr(index, "index", None)
+        if inner is None:
+            return None
+        index = faiss.downcast_index(inner)
+
+
+def _faiss_message(error: Exception) -> str:
+    """FAISS's C++ exception text without the 'Error in <function> at <file>:<line>:' prefix."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+    message = re.sub(r"^Error in .*? at \S+:\d+: ", "", message)
+    if "'metric == METRIC_L2' failed" in message:
+        return "this index type supports only L2 distance, not inner product"
+    return re.sub(r"^Error: '.*?' failed: ", "", message)
+
+
+# --------------------------------------------------------------------------------- device
+def _faiss_has_gpu() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _place(index: faiss.Index, device: str, spec: str) -> tuple[faiss.Index, str, Any]:
+    """(index to search, device name, GPU resources to keep alive) for the requested device."""
+    target = resolve_device(device)
+    if target.type != "cuda":
+        return index, "cpu", None
+    if not _faiss_has_gpu():
+        if device == "auto":
+            return index, "cpu", None
+        raise PixelrecError(f"--device {device}: this FAISS build has no GPU support; "
+                            f"install pixelrec[gpu] (faiss-gpu) or use --device cpu")
+    gpu = target.index or 0
+    resources = faiss.StandardGpuResources()
+    try:
+        return faiss.index_cpu_to_gpu(resources, gpu, index), f"cuda:{gpu}", resources
+    except RuntimeError as error:
+        log(f"index {spec} cannot run on the GPU ({_faiss_message(error)}); searching on the CPU")
+        return index, "cpu", None
+
+
+# --------------------------------------------------------------------------------- search helpers
+def _exclusion_lists(exclude: Sequence[np.ndarray] | None, users: int) -> list[np.ndarray]:
+    """One int64 array of excluded ids per user (negative ids can never match and are dropped)."""
+    if exclude is None:
+        return [np.empty(0, dtype=np.int64)] * users
+    if len(exclude) != users:
+        raise PixelrecError(f"{len(exclude)} exclusion lists for {users} query vectors")
+    lists = [np.asarray(e, dtype=np.int64).ravel() for e in exclude]
+    return [e[e >= 0] if len(e) and e.min() < 0 else e for e in lists]
+
+
+def _fetch_sizes(excluded: list[np.ndarray], k: int, ntotal: int) -> np.ndarray:
+    """Candidates to fetch per user: k + history length rounded up to a power of two + 1 spare (<= ntotal)."""
+    lengths = np.array([len(e) for e in excluded], dtype=np.int64)
+    rounded = np.where(lengths > 0, 2 ** np.ceil(np.log2(np.maximum(lengths, 1))), 0).astype(np.int64)
+    return np.minimum(k + rounded + 1, ntotal)
+
+
+def _excluded_mask(candidates: np.ndarray, excluded: list[np.ndarray]) -> np.ndarray:
+    """[B, F] bool: candidate ids[b, f] is in excluded[b] (one sorted array of (row, id) keys)."""
+    lengths = [len(e) for e in excluded]
+    if sum(lengths) == 0:
+        return np.zeros(candidates.shape, dtype=bool)
+    flat = np.concatenate(excluded)
+    span = int(max(candidates.max(), flat.max())) + 2
+    keys = np.sort(np.repeat(np.arange(len(excluded), dtype=np.int64), lengths) * span + flat + 1)
+    wanted = np.arange(len(candidates), dtype=np.int64)[:, None] * span + candidates + 1
+    return keys[np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)] == wanted
+
+
+def _select(scores: np.ndarray, ids: np.ndarray, excluded: list[np.ndarray],
+            k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drop excluded/missing candidates, order by (score desc, id asc), keep k; padded with -1/-inf.
+
+    Also returns, per row, whether the k-th kept score equals the lowest fetched score: then items
+    that were not fetched may tie with it and a wider fetch is needed to pick the smaller ids.
+    """
+    invalid = (ids < 0) | _excluded_mask(ids, excluded)
+    order = np.lexsort((ids, -scores, invalid), axis=1)[:, :k]
+    top_scores = np.take_along_axis(scores, order, axis=1)
+    top_ids = np.take_along_axis(ids, order, axis=1)
+    top_invalid = np.take_along_axis(invalid, order, axis=1)
+    top_scores[top_invalid] = -np.inf
+    top_ids[top_invalid] = -1
+    cut_tie = ~top_invalid[:, -1] & (ids[:, -1] >= 0) & (top_scores[:, -1] == scores[:, -1])
+    return top_scores, top_ids, cut_tie
+
+
+def _exclusion_pairs(excluded: list[np.ndarray], sorted_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) positions of the excluded ids that exist in `sorted_ids`."""
+    lengths = [len(e) for e in excluded]
+    if sum(lengths) == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    rows = np.repeat(np.arange(len(excluded), dtype=np.int64), lengths)
+    positions, found = _positions(sorted_ids, np.concatenate(excluded))
+    return rows[found], positions[found]
+
+
+def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of `ids` in `sorted_ids` and whether each was found."""
+    positions = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return positions, sorted_ids[positions] == ids
+
+
+# --------------------------------------------------------------------------------- files
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.asarray(array))
+
+
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise PixelrecError(f"{path}: unreadable ({error}); {_REBUILD_HINT}") from None
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PixelrecError(f"{path}: not valid JSON ({error}); {_REBUILD_HINT}") from None
+    missing = [key for key in ("spec", "metric", "dim", "ntotal", "index_sha256") if key not in meta]
+    if missing:
+        raise PixelrecError(f"{path}: missing field(s) {', '.join(missing)}; {_REBUILD_HINT}")
+    return meta
+
+
+def _read_index(path: Path, meta: dict[str, Any]) -> faiss.Index:
+    if _sha256(path) != meta["index_sha256"]:
+        raise PixelrecError(f"{path}: corrupt or truncated (checksum differs from index.json); {_REBUILD_HINT}")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as error:
+        raise PixelrecError(f"{path}: cannot read the FAISS index ({_faiss_message(error)}); {_REBUILD_HINT}") from None
+    if not isinstance(index, faiss.IndexIDMap):
+        raise PixelrecError(f"{path}: not a pixelrec item index (no id map); {_REBUILD_HINT}")
+    return index
+
+
+def _check_consistent(directory: Path, meta: dict[str, Any], index: faiss.Index, vectors: np.ndarray,
+                      ids: np.ndarray) -> None:
+    sizes = {"index.json ntotal": meta["ntotal"], INDEX_FILE: index.ntotal, VECTORS_FILE: len(vectors),
+             IDS_FILE: len(ids)}
+    dims = {"index.json dim": meta["dim"], INDEX_FILE: index.d,
+            VECTORS_FILE: vectors.shape[1] if vectors.ndim == 2 else None}
+    for what, values in (("item counts", sizes), ("dimensions", dims)):
+        if len(set(values.values())) > 1:
+            listing = ", ".join(f"{name} {value}" for name, value in values.items())
+            raise PixelrecError(f"{directory}: inconsistent {what} ({listing}); {_REBUILD_HINT}")

@@ -1,0 +1,100 @@
+"""`pixelrec retrieve`: top-k items for users of a run, ad-hoc histories, or a file of users.
+
+The query is the user vector after the history's last item; the history itself is excluded from
+the results. Batch retrieval streams JSONL (one object per user) and writes files atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Iterable, TextIO
+
+import numpy as np
+
+from ..errors import PixelrecError
+from ..runtime import atomic_path, progress
+
+
+def retrieve_one(run_dir: str, user: str | None = None, history: list[str] | None = None, k: int = 10,
+                 device: str = "cpu") -> dict[str, Any]:
+    from ..recommend.inference import load_trained
+
+    trained = load_trained(run_dir, device=device)
+    if user is not None:
+        u = trained.data.user_index.get(str(user))
+        if u is None:
+            raise PixelrecError(f"unknown user {user!r}: not among the {trained.data.num_users} users of {run_dir}")
+        hist = trained.data.history(u, "all")
+    else:
+        hist = _history_indices(trained, history or [])
+    vec = trained.model.encode_histories([hist], item_table=trained.table)
+    scores, ids = trained.index.search(vec, k, exclude=[hist])
+    keep = ids[0] >= 0
+    return {"user_id": user, "history": [str(trained.item_names[i]) for i in hist],
+            "items": [str(trained.item_names[i]) for i in ids[0][keep]],
+            "scores": [round(float(s), 6) for s in scores[0][keep]]}
+
+
+def _history_indices(trained, names: list[str]) -> np.ndarray:
+    lookup = {str(n): i for i, n in enumerate(trained.item_names) if i > 0}
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise PixelrecError("--history is empty: give comma-separated item ids, oldest first")
+    unknown = [n for n in names if n not in lookup]
+    if unknown:
+        raise PixelrecError(f"unknown item id(s) in --history: {', '.join(unknown[:10])}"
+                            f"{' ...' if len(unknown) > 10 else ''} (not in the run's vocabulary or index)")
+    return np.array([lookup[n] for n in names], dtype=np.int64)
+
+
+def read_user_ids(source: str, all_users: Iterable[str]) -> list[str]:
+    """User ids from a file (one per line), '-' for stdin, or 'all'."""
+    if source == "all":
+        return [str(u) for u in all_users]
+    if source == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            with open(source, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as exc:
+            raise PixelrecError(f"{source}: cannot read the user file ({exc.strerror})") from None
+    ids = [line.strip() for line in lines if line.strip()]
+    if not ids:
+        raise PixelrecError(f"{source}: no user ids (expected one user id per line)")
+    return ids
+
+
+def retrieve_batch(run_dir: str, users: str, k: int = 10, out: str | None = None, device: str = "cpu",
+                   batch_size: int = 1024) -> dict[str, Any]:
+    """Stream JSONL {user_id, items, scores} for every known user; unknown ids are reported, not fatal."""
+    from ..recommend.inference import load_trained
+
+    trained = load_trained(run_dir, device=device)
+    wanted = read_user_ids(users, trained.data.user_ids)
+    index = trained.data.user_index
+    known = [u for u in wanted if u in index]
+    unknown = [u for u in wanted if u not in index]
+    if out is None:
+        _stream(trained, known, index, k, batch_size, sys.stdout)
+    else:
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            _stream(trained, known, index, k, batch_size, f)
+    return {"served": len(known), "unknown": unknown, "out": out}
+
+
+def _stream(trained, users: list[str], index: dict[str, int], k: int, batch_size: int, f: TextIO) -> None:
+    names = trained.item_names
+    bar = progress(total=len(users), desc="retrieve", unit="user")
+    for i in range(0, len(users), batch_size):
+        chunk = users[i : i + batch_size]
+        hists = [trained.data.history(index[u], "all") for u in chunk]
+        vecs = trained.model.encode_histories(hists, item_table=trained.table, batch_size=batch_size)
+        scores, ids = trained.index.search(vecs, k, exclude=hists)
+        for u, s_row, i_row in zip(chunk, scores, ids):
+            keep = i_row >= 0
+            f.write(json.dumps({"user_id": u, "items": [str(names[j]) for j in i_row[keep]],
+                                "scores": [round(float(s), 6) for s in s_row[keep]]}) + "\n")
+        bar.update(len(chunk))
+    bar.close()

@@ -1,0 +1,112 @@
+"""Encode new covers through a trained run's item tower (SPEC §4 `encode --from-run`, `index --add-images`).
+
+Cold items need no retraining: their vectors come from their images through the same function the
+run learned. For `frozen` and `partial` runs that is the cache's encoder (rebuilt from the cache's
+attributes and checked against its weight fingerprint) followed by the run's trained adapter / top
+blocks; for `e2e` runs, the run's tuned encoder. `hybrid` runs give new items the image part alone
+(they have no id embedding). The result is an `ImageEncoder`-compatible module, so the ordinary
+resumable `encode_images` pipeline writes the vectors into an HDF5 cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..encode.cache import open_cache
+from ..encode.encoder import EncoderConfig, ImageEncoder, build_encoder
+from ..errors import PixelrecError
+from .config import FitConfig
+from .image_towers import FrozenTower, HybridTower, PartialTower, PixelTower
+from .run import RunDir
+
+
+class RunItemEncoder(nn.Module):
+    """pixels [B, 3, H, W] -> a trained run's item vectors [B, d], with ImageEncoder's interface.
+
+    Wraps `base` (the encoder whose preprocessing and weights the run's inputs came from) and the
+    run's trained image tower; `dim` is the recommender's d.
+    """
+
+    def __init__(self, base: ImageEncoder, tower: nn.Module, kind: str, cache_attrs: dict | None, run_dir: str):
+        super().__init__()
+        self.base, self.tower, self.kind = base, tower, kind
+        self.cache_attrs = cache_attrs or {}
+        self.run_dir = str(run_dir)
+        # what encode_images reads from an encoder (cache attributes, preprocessing, loader)
+        self.config = base.config
+        self.pooling = f"run:{kind}"
+        self.image_size = base.image_size
+        self.model_config_json = base.model_config_json
+        self.preprocess_cfg = base.preprocess_cfg
+        self.preprocess = base.preprocess
+        self.supports_split = False
+        self.dim = tower.dim
+
+    def pixel_loader(self, store):
+        return self.base.pixel_loader(store)
+
+    def check_split(self, k: int) -> None:
+        raise PixelrecError("--split-block cannot be combined with --from-run (the output is item vectors)")
+
+    def weights_sha256(self) -> str:
+        digest = hashlib.sha256(self.run_dir.encode())
+        for key, value in sorted(self.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.kind == "e2e":
+            return self.tower.from_pixels(pixels)
+        if self.kind == "partial":
+            tokens = self.base.tokens_at_split(pixels, self.tower.top.k)
+            return self.tower.from_tokens(_as_cached(tokens, "float16"))  # the tower trained on float16 tokens
+        emb = self.base(pixels)  # frozen: what the cache holds for an item
+        if self.cache_attrs.get("normalized"):
+            emb = F.normalize(emb, dim=-1)
+        return self.tower.adapter(_as_cached(emb, self.cache_attrs.get("embedding_dtype", "float16")))
+
+
+def _as_cached(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    return x.to(torch.float16).float() if dtype == "float16" else x.float()
+
+
+def run_item_encoder(run_dir: str, device: str | torch.device = "cpu") -> RunItemEncoder:
+    """The trained run's covers -> item vectors function (best checkpoint)."""
+    from .build import build_recommender
+
+    run = RunDir(run_dir)
+    cfg = FitConfig.from_dict(run.read_config()["config"])
+    kind = cfg.items.kind
+    if kind == "id":
+        raise PixelrecError(f"{run_dir} is an id run: it has no image tower to encode new covers with "
+                            f"(train --items frozen|partial|e2e|hybrid)")
+    data = run.read_data()
+    cfg.items.cache_in_memory = "no"  # only the tower's weights are needed, not the cached tokens
+    cfg.items.images = None  # e2e: new covers come as pixels; don't decode the training covers
+    model = build_recommender(cfg, data)
+    model.load_state_dict(run.load_checkpoint(run.best, "cpu")["model"])
+    tower = model.tower.image if isinstance(model.tower, HybridTower) else model.tower
+    image_kind = cfg.items.image_branch if kind == "hybrid" else kind
+
+    cache_attrs = None
+    if isinstance(tower, PixelTower):
+        base = tower.encoder
+    elif isinstance(tower, (FrozenTower, PartialTower)):
+        with open_cache(cfg.items.cache) as cache:
+            cache_attrs = dict(cache.attrs)
+        base = build_encoder(EncoderConfig(model=cache_attrs["model"], pretrained=cache_attrs["pretrained"],
+                                           pooling=cache_attrs["pooling"], preset=cache_attrs["preset"],
+                                           image_size=int(cache_attrs["image_size"]), seed=int(cache_attrs["seed"])))
+        if base.weights_sha256() != cache_attrs.get("weights_sha256"):
+            raise PixelrecError(f"cannot rebuild the encoder that made {cfg.items.cache} (its weights differ: "
+                                f"was --pretrained {cache_attrs['pretrained']} moved or changed?)")
+    else:
+        raise PixelrecError(f"{run_dir}: unsupported item tower {type(tower).__name__}")
+    enc = RunItemEncoder(base, tower, image_kind, cache_attrs, run_dir)
+    return enc.to(device).eval()
+

@@ -1,0 +1,55 @@
+"""`fit --init-from RUN_DIR`: start a run on a new dataset from a trained run (the paper's transfer).
+
+The sequence encoder and the image tower (adapter, tuned top blocks or encoder, head) carry over;
+an ID table cannot (its rows are another catalogue's items), so id embeddings are re-initialised
+and the log says so. The new catalogue's item vectors come from its own covers.
+"""
+
+from __future__ import annotations
+
+from ..errors import PixelrecError
+from ..runtime import log
+from .config import FitConfig
+from .model import Recommender
+from .run import RunDir
+
+# Settings of the sequence encoder that must match for its weights to load.
+ENCODER_KEYS = ("model", "dim", "layers", "heads", "inner_mult", "max_len", "gru_hidden")
+
+
+def init_from_run(model: Recommender, cfg: FitConfig) -> dict[str, int]:
+    """Load `cfg.init_from`'s sequence encoder and image tower into `model` (built from `cfg`)."""
+    run_dir = cfg.init_from
+    src = RunDir(run_dir)
+    src_cfg = FitConfig.from_dict(src.read_config()["config"])
+    diffs = [f"{k}: {getattr(src_cfg.model, k)} vs {getattr(cfg.model, k)}" for k in ENCODER_KEYS
+             if getattr(src_cfg.model, k) != getattr(cfg.model, k)]
+    if diffs:
+        raise PixelrecError(f"--init-from {run_dir}: the sequence model differs ({'; '.join(diffs)})")
+    state = src.load_checkpoint(src.best)["model"]
+
+    encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    model.encoder.load_state_dict(encoder_state)
+
+    tower_state = {k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
+    id_keys = [k for k in tower_state if _is_id_table(k)]
+    for k in id_keys:
+        del tower_state[k]
+    own = model.tower.state_dict()
+    shared = {k: v for k, v in tower_state.items() if k in own}
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in shared.items() if v.shape != own[k].shape]
+    if wrong:
+        raise PixelrecError(f"--init-from {run_dir}: the image tower does not fit (e.g. {wrong[0]}); "
+                            f"use the same encoder, cache settings and --dim as the source run")
+    if tower_state and not shared:
+        raise PixelrecError(f"--init-from {run_dir}: nothing of its item tower ({src_cfg.items.kind}) fits this "
+                            f"run's tower; use the same --items kind")
+    model.tower.load_state_dict(shared, strict=False)
+    log(f"initialised from {run_dir}: sequence encoder ({len(encoder_state)} tensors) and item tower "
+        f"({len(shared)} tensors)" + ("; id embeddings re-initialised: an ID table cannot transfer to a new catalogue"
+                                       if id_keys or src_cfg.items.kind == "id" else ""))
+    return {"encoder_tensors": len(encoder_state), "tower_tensors": len(shared), "id_tables_skipped": len(id_keys)}
+
+
+def _is_id_table(key: str) -> bool:
+    return key == "embedding.weight" or key.startswith("ids.")
