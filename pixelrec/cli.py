@@ -58,9 +58,11 @@ def cli(quiet: bool) -> None:
              -> evaluate / retrieve / index (FAISS).
     Start with `pixelrec demo`.
     """
+    import os
+
     from .runtime import set_quiet
 
-    set_quiet(quiet)
+    set_quiet(quiet or os.environ.get("PIXELREC_QUIET", "") not in ("", "0"))
 
 
 # ----------------------------------------------------------------------------------------- synth
@@ -159,7 +161,7 @@ def encode(ctx, images, out, interactions, model, pretrained, pooling, preset, i
 FIT_OPTIONS = {
     "items": "items.kind", "cache": "items.cache", "images": "items.images", "encoder": "items.encoder",
     "pretrained": "items.pretrained", "tune_blocks": "items.tune_blocks", "adapter": "items.adapter",
-    "head": "items.head", "hybrid": "items.hybrid", "image_branch": "items.image_branch",
+    "head": "items.head", "item_dropout": "items.dropout", "hybrid": "items.hybrid", "image_branch": "items.image_branch",
     "grad_checkpointing": "items.grad_checkpointing", "cache_in_memory": "items.cache_in_memory",
     "model": "model.model", "max_len": "model.max_len", "dim": "model.dim", "layers": "model.layers",
     "heads": "model.heads", "dropout": "model.dropout",
@@ -186,6 +188,8 @@ FIT_OPTIONS = {
 @click.option("--adapter", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True, help="Image embedding -> recommender dim.")
 @click.option("--head", type=click.Choice(["pooled", "token_relu_mean"]), default="pooled", show_default=True,
               help="partial/e2e pooling head: the encoder's pooled output, or PixelRec's mean over tokens of ReLU(Linear(h)).")
+@click.option("--item-dropout", type=float, default=0.0, show_default=True,
+              help="Image towers: dropout on the image features before the adapter/head (helps cold items).")
 @click.option("--hybrid", type=click.Choice(["sum", "concat"]), default="sum", show_default=True, help="hybrid: how id and image vectors combine.")
 @click.option("--image-branch", type=click.Choice(["frozen", "partial"]), default="frozen", show_default=True, help="hybrid: image tower kind.")
 @click.option("--grad-checkpointing", is_flag=True, help="e2e: trade compute for memory.")
@@ -265,6 +269,8 @@ def evaluate(run_dir, split, ks, index_spec, nprobe, ef_search, negatives, cold_
     from .index.report import format_report
 
     options = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
+    if options and not index_spec:
+        raise PixelrecError("--nprobe/--ef-search apply to an approximate index: add --index SPEC (e.g. IVF256,Flat)")
     report = evaluate_run(run_dir, split=split, ks=_ks(ks), index_spec=index_spec, index_options=options,
                           negatives=negatives, cold_threshold=cold_threshold, seed=seed, device=device)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -40,9 +41,9 @@ def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
 
 
 def log(message: str) -> None:
-    """Status line for long steps (silenced with progress bars)."""
+    """Status line for long steps, on stderr so stdout stays clean for --json (silenced with progress bars)."""
     if not _QUIET:
-        tqdm.write(message)
+        tqdm.write(message, file=sys.stderr)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

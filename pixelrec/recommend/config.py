@@ -29,6 +29,7 @@ class ItemsConfig:
     pretrained: str = "none"  # none | open_clip tag | local checkpoint path (e2e)
     tune_blocks: int = -1  # e2e: train only the top K encoder blocks (-1 = all)
     adapter: str = "linear"  # linear | mlp: cached/pooled embedding -> d
+    dropout: float = 0.0  # dropout on the image features entering the adapter / token head
     head: str = "pooled"  # pooled | token_relu_mean (PixelRec: mean over tokens of ReLU(Linear(h)))
     hybrid: str = "sum"  # hybrid: sum | concat (id + image, concat is projected back to d)
     image_branch: str = "frozen"  # hybrid: frozen | partial
@@ -95,9 +96,21 @@ class FitConfig:
         if self.items.kind == "e2e" and not self.items.images:
             raise PixelrecError("--items e2e needs --images DIR|LMDB (the covers) and --encoder")
         for name, value in (("--max-len", self.model.max_len), ("--dim", self.model.dim),
-                            ("--epochs", self.train.epochs), ("--batch-size", self.train.batch_size)):
+                            ("--epochs", self.train.epochs), ("--batch-size", self.train.batch_size),
+                            ("--heads", self.model.heads), ("--layers", self.model.layers),
+                            ("--patience", self.train.patience)):
             if value < 1:
                 raise PixelrecError(f"{name} must be at least 1 (got {value})")
+        for name, value in (("--dropout", self.model.dropout), ("attention dropout", self.model.attn_dropout),
+                            ("--item-dropout", self.items.dropout)):
+            if not 0 <= value < 1:
+                raise PixelrecError(f"{name} must be in [0, 1) (got {value})")
+        for name, value in (("--lr", self.train.lr), ("--encoder-lr", self.train.encoder_lr),
+                            ("--weight-decay", self.train.weight_decay),
+                            ("--encoder-weight-decay", self.train.encoder_weight_decay),
+                            ("--negatives", self.loss.negatives)):
+            if value < 0:
+                raise PixelrecError(f"{name} must not be negative (got {value})")
 
 
 def _load(cls, d: dict[str, Any]):

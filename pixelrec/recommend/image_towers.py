@@ -35,10 +35,15 @@ IN_MEMORY_SHARE = 0.25
 
 
 class Adapter(nn.Module):
-    """Image embedding [.., E] -> recommender space [.., d]: linear, or Linear-GELU-Linear."""
+    """Image embedding [.., E] -> recommender space [.., d]: linear, or Linear-GELU-Linear.
 
-    def __init__(self, in_dim: int, dim: int, kind: str = "linear"):
+    `dropout` on the image features regularises towards what covers share, which is what carries
+    over to unseen (cold) covers.
+    """
+
+    def __init__(self, in_dim: int, dim: int, kind: str = "linear", dropout: float = 0.0):
         super().__init__()
+        self.drop = nn.Dropout(dropout)
         if kind == "linear":
             self.net = nn.Linear(in_dim, dim)
         elif kind == "mlp":
@@ -51,20 +56,21 @@ class Adapter(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(self.drop(x))
 
 
 class TokenReluMean(nn.Module):
     """PixelRec's ViT head: mean_t ReLU(Linear(h_t)); hidden [B, T, W] -> [B, d]."""
 
-    def __init__(self, width: int, dim: int):
+    def __init__(self, width: int, dim: int, dropout: float = 0.0):
         super().__init__()
+        self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(width, dim)
         nn.init.xavier_normal_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.fc(hidden)).mean(dim=1)
+        return torch.relu(self.fc(self.drop(hidden))).mean(dim=1)
 
 
 def _row_map(cache, data: SequenceData) -> tuple[torch.Tensor, int]:
@@ -94,7 +100,7 @@ class FrozenTower(ItemTower):
 
     cheap = True
 
-    def __init__(self, cache, data: SequenceData, dim: int, adapter: str = "linear"):
+    def __init__(self, cache, data: SequenceData, dim: int, adapter: str = "linear", dropout: float = 0.0):
         super().__init__()
         self.num_items, self.dim = data.num_items, dim
         rows, self.missing = _row_map(cache, data)
@@ -102,7 +108,7 @@ class FrozenTower(ItemTower):
         have = rows >= 0
         emb[have.numpy()] = cache.read_embeddings(rows[have].numpy())
         self.register_buffer("embeddings", torch.from_numpy(emb), persistent=False)  # [N + 1, E], from the cache
-        self.adapter = Adapter(cache.dim, dim, adapter)
+        self.adapter = Adapter(cache.dim, dim, adapter, dropout)
 
     def encode(self, idx: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.embeddings[idx].float())
@@ -114,7 +120,7 @@ class PartialTower(ItemTower):
     vector_batch_size = 256
 
     def __init__(self, cache, data: SequenceData, dim: int, adapter: str = "linear", head: str = "pooled",
-                 in_memory: str = "auto"):
+                 in_memory: str = "auto", dropout: float = 0.0):
         super().__init__()
         if not cache.has_tokens:
             raise PixelrecError(f"{cache.path} has no tokens: encode with --split-block K for --items partial")
@@ -130,7 +136,7 @@ class PartialTower(ItemTower):
             self.tokens = torch.from_numpy(cache.read_tokens(np.arange(len(cache))))  # [N_cache, T, W] float16
         self.top = cache.top_blocks()  # exact weights that produced the cached embeddings
         self.head_kind = head
-        self.head = _make_head(head, cache.dim, W, dim, adapter)
+        self.head = _make_head(head, cache.dim, W, dim, adapter, dropout)
 
     def encoder_parameters(self):
         return self.top.parameters()
@@ -160,7 +166,8 @@ class PixelTower(ItemTower):
     vector_batch_size = 256
 
     def __init__(self, encoder, store, data: SequenceData, dim: int, adapter: str = "linear",
-                 head: str = "pooled", tune_blocks: int = -1, in_memory: str = "auto", workers: int = 0):
+                 head: str = "pooled", tune_blocks: int = -1, in_memory: str = "auto", workers: int = 0,
+                 dropout: float = 0.0):
         super().__init__()
         self.num_items, self.dim = data.num_items, dim
         self.encoder = encoder
@@ -168,7 +175,7 @@ class PixelTower(ItemTower):
         self.head_kind = head
         if head == "token_relu_mean":
             encoder._require_vit("--head token_relu_mean")
-        self.head = _make_head(head, encoder.dim, encoder.width, dim, adapter)
+        self.head = _make_head(head, encoder.dim, encoder.width, dim, adapter, dropout)
         # store None: a tower that only encodes given pixels (new covers through a trained run)
         self.pixels = None if store is None else PixelSource(encoder.pixel_loader(store), data, encoder.image_size,
                                                              in_memory, workers)
@@ -207,11 +214,11 @@ class HybridTower(ItemTower):
         return a + b if self.mode == "sum" else self.proj(torch.cat([a, b], dim=-1))
 
 
-def _make_head(head: str, pooled_dim: int, width: int, dim: int, adapter: str) -> nn.Module:
+def _make_head(head: str, pooled_dim: int, width: int, dim: int, adapter: str, dropout: float = 0.0) -> nn.Module:
     if head == "pooled":
-        return Adapter(pooled_dim, dim, adapter)
+        return Adapter(pooled_dim, dim, adapter, dropout)
     if head == "token_relu_mean":
-        return TokenReluMean(width, dim)
+        return TokenReluMean(width, dim, dropout)
     raise PixelrecError(f"unknown --head {head!r}; expected pooled or token_relu_mean")
 
 
@@ -279,9 +286,9 @@ def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
     if kind in ("frozen", "partial"):
         cache = open_cache(it.cache)
         if kind == "frozen":
-            tower: ItemTower = FrozenTower(cache, data, d, it.adapter)
+            tower: ItemTower = FrozenTower(cache, data, d, it.adapter, it.dropout)
         else:
-            tower = PartialTower(cache, data, d, it.adapter, it.head, it.cache_in_memory)
+            tower = PartialTower(cache, data, d, it.adapter, it.head, it.cache_in_memory, it.dropout)
             if it.grad_checkpointing:
                 tower.top.set_grad_checkpointing(True)
     elif kind == "e2e":
@@ -295,7 +302,8 @@ def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
         if it.grad_checkpointing:
             encoder.set_grad_checkpointing(True)
         store = open_image_store(it.images) if it.images else None
-        tower = PixelTower(encoder, store, data, d, it.adapter, it.head, it.tune_blocks, it.cache_in_memory)
+        tower = PixelTower(encoder, store, data, d, it.adapter, it.head, it.tune_blocks, it.cache_in_memory,
+                           dropout=it.dropout)
     else:
         raise PixelrecError(f"--items {it.kind}: no image tower {kind!r}")
     if it.kind == "hybrid":

@@ -9,6 +9,7 @@ ends with the same weights and metrics as an uninterrupted run (on the same devi
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +52,8 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitRes
     log(f"data: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
         f" ({data.dropped_users} users with < {cfg.train.min_interactions} interactions dropped,"
         f" {data.dropped_interactions} rows)")
+    model = build_recommender(cfg, data).to(device)  # before touching RUN_DIR: a bad config leaves nothing behind
     state = _prepare_run_dir(run, cfg, data, resume, overwrite)
-
-    model = build_recommender(cfg, data).to(device)
     if cfg.init_from and state is None:
         from .transfer import init_from_run
 
@@ -115,6 +115,7 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitRes
             f"  recall@10 {valid['recall@10']:.4f}  ({train_seconds:.1f}s train){'  *' if improved else ''}")
         stopped = bad_epochs >= cfg.train.patience
 
+    run.write_metrics(history)  # also after a resume that had nothing left to train
     if best["epoch"] < 0:
         raise PixelrecError(f"{run.path}: no epoch finished (--epochs {cfg.train.epochs})")
     model.load_state_dict(run.load_checkpoint(run.best, device)["model"])
@@ -143,12 +144,15 @@ def _prepare_run_dir(run: RunDir, cfg: FitConfig, data: SequenceData, resume: bo
         diffs = _config_diff(meta["config"], cfg.to_dict(), ignore={"train.epochs", "train.patience", "train.device"})
         if diffs:
             raise PixelrecError(f"{run.path}: --resume with different settings than the run: {'; '.join(diffs)}")
-        return run.load_checkpoint(run.last)
+        state = run.load_checkpoint(run.last)
+        run.write_config(cfg.to_dict(), data)  # records a changed --epochs / --patience / --device
+        return state
     if run.exists() and not overwrite:
         raise PixelrecError(f"{run.path} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
     if overwrite:
         for p in (run.last, run.best, run.metrics, run.results):
             p.unlink(missing_ok=True)
+        shutil.rmtree(run.index_dir, ignore_errors=True)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_config(cfg.to_dict(), data)
     run.write_data(data)

@@ -1,0 +1,224 @@
+"""Shared tiny datasets and trained runs for the end-to-end tests (fit, evaluate, retrieve, CLI).
+
+Trained runs are expensive next to everything else, so they are built once per test session by
+cached builder functions (not session-scoped fixtures: a fixture imported into several modules is
+instantiated once per module) under one temporary root that is removed at exit. Tests that modify
+a run work on a copy (`copy_run`).
+
+Import the helpers (`from fixtures_runs import ...`); pytest puts tests/ on sys.path.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pixelrec.recommend.config import FitConfig
+from pixelrec.runtime import set_quiet
+
+_ROOT: Path | None = None
+
+
+def session_root() -> Path:
+    """A temporary directory shared by the whole test session (removed at interpreter exit)."""
+    global _ROOT
+    if _ROOT is None:
+        _ROOT = Path(tempfile.mkdtemp(prefix="pixelrec-e2e-"))
+        atexit.register(shutil.rmtree, _ROOT, True)
+    return _ROOT
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run much faster (and steadier on a busy machine) with one intra-op thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------- configs
+TINY = {"dim": 16, "max_len": 8, "layers": 1, "heads": 1}
+TINY_ARGS = ["--dim", "16", "--max-len", "8", "--layers", "1", "--heads", "1", "--batch-size", "32",
+             "--device", "cpu"]
+
+
+def tiny_config(interactions, out, *, model: str = "sasrec", loss: str = "softmax", negatives: int = 0,
+                epochs: int = 3, batch_size: int = 32, lr: float = 1e-3, patience: int = 10, seed: int = 0,
+                min_interactions: int = 3, **model_overrides) -> FitConfig:
+    """A FitConfig for a tiny CPU run (id tower)."""
+    cfg = FitConfig(interactions=str(interactions), out=str(out))
+    for name, value in {**TINY, **model_overrides}.items():
+        setattr(cfg.model, name, value)
+    cfg.model.model = model
+    cfg.loss.loss, cfg.loss.negatives = loss, negatives
+    t = cfg.train
+    t.epochs, t.batch_size, t.lr, t.patience, t.seed = epochs, batch_size, lr, patience, seed
+    t.min_interactions, t.device = min_interactions, "cpu"
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------- datasets
+@functools.lru_cache(maxsize=None)
+def synth_dataset():
+    """200 users, 80 items (8 cold, only ever final targets), sequences of 5..15 items."""
+    from pixelrec.data.synth import SynthConfig, synthesize
+
+    return synthesize(session_root() / "synth", SynthConfig(users=200, items=80, cold_items=8, image_size=16,
+                                                            styles=4, min_len=5, max_len=15, seed=1))
+
+
+@dataclass
+class Handmade:
+    """A handmade interaction CSV and its ground truth, computed independently of pixelrec."""
+
+    path: Path
+    sequences: dict[str, list[str]]  # kept users -> items in time order
+    dropped_users: list[str]
+    dropped_rows: int
+    dropped_items: list[str]
+    cold_items: list[str]  # only ever a final (test) interaction
+    repeat_user: str  # this user's test target repeats one of their earlier items
+    items: list[str] = field(default_factory=list)  # the kept vocabulary, sorted
+
+    def train_counts(self) -> dict[str, int]:
+        counts = {i: 0 for i in self.items}
+        for seq in self.sequences.values():
+            for item in seq[:-2]:
+                counts[item] += 1
+        return counts
+
+
+def write_handmade(path: Path, seed: int = 0) -> Handmade:
+    """40 kept users over 25 warm + 3 cold items, 2 users too short to split, shuffled rows,
+    columns in a non-standard order plus an extra column."""
+    rng = np.random.default_rng(seed)
+    warm = [f"w{i:02d}" for i in range(25)]
+    cold = ["c0", "c1", "c2"]
+    seqs: dict[str, list[str]] = {}
+    for u in range(40):
+        n = int(rng.integers(5, 13))
+        seq = [warm[j] for j in rng.choice(len(warm), size=n, replace=False)]
+        if u < 9:
+            seq[-1] = cold[u % 3]
+        seqs[f"u{u:02d}"] = seq
+    repeat_user = "u39"
+    seqs[repeat_user][-1] = seqs[repeat_user][0]  # the test target was seen before
+    dropped = {"d0": ["w00", "x_only_in_dropped"], "d1": ["w01"]}
+    rows = []
+    for user, seq in list(seqs.items()) + list(dropped.items()):
+        base = int(rng.integers(1_000, 9_000)) * 1_000
+        rows += [(item, user, base + 10 * t, "5") for t, item in enumerate(seq)]
+    order = rng.permutation(len(rows))
+    lines = ["user_id,timestamp,rating,item_id"] + [f"{rows[i][1]},{rows[i][2]},{rows[i][3]},{rows[i][0]}" for i in order]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    items = sorted({i for s in seqs.values() for i in s})
+    return Handmade(path, seqs, sorted(dropped), sum(len(s) for s in dropped.values()), ["x_only_in_dropped"],
+                    cold, repeat_user, items)
+
+
+@functools.lru_cache(maxsize=None)
+def handmade_dataset() -> Handmade:
+    return write_handmade(session_root() / "handmade" / "interactions.csv")
+
+
+# ---------------------------------------------------------------------------------------- runs
+def _fit_quiet(cfg: FitConfig, **kw):
+    from pixelrec.recommend.train import fit
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fit(cfg, **kw)
+    finally:
+        torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def trained_run():
+    """(run dir, FitResult): SASRec, full softmax, id tower, 3 epochs on `synth_dataset`."""
+    data = synth_dataset()
+    out = session_root() / "runs" / "synth_sasrec"
+    return out, _fit_quiet(tiny_config(data.interactions, out, epochs=3))
+
+
+@functools.lru_cache(maxsize=None)
+def handmade_run():
+    """(run dir, FitResult): GRU4Rec, BPR, 3 epochs on `handmade_dataset`."""
+    data = handmade_dataset()
+    out = session_root() / "runs" / "handmade_gru"
+    return out, _fit_quiet(tiny_config(data.path, out, model="gru4rec", loss="bpr", epochs=3, batch_size=16))
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def invoke(args: list[str], quiet: bool = True, input: str | None = None):
+    """Run the click CLI in-process (CliRunner) and restore the session's quiet switch after.
+
+    quiet=True passes `--quiet`; quiet=False runs it as a fresh process without PIXELREC_QUIET would
+    (progress on unless ARGS silence it).
+    """
+    from click.testing import CliRunner
+
+    from pixelrec.cli import cli
+
+    env = None
+    if not quiet:
+        set_quiet(False)
+        env = {"PIXELREC_QUIET": None}
+    try:
+        return CliRunner(env=env).invoke(cli, (["--quiet"] if quiet else []) + [str(a) for a in args], input=input,
+                                         catch_exceptions=False)
+    finally:
+        set_quiet(True)
+
+
+def cli_env(quiet_env: bool = True) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PIXELREC_QUIET"}
+    env["OMP_NUM_THREADS"] = "1"
+    env["MKL_NUM_THREADS"] = "1"
+    if quiet_env:
+        env["PIXELREC_QUIET"] = "1"
+    return env
+
+
+def pixelrec_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("pixelrec")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "pixelrec.cli"]
+
+
+def run_cli(args: list[str], quiet_env: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run `pixelrec ARGS` in a subprocess with one thread."""
+    return subprocess.run(pixelrec_cmd() + [str(a) for a in args], capture_output=True, text=True,
+                          env=cli_env(quiet_env), timeout=timeout, **kw)
+
+
+def assert_one_line_error(stderr: str, *needles: str) -> str:
+    """stderr is exactly one line `error: ...` containing every needle; returns that line."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got {stderr!r}"
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

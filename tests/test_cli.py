@@ -1,0 +1,227 @@
+"""The `pixelrec` command line (SPEC §4, §8): help, a full happy path in subprocesses, one-line
+errors with exit status 2 for bad input, quiet mode, and the --preset pixelrec settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fixtures_runs import (
+    TINY_ARGS,
+    assert_one_line_error,
+    copy_run,
+    handmade_dataset,
+    invoke,
+    one_thread,  # noqa: F401 (fixture)
+    run_cli,
+    synth_dataset,
+    trained_run,
+)
+from pixelrec import __version__
+from pixelrec.cli import cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------------------------------- help
+def test_help_of_every_command():
+    r = invoke(["--help"], quiet=False)
+    assert r.exit_code == 0
+    for name in ("synth", "encode", "fit", "evaluate", "retrieve", "index", "demo"):
+        assert name in r.stdout
+    assert set(cli.commands) >= {"synth", "encode", "fit", "evaluate", "retrieve", "index", "demo"}
+    for name in cli.commands:
+        r = invoke([name, "--help"], quiet=False)
+        assert r.exit_code == 0, (name, r.output)
+        assert r.stdout.startswith(f"Usage: cli {name}") or "Usage:" in r.stdout
+    fit_help = invoke(["fit", "-h"], quiet=False).stdout
+    for flag in ("--interactions", "--out", "--items", "--cache", "--model", "--max-len", "--dim", "--epochs",
+                 "--batch-size", "--lr", "--loss", "--device", "--seed", "--resume", "--preset"):
+        assert flag in fit_help, flag
+    r = invoke(["--version"], quiet=False)
+    assert r.exit_code == 0 and __version__ in r.stdout
+
+
+# ---------------------------------------------------------------------------------------- happy path
+@pytest.mark.slow
+def test_fit_evaluate_retrieve_in_subprocesses(tmp_path):
+    data = handmade_dataset()
+    out = tmp_path / "run"
+    fit = run_cli(["--quiet", "fit", "--interactions", data.path, "--out", out, *TINY_ARGS, "--epochs", "2",
+                   "--json"], quiet_env=False)
+    assert fit.returncode == 0, fit.stderr
+    assert fit.stderr == ""  # --quiet: no progress bars, no status lines
+    summary = json.loads(fit.stdout)
+    assert summary["run_dir"] == str(out) and summary["epochs_run"] == 2
+    results = json.loads((out / "results.json").read_text())
+    assert summary["test"] == results["overall"]
+
+    ev = run_cli(["--quiet", "evaluate", out, "--json"])
+    assert ev.returncode == 0, ev.stderr
+    report = json.loads(ev.stdout)
+    for part in ("overall", "cold", "warm", "buckets"):
+        assert report[part] == results[part]
+
+    user = sorted(data.sequences)[4]
+    ret = run_cli(["--quiet", "retrieve", out, "--user", user, "--k", "3", "--json"])
+    assert ret.returncode == 0, ret.stderr
+    got = json.loads(ret.stdout)
+    assert got["user_id"] == user and got["history"] == data.sequences[user]
+    assert len(got["items"]) == 3 and not set(got["items"]) & set(data.sequences[user])
+
+
+def test_progress_shows_unless_quiet(tmp_path):
+    data = handmade_dataset()
+    r = invoke(["fit", "--interactions", data.path, "--out", tmp_path / "a", *TINY_ARGS, "--epochs", "1"],
+               quiet=False)
+    assert r.exit_code == 0, r.output
+    assert "epoch 0:" in r.output  # progress bar / status lines
+    r = invoke(["--quiet", "fit", "--interactions", data.path, "--out", tmp_path / "b", *TINY_ARGS, "--epochs", "1"],
+               quiet=False)
+    assert r.exit_code == 0
+    assert r.stderr == "" and "epoch 0:" not in r.output
+    assert r.stdout.startswith(f"{tmp_path / 'b'}: best epoch 0 of 1")
+
+
+def test_fit_json_is_clean_without_quiet(tmp_path):
+    """`fit --json` prints only JSON on stdout; status lines must go to stderr."""
+    r = invoke(["fit", "--interactions", handmade_dataset().path, "--out", tmp_path / "run", *TINY_ARGS,
+                "--epochs", "1", "--json"], quiet=False)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["epochs_run"] == 1
+
+
+def test_pixelrec_quiet_environment_variable_is_honoured():
+    """PIXELREC_QUIET=1 silences progress bars (runtime docs) even when --quiet is not given."""
+    from click.testing import CliRunner
+
+    from pixelrec.runtime import set_quiet
+
+    run_dir, _ = trained_run()
+    try:
+        r = CliRunner(env={"PIXELREC_QUIET": "1"}).invoke(cli, ["evaluate", str(run_dir)])
+    finally:
+        set_quiet(True)
+    assert r.exit_code == 0
+    assert r.stderr == ""
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def _fit_args(csv, out):
+    return ["fit", "--interactions", csv, "--out", out, *TINY_ARGS, "--epochs", "1"]
+
+
+@pytest.mark.parametrize("name,content,needles", [
+    ("missing.csv", None, ["missing.csv", "not found"]),
+    ("nocol.csv", "item_id,user_id,time\na,u,1\n", ["nocol.csv", "timestamp"]),
+    ("badts.csv", "item_id,user_id,timestamp\na,u,1\nb,u,12.5\nc,u,3\n", ["badts.csv", "row 3", "12.5"]),
+    ("empty.csv", "", ["empty.csv", "empty"]),
+    ("short.csv", "item_id,user_id,timestamp\na,u,1\nb,u,2\nc,v,1\n", ["short.csv", "at least 3"]),
+])
+def test_fit_bad_interactions(tmp_path, name, content, needles):
+    csv = tmp_path / name
+    if content is not None:
+        csv.write_text(content)
+    r = invoke(_fit_args(csv, tmp_path / "run"))
+    assert r.exit_code == 2, r.output
+    assert r.stdout == ""
+    assert_one_line_error(r.stderr, *needles)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--dim", "0"], "--dim must be at least 1"),
+    (["--items", "frozen"], "--cache"),
+    (["--items", "e2e"], "--images"),
+    (["--device", "tpu"], "tpu"),
+    (["--dim", "15", "--heads", "2"], "not divisible"),
+    (["--negatives", "-5"], "--negatives"),
+    (["--heads", "0"], "--heads"),
+    (["--dropout", "1.5"], "--dropout"),
+    (["--lr", "-1"], "--lr"),
+])
+def test_fit_bad_settings(tmp_path, extra, needle):
+    r = invoke(_fit_args(handmade_dataset().path, tmp_path / "run") + extra)
+    assert r.exit_code == 2, r.output
+    assert_one_line_error(r.stderr, needle)
+
+
+def test_a_fit_that_fails_at_start_leaves_no_run_behind(tmp_path):
+    """Bad settings found while building the model must not leave a config.json that makes the
+    corrected command fail with 'already holds a run' (or, with --resume, 'different settings')."""
+    csv, out = handmade_dataset().path, tmp_path / "run"
+    r = invoke(_fit_args(csv, out) + ["--dim", "15", "--heads", "2"])
+    assert r.exit_code == 2
+    assert not (out / "config.json").exists()
+    r = invoke(_fit_args(csv, out))
+    assert r.exit_code == 0, r.output
+
+
+def test_fit_refuses_existing_run_dir(tmp_path):
+    run = copy_run(trained_run()[0], tmp_path / "run")
+    r = invoke(_fit_args(synth_dataset().interactions, run))
+    assert r.exit_code == 2
+    assert_one_line_error(r.stderr, str(run), "--resume", "--overwrite")
+    r = invoke(_fit_args(handmade_dataset().path, run) + ["--resume"])
+    assert r.exit_code == 2
+    assert_one_line_error(r.stderr, "different data")
+
+
+def test_run_from_incompatible_version(tmp_path):
+    run = copy_run(trained_run()[0], tmp_path / "run")
+    meta = json.loads((run / "config.json").read_text())
+    meta["pixelrec_version"] = "99.0.0"
+    (run / "config.json").write_text(json.dumps(meta))
+    user = (run / "users.txt").read_text().split("\n")[0]
+    for args in (["evaluate", run], ["retrieve", run, "--user", user], ["index", run],
+                 _fit_args(synth_dataset().interactions, run) + ["--resume"]):
+        r = invoke(args)
+        assert r.exit_code == 2, (args, r.output)
+        assert_one_line_error(r.stderr, "99.0.0", str(run))
+
+
+def test_not_a_run_dir(tmp_path):
+    r = invoke(["evaluate", tmp_path])
+    assert r.exit_code == 2
+    assert_one_line_error(r.stderr, str(tmp_path), "not a pixelrec run directory")
+    (tmp_path / "config.json").write_text("{not json")
+    r = invoke(["retrieve", tmp_path, "--user", "x"])
+    assert r.exit_code == 2
+    assert_one_line_error(r.stderr, "config.json")
+
+
+def test_bad_options_exit_2():
+    run_dir, _ = trained_run()
+    for args in (["evaluate", run_dir, "--split", "train"], ["fit", "--out", "x"], ["nosuchcommand"]):
+        r = invoke(args)
+        assert r.exit_code == 2, args
+
+
+# ---------------------------------------------------------------------------------------- preset
+def test_preset_pixelrec_with_explicit_overrides(tmp_path):
+    out = tmp_path / "run"
+    r = invoke(["fit", "--interactions", handmade_dataset().path, "--out", out, "--preset", "pixelrec",
+                "--dim", "16", "--max-len", "4", "--batch-size", "8", "--epochs", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert cfg["preset"] == "pixelrec"
+    # explicit values win
+    assert cfg["model"]["dim"] == 16 and cfg["model"]["max_len"] == 4 and cfg["train"]["batch_size"] == 8
+    assert cfg["train"]["epochs"] == 1
+    # everything else comes from the preset (SPEC §6)
+    assert cfg["train"]["windows"] == "chunks" and cfg["loss"]["loss"] == "bpr"
+    assert cfg["train"]["weight_decay"] == 0.1 and cfg["train"]["lr"] == 1e-4
+    assert cfg["train"]["patience"] == 30 and cfg["train"]["encoder_lr"] == 1e-4
+    assert cfg["model"]["layers"] == 2 and cfg["model"]["heads"] == 4 and cfg["model"]["inner_mult"] == 2
+    assert cfg["model"]["dropout"] == 0.1 and cfg["model"]["attn_dropout"] == 0.1
+    assert cfg["items"]["head"] == "token_relu_mean" and cfg["items"]["tune_blocks"] == 2
+
+    report = invoke(["evaluate", out]).stdout
+    assert "preset=pixelrec" in report and "loss=bpr" in report
+
+    default = tmp_path / "default"
+    r = invoke(["fit", "--interactions", handmade_dataset().path, "--out", default, *TINY_ARGS, "--epochs", "1"])
+    assert r.exit_code == 0
+    cfg = json.loads((default / "config.json").read_text())["config"]
+    assert cfg["preset"] == "default" and cfg["train"]["windows"] == "sliding" and cfg["loss"]["loss"] == "softmax"
