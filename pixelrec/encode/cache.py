@@ -63,6 +63,9 @@ SETTING_ATTRS = (
     "weights_sha256",
     "items_sha256",
 )
+# What makes two caches interchangeable for a trained tower: the same encoder, weights and layout
+# (the item set may differ, e.g. a new dataset's covers through the same encoder).
+IDENTITY_ATTRS = tuple(a for a in SETTING_ATTRS if a != "items_sha256")
 
 
 def partial_path(out: str | os.PathLike) -> Path:
@@ -433,6 +436,19 @@ class EmbeddingCache:
 
     # -- compatibility --
 
+    def identity(self) -> dict[str, Any]:
+        """The encoder settings and weight fingerprint that produced this cache (IDENTITY_ATTRS)."""
+        have = dict(self.attrs, dim=self.dim, split_block=self.split_block or 0)
+        return {k: have.get(k) for k in IDENTITY_ATTRS}
+
+    def check_identity(self, expected: dict[str, Any], context: str) -> None:
+        """Raise PixelrecError naming this cache and the first identity attribute that differs."""
+        mine = self.identity()
+        for key in IDENTITY_ATTRS:
+            if key in expected and expected[key] != mine[key]:
+                raise PixelrecError(f"{context}: {self.path} was made with {key} {mine[key]!r}, "
+                                    f"but the run was trained on a cache with {key} {expected[key]!r}")
+
     def check_compatible(
         self,
         model: Optional[str] = None,
@@ -473,3 +489,9 @@ def open_cache(path: str | os.PathLike, in_memory: bool = False) -> EmbeddingCac
     if not attrs.get("complete", False):
         raise PixelrecError(incomplete)
     return EmbeddingCache(path, in_memory=in_memory)
+
+
+def cache_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """`EmbeddingCache.identity()` of the complete cache at `path`."""
+    with open_cache(path) as cache:
+        return cache.identity()

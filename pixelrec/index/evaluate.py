@@ -98,7 +98,7 @@ def evaluate_model(
     untrained = int((counts[1:] == 0).sum())
     if tower_kind in ("id",) and untrained:
         report["notes"] = [f"{untrained} items have no training interactions; the id model scores them with "
-                           f"their untrained (random) embeddings, so its cold-item metrics are near chance"]
+                           f"their untrained (random initial) embeddings, so its cold-item metrics are near chance"]
     return report
 
 

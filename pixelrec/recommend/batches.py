@@ -72,28 +72,31 @@ def iterate_batches(
 
 
 def sample_negatives(
-    seq: torch.Tensor, num_items: int, generator: torch.Generator, rounds: int = 10
+    seq: torch.Tensor, candidates: int | torch.Tensor, generator: torch.Generator, rounds: int = 10
 ) -> torch.Tensor:
     """One uniform negative per target position [B, L], never among the window's items (PixelRec BPR).
 
+    `candidates`: the item indices negatives are drawn from (training uses the items that have
+    training interactions: items first seen at test time did not exist yet), or an int N for 1..N.
     Draws uniformly, redraws clashes a few times, and samples any remaining clash exactly from the
-    items outside its window (only a window holding the whole catalogue keeps a clash).
+    candidates outside its window (only a window holding every candidate keeps a clash).
     """
+    if isinstance(candidates, int):
+        candidates = torch.arange(1, candidates + 1)
     B, L1 = seq.shape
-    neg = torch.randint(1, num_items + 1, (B, L1 - 1), generator=generator)
+    draw = lambda n: candidates[torch.randint(0, len(candidates), (n,), generator=generator)]  # noqa: E731
+    neg = draw(B * (L1 - 1)).view(B, L1 - 1)
     for _ in range(rounds):
         clash = (neg[:, :, None] == seq[:, None, :]).any(-1)  # [B, L]
         if not clash.any():
             return neg
-        neg[clash] = torch.randint(1, num_items + 1, (int(clash.sum()),), generator=generator)
+        neg[clash] = draw(int(clash.sum()))
     clash = (neg[:, :, None] == seq[:, None, :]).any(-1)
     if clash.any():
         where = clash.nonzero()  # [C, 2] (row, position)
-        allowed = torch.ones(len(where), num_items + 1, dtype=torch.bool)
-        allowed[:, 0] = False
-        allowed.scatter_(1, seq[where[:, 0]], False)
+        allowed = ~(candidates[None, None, :] == seq[where[:, 0]][:, :, None]).any(1)  # [C, n_candidates]
         ok = allowed.any(1)
         if ok.any():
             pick = torch.multinomial(allowed[ok].float(), 1, generator=generator).squeeze(1)
-            neg[where[ok, 0], where[ok, 1]] = pick
+            neg[where[ok, 0], where[ok, 1]] = candidates[pick]
     return neg

@@ -192,14 +192,21 @@ class PixelTower(ItemTower):
 
 
 class HybridTower(ItemTower):
-    """IDNet + an image tower: sum, or concatenation projected back to d."""
+    """IDNet + an image tower: sum, or concatenation projected back to d.
 
-    def __init__(self, ids: IdTower, image: ItemTower, mode: str = "sum"):
+    Items without training interactions (cold items) have no learned id, so their id part is zero
+    and their vector comes from the image alone.
+    """
+
+    def __init__(self, ids: IdTower, image: ItemTower, mode: str = "sum", known: torch.Tensor | None = None):
         super().__init__()
         self.num_items, self.dim = ids.num_items, ids.dim
         self.cheap = image.cheap
         self.vector_batch_size = image.vector_batch_size
         self.ids, self.image, self.mode = ids, image, mode
+        if known is None:
+            known = torch.ones(ids.num_items + 1, dtype=torch.bool)
+        self.register_buffer("known", known.bool(), persistent=False)  # [N + 1] has training interactions
         if mode == "concat":
             self.proj = nn.Linear(2 * self.dim, self.dim)
         elif mode != "sum":
@@ -210,7 +217,8 @@ class HybridTower(ItemTower):
         return get() if get else iter(())
 
     def encode(self, idx: torch.Tensor) -> torch.Tensor:
-        a, b = self.ids.encode(idx), self.image.encode(idx)
+        a = self.ids.encode(idx) * self.known[idx].unsqueeze(-1)  # [U, d]; zero for cold items
+        b = self.image.encode(idx)
         return a + b if self.mode == "sum" else self.proj(torch.cat([a, b], dim=-1))
 
 
@@ -307,5 +315,5 @@ def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
     else:
         raise PixelrecError(f"--items {it.kind}: no image tower {kind!r}")
     if it.kind == "hybrid":
-        return HybridTower(IdTower(data.num_items, d), tower, it.hybrid)
+        return HybridTower(IdTower(data.num_items, d), tower, it.hybrid, torch.from_numpy(data.train_counts > 0))
     return tower

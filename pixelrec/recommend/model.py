@@ -42,7 +42,11 @@ class Recommender(nn.Module):
         # [num_items + 1] share of training interactions per item, for the log-q correction
         if popularity is None:
             popularity = torch.full((tower.num_items + 1,), 1.0 / max(tower.num_items, 1))
+            popularity[0] = 0.0
         self.register_buffer("popularity", popularity.float(), persistent=False)
+        # Negatives come only from items with training interactions: an item first seen at test time
+        # (a cold item) did not exist while the model trained, so it is never pushed down either.
+        self.register_buffer("known_items", torch.nonzero(self.popularity > 0).flatten(), persistent=False)
 
     # ---- forward pieces ----------------------------------------------------------------------
     def states(self, item_vecs: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
@@ -82,6 +86,7 @@ class Recommender(nn.Module):
         mask = inputs != 0  # positions that have context (and therefore a real target)
         cfg = self.loss_cfg
         if cfg.loss == "bpr":
+            neg = neg.masked_fill(~mask, 0)  # no need to encode negatives of positions without a target
             uniq, inv = torch.unique(torch.cat([seq, neg], 1), return_inverse=True)
             vecs = self.tower(uniq)[inv]  # [B, 2L + 1, d]
             L = inputs.shape[1]
@@ -91,13 +96,15 @@ class Recommender(nn.Module):
         if cfg.use_full_softmax(self.tower):
             all_vecs = self.tower(torch.arange(self.tower.num_items + 1, device=seq.device))  # [N + 1, d]
             states = self.states(all_vecs[inputs], inputs)
-            logq = torch.zeros(len(all_vecs), device=seq.device)
-            logq[0] = float("inf")  # padding is never a candidate
+            logq = torch.full((len(all_vecs),), float("inf"), device=seq.device)  # inf: never a candidate
+            logq[self.known_items] = 0.0  # padding and items without training interactions stay out
             return softmax_loss(states[mask], all_vecs, targets[mask], logq)
 
         # sampled softmax: candidates = this batch's targets + uniform negatives, log-q corrected
         n_uni = cfg.uniform_negatives()
-        uniform = torch.randint(1, self.tower.num_items + 1, (n_uni,), generator=generator).to(seq.device)
+        known = self.known_items
+        pick = torch.randint(0, len(known), (n_uni,), generator=generator).to(known.device)
+        uniform = known[pick].to(seq.device)
         pos = targets[mask]
         cand, cand_inv = torch.unique(torch.cat([pos, uniform]), return_inverse=True)
         uniq, inv = torch.unique(torch.cat([inputs.flatten(), cand]), return_inverse=True)
@@ -105,5 +112,5 @@ class Recommender(nn.Module):
         n_in = inputs.numel()
         states = self.states(vecs[inv[:n_in]].view(*inputs.shape, -1), inputs)
         cand_vecs = vecs[inv[n_in:]]  # [C, d]
-        logq = expected_draws_log(cand, self.popularity, len(pos), n_uni, self.tower.num_items)
+        logq = expected_draws_log(cand, self.popularity, len(pos), n_uni, len(known))
         return softmax_loss(states[mask], cand_vecs, cand_inv[: len(pos)], logq)

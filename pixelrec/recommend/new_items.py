@@ -80,7 +80,8 @@ def run_item_encoder(run_dir: str, device: str | torch.device = "cpu") -> RunIte
     from .build import build_recommender
 
     run = RunDir(run_dir)
-    cfg = FitConfig.from_dict(run.read_config()["config"])
+    meta = run.read_config()
+    cfg = FitConfig.from_dict(meta["config"])
     kind = cfg.items.kind
     if kind == "id":
         raise PixelrecError(f"{run_dir} is an id run: it has no image tower to encode new covers with "
@@ -98,6 +99,8 @@ def run_item_encoder(run_dir: str, device: str | torch.device = "cpu") -> RunIte
         base = tower.encoder
     elif isinstance(tower, (FrozenTower, PartialTower)):
         with open_cache(cfg.items.cache) as cache:
+            if meta.get("cache"):
+                cache.check_identity(meta["cache"], f"encoding new covers for {run_dir}")
             cache_attrs = dict(cache.attrs)
         base = build_encoder(EncoderConfig(model=cache_attrs["model"], pretrained=cache_attrs["pretrained"],
                                            pooling=cache_attrs["pooling"], preset=cache_attrs["preset"],

@@ -46,9 +46,10 @@ class RunDir:
         return self.config.is_file()
 
     # ---- config ------------------------------------------------------------------------------
-    def write_config(self, cfg: dict[str, Any], data: SequenceData) -> None:
+    def write_config(self, cfg: dict[str, Any], data: SequenceData, cache: dict[str, Any] | None = None) -> None:
+        """config.json; `cache` = identity of the embedding cache the item tower reads (if any)."""
         write_json(self.config, {"pixelrec_version": __version__, "run_format": RUN_FORMAT,
-                                 "data": data.summary(), "config": cfg})
+                                 "data": data.summary(), "config": cfg, "cache": cache})
 
     def read_config(self) -> dict[str, Any]:
         if not self.exists():

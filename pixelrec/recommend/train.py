@@ -52,12 +52,13 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitRes
     log(f"data: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
         f" ({data.dropped_users} users with < {cfg.train.min_interactions} interactions dropped,"
         f" {data.dropped_interactions} rows)")
-    model = build_recommender(cfg, data).to(device)  # before touching RUN_DIR: a bad config leaves nothing behind
-    state = _prepare_run_dir(run, cfg, data, resume, overwrite)
-    if cfg.init_from and state is None:
+    # Build (and transfer) before touching RUN_DIR, so a refused config leaves nothing behind.
+    model = build_recommender(cfg, data).to(device)
+    if cfg.init_from and not (resume and run.last.is_file()):
         from .transfer import init_from_run
 
         init_from_run(model, cfg)
+    state = _prepare_run_dir(run, cfg, data, resume, overwrite)
     optimizer = build_optimizer(model, cfg)
     history: list[dict[str, Any]] = []
     best = {"epoch": -1, "score": -math.inf}
@@ -86,7 +87,7 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitRes
         bar = progress(iterate_batches(windows, cfg.train.batch_size, gen),
                        total=math.ceil(len(windows) / cfg.train.batch_size), desc=f"epoch {epoch}")
         for seq in bar:
-            neg = sample_negatives(seq, data.num_items, gen) if cfg.loss.loss == "bpr" else None
+            neg = sample_negatives(seq, model.known_items.cpu(), gen) if cfg.loss.loss == "bpr" else None
             with amp:
                 loss = model.training_loss(seq.to(device), None if neg is None else neg.to(device), gen)
             optimizer.zero_grad(set_to_none=True)
@@ -133,7 +134,7 @@ def _prepare_run_dir(run: RunDir, cfg: FitConfig, data: SequenceData, resume: bo
         if not run.last.is_file():
             if run.exists():
                 log(f"{run.path}: no finished epoch to resume from; starting from the beginning")
-            run.write_config(cfg.to_dict(), data)
+            run.write_config(cfg.to_dict(), data, run_cache_identity(cfg))
             run.write_data(data)
             return None
         meta = run.read_config()
@@ -145,7 +146,9 @@ def _prepare_run_dir(run: RunDir, cfg: FitConfig, data: SequenceData, resume: bo
         if diffs:
             raise PixelrecError(f"{run.path}: --resume with different settings than the run: {'; '.join(diffs)}")
         state = run.load_checkpoint(run.last)
-        run.write_config(cfg.to_dict(), data)  # records a changed --epochs / --patience / --device
+        if meta.get("cache") != run_cache_identity(cfg):
+            raise PixelrecError(f"{run.path}: --resume with a cache ({cfg.items.cache}) that is not the one the run started on")
+        run.write_config(cfg.to_dict(), data, meta.get("cache"))  # records a changed --epochs / --patience / --device
         return state
     if run.exists() and not overwrite:
         raise PixelrecError(f"{run.path} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
@@ -154,9 +157,20 @@ def _prepare_run_dir(run: RunDir, cfg: FitConfig, data: SequenceData, resume: bo
             p.unlink(missing_ok=True)
         shutil.rmtree(run.index_dir, ignore_errors=True)
     run.path.mkdir(parents=True, exist_ok=True)
-    run.write_config(cfg.to_dict(), data)
+    run.write_config(cfg.to_dict(), data, run_cache_identity(cfg))
     run.write_data(data)
     return None
+
+
+def uses_cache(cfg: FitConfig) -> bool:
+    return cfg.items.kind in ("frozen", "partial", "hybrid")
+
+
+def run_cache_identity(cfg: FitConfig) -> dict | None:
+    """Identity of the cache the item tower reads (recorded in config.json), None without a cache."""
+    from ..encode.cache import cache_identity
+
+    return cache_identity(cfg.items.cache) if uses_cache(cfg) else None
 
 
 def _config_diff(old: dict, new: dict, ignore: set[str], prefix: str = "") -> list[str]:

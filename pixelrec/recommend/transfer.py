@@ -19,9 +19,20 @@ ENCODER_KEYS = ("model", "dim", "layers", "heads", "inner_mult", "max_len", "gru
 
 def init_from_run(model: Recommender, cfg: FitConfig) -> dict[str, int]:
     """Load `cfg.init_from`'s sequence encoder and image tower into `model` (built from `cfg`)."""
+    from .train import run_cache_identity
+
     run_dir = cfg.init_from
     src = RunDir(run_dir)
-    src_cfg = FitConfig.from_dict(src.read_config()["config"])
+    meta = src.read_config()
+    src_cfg = FitConfig.from_dict(meta["config"])
+    src_cache, new_cache = meta.get("cache"), run_cache_identity(cfg)
+    if src_cache and new_cache:
+        differ = [k for k in src_cache if k != "dim" and src_cache[k] != new_cache.get(k)]
+        if differ:
+            k = differ[0]
+            raise PixelrecError(f"--init-from {run_dir}: its tower was trained on a cache with {k} {src_cache[k]!r}, "
+                                f"but {cfg.items.cache} has {k} {new_cache.get(k)!r}; encode the new covers with "
+                                f"the same encoder settings")
     diffs = [f"{k}: {getattr(src_cfg.model, k)} vs {getattr(cfg.model, k)}" for k in ENCODER_KEYS
              if getattr(src_cfg.model, k) != getattr(cfg.model, k)]
     if diffs:
@@ -35,15 +46,18 @@ def init_from_run(model: Recommender, cfg: FitConfig) -> dict[str, int]:
     id_keys = [k for k in tower_state if _is_id_table(k)]
     for k in id_keys:
         del tower_state[k]
-    own = model.tower.state_dict()
+    own = {k: v for k, v in model.tower.state_dict().items() if not _is_id_table(k)}
+    if tower_state and set(tower_state) != set(own):
+        only_src, only_new = sorted(set(tower_state) - set(own)), sorted(set(own) - set(tower_state))
+        raise PixelrecError(f"--init-from {run_dir}: the item towers differ ({src_cfg.items.kind} "
+                            f"{'has ' + only_src[0] if only_src else 'lacks ' + only_new[0]} that this run's "
+                            f"{cfg.items.kind} tower {'lacks' if only_src else 'has'}); use the same --items kind, "
+                            f"head and split block")
     shared = {k: v for k, v in tower_state.items() if k in own}
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in shared.items() if v.shape != own[k].shape]
     if wrong:
         raise PixelrecError(f"--init-from {run_dir}: the image tower does not fit (e.g. {wrong[0]}); "
                             f"use the same encoder, cache settings and --dim as the source run")
-    if tower_state and not shared:
-        raise PixelrecError(f"--init-from {run_dir}: nothing of its item tower ({src_cfg.items.kind}) fits this "
-                            f"run's tower; use the same --items kind")
     model.tower.load_state_dict(shared, strict=False)
     log(f"initialised from {run_dir}: sequence encoder ({len(encoder_state)} tensors) and item tower "
         f"({len(shared)} tensors)" + ("; id embeddings re-initialised: an ID table cannot transfer to a new catalogue"
