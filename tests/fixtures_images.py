@@ -12,7 +12,6 @@ Tests that modify a run work on a copy (`copy_run`).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import shutil
 import tempfile
@@ -40,15 +39,6 @@ def image_root() -> Path:
         atexit.register(shutil.rmtree, _ROOT, True)
     return _ROOT
 
-
-@contextlib.contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------- datasets
@@ -98,10 +88,9 @@ def encoded_cache(root: str, pooling: str = "model", seed: int = 0) -> Path:
     from pixelrec.encode.encoder import EncoderConfig
 
     out = Path(root) / f"cache_{pooling}_s{seed}.h5"
-    with one_thread():
-        encode_images(EncodeConfig(images=str(Path(root) / "covers"), out=str(out),
-                                   encoder=EncoderConfig(model=TINY_VIT, pooling=pooling, seed=seed),
-                                   split_block=SPLIT, num_workers=0, device="cpu", batch_size=64))
+    encode_images(EncodeConfig(images=str(Path(root) / "covers"), out=str(out),
+                               encoder=EncoderConfig(model=TINY_VIT, pooling=pooling, seed=seed),
+                               split_block=SPLIT, num_workers=0, device="cpu", batch_size=64))
     return out
 
 
@@ -144,8 +133,7 @@ def image_config(data: ImageData, out: Path, kind: str, *, epochs: int, seed: in
 def fit_quiet(cfg: FitConfig, **kw):
     from pixelrec.recommend.train import fit
 
-    with one_thread():
-        return fit(cfg, **kw)
+    return fit(cfg, **kw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,7 +179,6 @@ def invoke(args: list) -> "object":
     from pixelrec.runtime import set_quiet
 
     try:
-        with one_thread():
-            return CliRunner().invoke(cli, ["--quiet"] + [str(a) for a in args], catch_exceptions=False)
+        return CliRunner().invoke(cli, ["--quiet"] + [str(a) for a in args], catch_exceptions=False)
     finally:
         set_quiet(True)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from pixelrec.recommend.config import FitConfig
@@ -39,14 +38,6 @@ def session_root() -> Path:
         atexit.register(shutil.rmtree, _ROOT, True)
     return _ROOT
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run much faster (and steadier on a busy machine) with one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------- configs

@@ -13,7 +13,6 @@ from fixtures_runs import (
     copy_run,
     handmade_dataset,
     invoke,
-    one_thread,  # noqa: F401 (fixture)
     run_cli,
     synth_dataset,
     trained_run,
@@ -21,7 +20,6 @@ from fixtures_runs import (
 from pixelrec import __version__
 from pixelrec.cli import cli
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------- help

@@ -13,7 +13,6 @@ from fixtures_runs import (
     handmade_dataset,
     handmade_run,
     invoke,
-    one_thread,  # noqa: F401 (fixture)
     trained_run,
 )
 from pixelrec.errors import PixelrecError
@@ -23,7 +22,6 @@ from pixelrec.recommend.config import FitConfig
 from pixelrec.recommend.run import RunDir
 
 KS = (5, 10, 20)
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_model(run_dir):

@@ -22,7 +22,6 @@ from fixtures_runs import (
     copy_run,
     handmade_dataset,
     handmade_run,
-    one_thread,  # noqa: F401 (fixture)
     pixelrec_cmd,
     read_jsonl,
     run_cli,
@@ -132,7 +131,7 @@ def test_dropped_users_are_counted_and_sequences_follow_time():
     assert result.test["users"] == 40
 
 
-def test_early_stopping_and_resuming_a_stopped_run(tmp_path, one_thread):
+def test_early_stopping_and_resuming_a_stopped_run(tmp_path):
     hm = handmade_dataset()
     out = tmp_path / "run"
     # lr 0: the weights never change, so valid NDCG@10 never improves after epoch 0
@@ -154,7 +153,7 @@ def test_early_stopping_and_resuming_a_stopped_run(tmp_path, one_thread):
     assert (out / "checkpoints" / "last.pt").read_bytes() == last_before
 
 
-def test_refuses_an_existing_run_without_resume_or_overwrite(tmp_path, one_thread):
+def test_refuses_an_existing_run_without_resume_or_overwrite(tmp_path):
     hm = handmade_dataset()
     out = copy_run(handmade_run()[0], tmp_path / "run")
     config_before = (out / "config.json").read_bytes()
@@ -171,7 +170,7 @@ def test_refuses_an_existing_run_without_resume_or_overwrite(tmp_path, one_threa
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 0
 
 
-def test_resume_refuses_other_data_or_settings(tmp_path, one_thread):
+def test_resume_refuses_other_data_or_settings(tmp_path):
     hm = handmade_dataset()
     out = copy_run(handmade_run()[0], tmp_path / "run")
     base = dict(model="gru4rec", loss="bpr", epochs=3, batch_size=16)
@@ -203,7 +202,7 @@ def test_resume_refuses_other_data_or_settings(tmp_path, one_thread):
     ("gru4rec", "softmax", 8),
     ("sasrec", "softmax", 8),
 ])
-def test_every_model_and_loss_trains(tmp_path, one_thread, model, loss, negatives):
+def test_every_model_and_loss_trains(tmp_path, model, loss, negatives):
     hm = handmade_dataset()
     out = tmp_path / "run"
     result = _fit_quiet(tiny_config(hm.path, out, model=model, loss=loss, negatives=negatives, epochs=2,
@@ -218,7 +217,7 @@ def test_every_model_and_loss_trains(tmp_path, one_thread, model, loss, negative
     assert (cfg["model"]["model"], cfg["loss"]["loss"], cfg["loss"]["negatives"]) == (model, loss, negatives)
 
 
-def test_resume_in_process_equals_uninterrupted(tmp_path, one_thread):
+def test_resume_in_process_equals_uninterrupted(tmp_path):
     hm = handmade_dataset()
     a, b = tmp_path / "a", tmp_path / "b"
     kw = dict(model="sasrec", loss="bpr", batch_size=16, patience=50)
@@ -233,7 +232,7 @@ def test_resume_in_process_equals_uninterrupted(tmp_path, one_thread):
         _metric_part(json.loads((b / "results.json").read_text()))
 
 
-def test_resume_after_kill_between_checkpoint_and_metrics_of_the_last_epoch(tmp_path, one_thread):
+def test_resume_after_kill_between_checkpoint_and_metrics_of_the_last_epoch(tmp_path):
     """A kill after last.pt of the final epoch is saved but before metrics.jsonl is rewritten:
     --resume has no epoch left to train, and must still leave metrics.jsonl complete (SPEC §8:
     nothing lost)."""

@@ -38,13 +38,6 @@ REL_TOL = 1e-3
 HEADS = [("pooled", "model"), ("token_relu_mean", "mean")]  # (head, cache/encoder pooling)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def ds():

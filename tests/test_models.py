@@ -19,14 +19,6 @@ from pixelrec.recommend.towers import IdTower, ItemTower, TableTower
 ENCODERS = ["sasrec", "gru4rec"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is much faster (and far less sensitive to a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def seq_cfg(model: str = "sasrec", dim: int = 16, max_len: int = 8, **kw) -> SequenceConfig:
     base = dict(layers=2, heads=2, inner_mult=2, dropout=0.0, attn_dropout=0.0)

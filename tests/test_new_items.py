@@ -37,13 +37,6 @@ from pixelrec.recommend.run import RunDir
 REL_TOL = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def rel_diff(a, b) -> float:
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)

@@ -13,7 +13,6 @@ from fixtures_runs import (
     assert_one_line_error,
     copy_run,
     invoke,
-    one_thread,  # noqa: F401 (fixture)
     read_jsonl,
     synth_dataset,
     trained_run,
@@ -25,7 +24,6 @@ from pixelrec.index.manage import rebuild_run_index
 from pixelrec.index.retrieve import retrieve_batch, retrieve_one
 from pixelrec.recommend.inference import load_trained
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

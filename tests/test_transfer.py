@@ -26,13 +26,6 @@ from pixelrec.recommend.transfer import init_from_run
 from pixelrec.runtime import set_quiet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def source_state(run_dir) -> dict[str, torch.Tensor]:
     run = RunDir(run_dir)
