@@ -185,7 +185,8 @@ FIT_OPTIONS = {
 @click.option("--encoder", default="ViT-B-32", show_default=True, help="open_clip model (e2e).")
 @click.option("--pretrained", default="none", show_default=True, help="none | open_clip tag | local checkpoint path (e2e).")
 @click.option("--tune-blocks", type=int, default=-1, show_default=True, help="e2e: train only the top K encoder blocks (-1 = all).")
-@click.option("--adapter", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True, help="Image embedding -> recommender dim.")
+@click.option("--adapter", type=click.Choice(["auto", "linear", "mlp"]), default="auto", show_default=True,
+              help="Image embedding -> recommender dim (auto: mlp for frozen, linear after trainable blocks).")
 @click.option("--head", type=click.Choice(["pooled", "token_relu_mean"]), default="pooled", show_default=True,
               help="partial/e2e pooling head: the encoder's pooled output, or PixelRec's mean over tokens of ReLU(Linear(h)).")
 @click.option("--item-dropout", type=float, default=0.0, show_default=True,
@@ -342,7 +343,7 @@ def index(run_dir, spec, metric, nprobe, ef_search, add_images, device):
 @click.option("--workdir", default="pixelrec-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the data, cache, runs and plot go.")
 @click.option("--towers", default="id,frozen,partial,e2e", show_default=True, help="Item towers to compare.")
-@click.option("--epochs", type=int, default=15, show_default=True)
+@click.option("--epochs", type=int, default=30, show_default=True, help="Most epochs per tower (early stopping, patience 5).")
 @click.option("--users", type=int, default=2000, show_default=True)
 @click.option("--items", type=int, default=400, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

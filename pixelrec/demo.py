@@ -28,8 +28,9 @@ class DemoConfig:
     encoder: str = "pixelrec-tiny-vit"
     split_block: int = 2
     towers: tuple[str, ...] = ("id", "frozen", "partial", "e2e")
-    epochs: int = 15
-    patience: int = 4
+    epochs: int = 30
+    patience: int = 5
+    lr: float = 2e-3
     dim: int = 32
     max_len: int = 20
     seed: int = 0
@@ -79,6 +80,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
             fc.items.images, fc.items.encoder, fc.items.tune_blocks = str(data_dir / "covers"), cfg.encoder, cfg.split_block
         fc.model.dim, fc.model.max_len = cfg.dim, cfg.max_len
         fc.train.epochs, fc.train.patience, fc.train.seed, fc.train.device = cfg.epochs, cfg.patience, cfg.seed, cfg.device
+        fc.train.lr = cfg.lr
         res = fit(fc, overwrite=cfg.overwrite)
         test = res.test
         result.rows.append({

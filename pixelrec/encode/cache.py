@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 from functools import cached_property
 from pathlib import Path

@@ -28,7 +28,7 @@ class ItemsConfig:
     encoder: str = "ViT-B-32"  # open_clip model (e2e)
     pretrained: str = "none"  # none | open_clip tag | local checkpoint path (e2e)
     tune_blocks: int = -1  # e2e: train only the top K encoder blocks (-1 = all)
-    adapter: str = "linear"  # linear | mlp: cached/pooled embedding -> d
+    adapter: str = "auto"  # auto | linear | mlp: pooled embedding -> d (auto: mlp for frozen, else linear)
     dropout: float = 0.0  # dropout on the image features entering the adapter / token head
     head: str = "pooled"  # pooled | token_relu_mean (PixelRec: mean over tokens of ReLU(Linear(h)))
     hybrid: str = "sum"  # hybrid: sum | concat (id + image, concat is projected back to d)

@@ -285,18 +285,26 @@ class PixelSource:
         raise TypeError("PixelSource is not picklable")
 
 
+def resolve_adapter(adapter: str, kind: str) -> str:
+    """'auto': an MLP for frozen (only the adapter can reshape fixed features), linear after trainable blocks."""
+    if adapter == "auto":
+        return "mlp" if kind == "frozen" else "linear"
+    return adapter
+
+
 def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
     """The image (or hybrid) tower a FitConfig describes."""
     from ..encode.cache import open_cache
 
     it, d = cfg.items, cfg.model.dim
     kind = it.image_branch if it.kind == "hybrid" else it.kind
+    adapter = resolve_adapter(it.adapter, kind)
     if kind in ("frozen", "partial"):
         cache = open_cache(it.cache)
         if kind == "frozen":
-            tower: ItemTower = FrozenTower(cache, data, d, it.adapter, it.dropout)
+            tower: ItemTower = FrozenTower(cache, data, d, adapter, it.dropout)
         else:
-            tower = PartialTower(cache, data, d, it.adapter, it.head, it.cache_in_memory, it.dropout)
+            tower = PartialTower(cache, data, d, adapter, it.head, it.cache_in_memory, it.dropout)
             if it.grad_checkpointing:
                 tower.top.set_grad_checkpointing(True)
     elif kind == "e2e":
@@ -310,7 +318,7 @@ def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
         if it.grad_checkpointing:
             encoder.set_grad_checkpointing(True)
         store = open_image_store(it.images) if it.images else None
-        tower = PixelTower(encoder, store, data, d, it.adapter, it.head, it.tune_blocks, it.cache_in_memory,
+        tower = PixelTower(encoder, store, data, d, adapter, it.head, it.tune_blocks, it.cache_in_memory,
                            dropout=it.dropout)
     else:
         raise PixelrecError(f"--items {it.kind}: no image tower {kind!r}")
