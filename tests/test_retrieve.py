@@ -267,3 +267,25 @@ def test_synth_cold_items_exist_in_the_index(run_dir, trained):
     cold = set(synth_dataset().cold_item_ids)
     assert cold and cold <= {str(n) for n in trained.item_names[1:]}
     assert trained.index.ntotal == trained.data.num_items == 80
+
+
+def test_an_index_of_another_dimension_is_refused_then_recomputed(tmp_path, run_dir, trained):
+    """An index/ whose vectors do not fit the run's model (e.g. copied from another run) is refused by
+    name, and `pixelrec index` recomputes it from the checkpoint instead of reusing the bad vectors."""
+    from fixtures_runs import _fit_quiet, synth_dataset, tiny_config
+
+    other = tmp_path / "other"
+    _fit_quiet(tiny_config(synth_dataset().interactions, other, epochs=1, dim=8, heads=1))
+    run = copy_run(run_dir, tmp_path / "run")
+    user = str(trained.data.user_ids[3])
+    want = retrieve_one(str(run), user=user, k=5)
+    for p in (other / "index").iterdir():
+        (run / "index" / p.name).write_bytes(p.read_bytes())
+
+    r = invoke(["retrieve", run, "--user", user])
+    assert r.exit_code == 2
+    assert_one_line_error(r.stderr, "8-dimensional", "--dim 16")
+
+    r = invoke(["index", run])
+    assert r.exit_code == 0, r.stderr
+    assert retrieve_one(str(run), user=user, k=5) == want

@@ -44,10 +44,15 @@ def recompute_vectors(run: RunDir, device: str = "cpu") -> tuple[np.ndarray, np.
 def rebuild_run_index(run_dir: str, spec: str = "Flat", metric: str = "ip", nprobe: int | None = None,
                       ef_search: int | None = None, device: str = "cpu") -> ItemIndex:
     run = RunDir(run_dir)
-    run.read_config()  # refuses non-runs and incompatible versions
+    dim = run.read_config()["config"]["model"]["dim"]  # refuses non-runs and incompatible versions
     stored = stored_vectors(run)
-    if stored is None:
+    if stored is not None and stored[0].shape[1] != dim:
+        log(f"{run.index_dir}: stored item vectors are {stored[0].shape[1]}-dimensional, the run's model {dim}; "
+            f"recomputing them from {run.best}")
+        stored = None
+    elif stored is None:
         log(f"{run.index_dir}: no stored item vectors; recomputing them from {run.best}")
+    if stored is None:
         stored = recompute_vectors(run, device)
     vectors, ids = stored
     index = ItemIndex.build(vectors, ids, spec=spec, metric=metric, nprobe=nprobe, ef_search=ef_search, device=device)

@@ -42,6 +42,9 @@ def load_trained(run_dir: str, device: str | torch.device = "cpu", index_device:
         raise PixelrecError(f"{run.path}: the run has no index/ (did `pixelrec fit` finish?); "
                             f"rebuild it with `pixelrec index {run.path}`")
     index = ItemIndex.load(run.index_dir, device=index_device)
+    if index.dim != cfg.model.dim:
+        raise PixelrecError(f"{run.index_dir}: the index holds {index.dim}-dimensional vectors but the run's model "
+                            f"has --dim {cfg.model.dim}; rebuild it with `pixelrec index {run.path}`")
     vectors, ids = index.vectors, index.ids
     table = torch.zeros(int(ids.max()) + 1, vectors.shape[1])
     table[torch.from_numpy(np.array(ids))] = torch.from_numpy(np.array(vectors, dtype=np.float32))
