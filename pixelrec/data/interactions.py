@@ -18,7 +18,7 @@ REQUIRED_COLUMNS = ("item_id", "user_id", "timestamp")
 
 
 def load_interactions(path: str | os.PathLike) -> pd.DataFrame:
-    """Read an interaction CSV into a DataFrame with columns item_id (str), user_id (str), timestamp (int64).
+    """Read an interaction CSV into a DataFrame with columns item_id, user_id (strings) and timestamp (int64).
 
     Rows keep their file order (row i of the frame is data row i of the file, i.e. file line i + 2).
     Raises PixelrecError naming the file (and row) for a missing file, an empty file, missing
@@ -71,8 +71,8 @@ def load_interactions(path: str | os.PathLike) -> pd.DataFrame:
         raise PixelrecError(f"{path}: a timestamp does not fit a 64-bit integer") from None
     return pd.DataFrame(
         {
-            "item_id": df["item_id"].astype(str).to_numpy(dtype=object),
-            "user_id": df["user_id"].astype(str).to_numpy(dtype=object),
+            "item_id": df["item_id"],  # pyarrow-backed strings: no per-row Python objects
+            "user_id": df["user_id"],
             "timestamp": ts.to_numpy(dtype=np.int64),  # exact: never through float
         }
     )

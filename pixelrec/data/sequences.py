@@ -127,28 +127,33 @@ def build_sequences(
     """
     if min_interactions < 3:
         raise PixelrecError("min_interactions must be at least 3 (train, validation and test items)")
+    # factorize hashes the ids once and sorts only the unique values (fast for millions of rows)
     user_codes, user_ids = pd.factorize(df["user_id"], sort=True)
+    item_codes, item_uniques = pd.factorize(df["item_id"], sort=True)
+    item_uniques = np.asarray(item_uniques, dtype=object)
     ts = df["timestamp"].to_numpy(dtype=np.int64)
     order = np.lexsort((np.arange(len(df)), ts, user_codes))  # user, then time, then file order
     user_codes = user_codes[order]
     counts = np.bincount(user_codes, minlength=len(user_ids))
     keep_user = counts >= min_interactions
     keep_row = keep_user[user_codes]
+    kept_codes = item_codes[order][keep_row]
 
-    item_col = df["item_id"].to_numpy(dtype=object)[order]
-    kept_items = item_col[keep_row]
     if item_vocab is None:
-        vocab = np.unique(kept_items.astype(str))
-        item_ids = np.concatenate([np.array([PAD], dtype=object), vocab.astype(object)])
-        dropped_items = len(np.setdiff1d(np.unique(item_col.astype(str)), vocab))
+        used = np.zeros(len(item_uniques), dtype=bool)
+        used[kept_codes] = True
+        item_ids = np.concatenate([np.array([PAD], dtype=object), item_uniques[used]])
+        remap = np.cumsum(used) - 1  # unique position -> vocabulary position (where used)
+        dropped_items = int((~used).sum())
     else:
         item_ids = np.asarray(item_vocab, dtype=object)
+        remap = pd.Index(item_ids[1:].astype(str)).get_indexer(item_uniques.astype(str))
         dropped_items = 0
-    index = pd.Index(item_ids[1:].astype(str))
-    codes = index.get_indexer(kept_items.astype(str))
-    if (codes < 0).any():
-        bad = kept_items[int(np.flatnonzero(codes < 0)[0])]
-        raise PixelrecError(f"{source or 'interactions'}: item {bad!r} is not in the run's item vocabulary")
+        unknown = remap[kept_codes] < 0
+        if unknown.any():
+            bad = item_uniques[kept_codes[int(np.flatnonzero(unknown)[0])]]
+            raise PixelrecError(f"{source or 'interactions'}: item {bad!r} is not in the run's item vocabulary")
+    codes = remap[kept_codes]
 
     kept_counts = counts[keep_user]
     offsets = np.zeros(len(kept_counts) + 1, dtype=np.int64)
