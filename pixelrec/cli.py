@@ -197,7 +197,7 @@ FIT_OPTIONS = {
 @click.option("--cache-in-memory", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Load the cache into RAM (auto: when it is small).")
 @click.option("--model", type=click.Choice(["sasrec", "gru4rec"]), default="sasrec", show_default=True)
-@click.option("--max-len", type=int, default=50, show_default=True, help="Items of history the model sees.")
+@click.option("--max-len", type=int, default=20, show_default=True, help="Items of history the model sees.")
 @click.option("--dim", type=int, default=64, show_default=True)
 @click.option("--layers", type=int, default=2, show_default=True)
 @click.option("--heads", type=int, default=2, show_default=True)

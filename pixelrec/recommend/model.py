@@ -83,7 +83,7 @@ class Recommender(nn.Module):
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """seq [B, L + 1] left-padded windows; neg [B, L] BPR negatives (loss bpr only)."""
         inputs, targets = seq[:, :-1], seq[:, 1:]
-        mask = inputs != 0  # positions that have context (and therefore a real target)
+        mask = (inputs != 0) & (targets != 0)  # positions with context and a real target
         cfg = self.loss_cfg
         if cfg.loss == "bpr":
             neg = neg.masked_fill(~mask, 0)  # no need to encode negatives of positions without a target

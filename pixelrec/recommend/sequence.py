@@ -21,7 +21,7 @@ from ..errors import PixelrecError
 class SequenceConfig:
     model: str = "sasrec"  # sasrec | gru4rec
     dim: int = 64  # item/user vector size d
-    max_len: int = 50  # L: how many recent items the model sees
+    max_len: int = 20  # L: how many recent items the model sees
     layers: int = 2
     heads: int = 2  # SASRec only
     inner_mult: int = 4  # SASRec feed-forward width = inner_mult * dim
