@@ -27,7 +27,7 @@ def small(tmp_path_factory):
 def sequences(summary) -> pd.DataFrame:
     """Interactions sorted per user by time, with style and position-from-end (0 = test target)."""
     df = load_interactions(summary.interactions).sort_values(["user_id", "timestamp"], kind="stable")
-    df["style"] = df["item_id"].map(style_of(summary.out_dir))
+    df["style"] = df["item_id"].map(style_of(summary.out_dir)).astype(np.int64)  # ids are arrow strings
     df["from_end"] = df.groupby("user_id").cumcount(ascending=False)
     return df.reset_index(drop=True)
 
