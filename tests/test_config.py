@@ -32,6 +32,38 @@ def test_defaults_validate():
     assert c.items.kind == "id" and c.preset == "default"
 
 
+@pytest.mark.parametrize("model, layers, lr", [("sasrec", 2, 1e-3), ("gru4rec", 1, 2e-3)])
+def test_unset_layers_and_lr_take_the_models_default(model, layers, lr):
+    c = cfg()
+    c.model.model = model
+    assert c.model.layers is None and c.train.lr is None
+    c.validate()
+    assert (c.model.layers, c.train.lr) == (layers, lr)
+    assert json.loads(json.dumps(c.to_dict()))["model"]["layers"] == layers  # config.json records them
+
+
+def test_given_layers_and_lr_are_kept():
+    c = cfg()
+    c.model.model, c.model.layers, c.train.lr = "gru4rec", 3, 5e-4
+    c.validate()
+    assert (c.model.layers, c.train.lr) == (3, 5e-4)
+
+
+def test_preset_sets_layers_and_lr_for_every_model():
+    c = cfg()
+    c.model.model = "gru4rec"
+    apply_preset(c, "pixelrec")
+    c.validate()
+    assert (c.model.layers, c.train.lr) == (2, 1e-4)
+
+
+def test_unknown_model():
+    c = cfg()
+    c.model.model = "bert4rec"
+    with pytest.raises(PixelrecError, match="unknown --model 'bert4rec'"):
+        c.validate()
+
+
 @pytest.mark.parametrize("kind", ["id", "frozen", "partial", "e2e", "hybrid"])
 def test_every_kind_validates_with_its_inputs(kind):
     cfg(kind=kind, cache="c.h5", images="covers").validate()

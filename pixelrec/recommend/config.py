@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import PixelrecError
 from .model import LossConfig
-from .sequence import SequenceConfig
+from .sequence import DEFAULT_LAYERS, SequenceConfig
 
 ITEM_KINDS = ("id", "frozen", "partial", "e2e", "hybrid")
 
@@ -37,11 +37,16 @@ class ItemsConfig:
     cache_in_memory: str = "auto"  # auto | yes | no: load the cache into RAM
 
 
+# Learning rate when none is asked for, per sequence model: the best on ML-100K under SPEC §7
+# (benchmarks/ml100k.py). GRU4Rec at 1e-3 reached the same quality in about twice the epochs.
+DEFAULT_LR = {"sasrec": 1e-3, "gru4rec": 2e-3}
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 200
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float | None = None  # None = the sequence model's default (DEFAULT_LR)
     weight_decay: float = 0.0
     encoder_lr: float = 1e-4  # image-encoder blocks (partial / e2e)
     encoder_weight_decay: float = 0.0
@@ -84,7 +89,19 @@ class FitConfig:
             init_from=d.get("init_from"),
         )
 
+    def fill_model_defaults(self) -> "FitConfig":
+        """Settings left at None take the chosen sequence model's default (so config.json records them)."""
+        if self.model.layers is None:
+            self.model.layers = DEFAULT_LAYERS.get(self.model.model)
+        if self.train.lr is None:
+            self.train.lr = DEFAULT_LR.get(self.model.model)
+        return self
+
     def validate(self) -> None:
+        """Fill the model's defaults, then refuse impossible settings with a one-line error."""
+        if self.model.model not in DEFAULT_LAYERS:
+            raise PixelrecError(f"unknown --model {self.model.model!r}; expected one of {', '.join(DEFAULT_LAYERS)}")
+        self.fill_model_defaults()
         if self.items.kind not in ITEM_KINDS:
             raise PixelrecError(f"unknown --items {self.items.kind!r}; expected one of {', '.join(ITEM_KINDS)}")
         if self.loss.loss not in ("softmax", "bpr"):

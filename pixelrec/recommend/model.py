@@ -47,6 +47,9 @@ class Recommender(nn.Module):
         # Negatives come only from items with training interactions: an item first seen at test time
         # (a cold item) did not exist while the model trained, so it is never pushed down either.
         self.register_buffer("known_items", torch.nonzero(self.popularity > 0).flatten(), persistent=False)
+        position = torch.full((tower.num_items + 1,), -1, dtype=torch.long)
+        position[self.known_items] = torch.arange(len(self.known_items))
+        self.register_buffer("known_position", position, persistent=False)  # item -> index in known_items
 
     # ---- forward pieces ----------------------------------------------------------------------
     def states(self, item_vecs: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
@@ -96,9 +99,8 @@ class Recommender(nn.Module):
         if cfg.use_full_softmax(self.tower):
             all_vecs = self.tower(torch.arange(self.tower.num_items + 1, device=seq.device))  # [N + 1, d]
             states = self.states(all_vecs[inputs], inputs)
-            logq = torch.full((len(all_vecs),), float("inf"), device=seq.device)  # inf: never a candidate
-            logq[self.known_items] = 0.0  # padding and items without training interactions stay out
-            return softmax_loss(states[mask], all_vecs, targets[mask], logq)
+            # candidates: every item with training interactions (not padding, not cold items)
+            return softmax_loss(states[mask], all_vecs[self.known_items], self.known_position[targets[mask]])
 
         # sampled softmax: candidates = this batch's targets + uniform negatives, log-q corrected
         n_uni = cfg.uniform_negatives()

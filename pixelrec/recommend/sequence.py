@@ -8,7 +8,7 @@ forward pass train every next-item prediction of a window at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +17,17 @@ from torch import nn
 from ..errors import PixelrecError
 
 
+# Layers when none are asked for: the best on ML-100K under SPEC §7 (benchmarks/ml100k.py);
+# a second GRU layer cost GRU4Rec about 0.01 NDCG@10 there.
+DEFAULT_LAYERS = {"sasrec": 2, "gru4rec": 1}
+
+
 @dataclass
 class SequenceConfig:
     model: str = "sasrec"  # sasrec | gru4rec
     dim: int = 64  # item/user vector size d
     max_len: int = 20  # L: how many recent items the model sees
-    layers: int = 2
+    layers: int | None = None  # None = the model's default (DEFAULT_LAYERS)
     heads: int = 2  # SASRec only
     inner_mult: int = 4  # SASRec feed-forward width = inner_mult * dim
     dropout: float = 0.3
@@ -133,6 +138,8 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def build_sequence_encoder(cfg: SequenceConfig) -> nn.Module:
+    if cfg.layers is None and cfg.model in DEFAULT_LAYERS:
+        cfg = replace(cfg, layers=DEFAULT_LAYERS[cfg.model])
     if cfg.model == "sasrec":
         return SASRec(cfg)
     if cfg.model == "gru4rec":
