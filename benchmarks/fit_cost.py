@@ -4,7 +4,7 @@ All three train the same SASRec on the same synthetic data with the same encoder
 the cache's split-block tokens and trains the top K blocks, `e2e` runs the whole encoder on the
 covers every step and trains its top K blocks (the reference PixelNet setting), `frozen` trains
 only an adapter on the cached pooled embedding. Each fit runs in its own process so its peak RSS
-(and peak CUDA memory on a GPU) is its own. Prints the ratios partial/e2e and frozen/e2e and the
+(Linux VmHWM) and peak CUDA memory on a GPU are its own. Prints the ratios partial/e2e and frozen/e2e and the
 final NDCG@10 of each.
 
     python benchmarks/fit_cost.py [--model ViT-B-32 --image-size 64 --split-block 2 --epochs 3]
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,27 +32,25 @@ cfg.items.kind = a["kind"]
 cfg.items.cache = a["cache"] if a["kind"] in ("frozen", "partial") else None
 if a["kind"] == "e2e":
     cfg.items.images, cfg.items.encoder, cfg.items.tune_blocks = a["images"], a["model"], a["k"]
+    cfg.items.image_size = a["image_size"]  # the cache's input size, so e2e and partial compute the same function
 cfg.model.dim, cfg.model.max_len = a["dim"], a["max_len"]
 cfg.train.epochs, cfg.train.patience, cfg.train.device = a["epochs"], a["epochs"], a["device"]
 cfg.train.batch_size = a["batch_size"]
 r = fit(cfg, overwrite=True)
 peak_cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+# VmHWM: this process's own peak RSS (ru_maxrss of a child would include the parent's RSS at fork)
+hwm = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
 print("RESULT " + json.dumps({"s_per_epoch": r.seconds_per_epoch, "ndcg@10": r.test["overall"]["ndcg@10"],
-                              "valid_ndcg@10": r.valid["ndcg@10"], "peak_cuda": peak_cuda}))
+                              "valid_ndcg@10": r.valid["ndcg@10"], "peak_cuda": peak_cuda, "peak_rss_mb": hwm / 1024}))
 """
 
 
 def run_child(args: dict) -> dict:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{args['kind']} fit failed (exit {proc.returncode})")
-    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
-    res = json.loads(line[len("RESULT "):])
-    res["peak_rss_mb"] = usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
-    return res
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
 
 
 def main() -> None:
@@ -89,7 +86,8 @@ def main() -> None:
     encode_s = time.time() - t
 
     common = dict(interactions=str(data / "interactions.csv"), cache=str(cache), images=str(data / "covers"),
-                  model=args.model, k=args.split_block, dim=args.dim, max_len=args.max_len, epochs=args.epochs,
+                  model=args.model, image_size=args.image_size, k=args.split_block, dim=args.dim,
+                  max_len=args.max_len, epochs=args.epochs,
                   batch_size=args.batch_size, device=args.device)
     res = {kind: run_child(dict(common, kind=kind, out=str(work / f"run_{kind}"))) for kind in ("frozen", "partial", "e2e")}
 

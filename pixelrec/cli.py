@@ -160,7 +160,7 @@ def encode(ctx, images, out, interactions, model, pretrained, pooling, preset, i
 # (click option name, "section.field" in FitConfig)
 FIT_OPTIONS = {
     "items": "items.kind", "cache": "items.cache", "images": "items.images", "encoder": "items.encoder",
-    "pretrained": "items.pretrained", "tune_blocks": "items.tune_blocks", "adapter": "items.adapter",
+    "pretrained": "items.pretrained", "image_size": "items.image_size", "tune_blocks": "items.tune_blocks", "adapter": "items.adapter",
     "head": "items.head", "item_dropout": "items.dropout", "hybrid": "items.hybrid", "image_branch": "items.image_branch",
     "grad_checkpointing": "items.grad_checkpointing", "cache_in_memory": "items.cache_in_memory",
     "model": "model.model", "max_len": "model.max_len", "dim": "model.dim", "layers": "model.layers",
@@ -184,6 +184,8 @@ FIT_OPTIONS = {
 @click.option("--images", type=click.Path(), help="Covers dir or LMDB (e2e).")
 @click.option("--encoder", default="ViT-B-32", show_default=True, help="open_clip model (e2e).")
 @click.option("--pretrained", default="none", show_default=True, help="none | open_clip tag | local checkpoint path (e2e).")
+@click.option("--image-size", type=int, help="e2e: encoder input size in pixels (default: the model's own; "
+                                              "use the cache's size to compare with frozen/partial).")
 @click.option("--tune-blocks", type=int, default=-1, show_default=True, help="e2e: train only the top K encoder blocks (-1 = all).")
 @click.option("--adapter", type=click.Choice(["auto", "linear", "mlp"]), default="auto", show_default=True,
               help="Image embedding -> recommender dim (auto: mlp for frozen, linear after trainable blocks).")

@@ -394,6 +394,16 @@ def test_build_image_tower_e2e_uses_mean_pooling_for_the_token_head(ds, data, tm
     assert tower.head.fc.in_features == 64  # the ViT width: a head over tokens, not the pooled output
 
 
+@pytest.mark.parametrize("image_size, side", [(None, 32), (48, 48)])
+def test_build_image_tower_e2e_reads_covers_at_the_asked_size(ds, data, tmp_path, image_size, side):
+    cfg = FitConfig(interactions=str(ds.interactions), out=str(tmp_path / "r"),
+                    items=ItemsConfig(kind="e2e", images=str(ds.covers), encoder=TINY_VIT, image_size=image_size),
+                    model=seq_config())
+    tower = build_image_tower(cfg, data)
+    assert tower.encoder.image_size == side and tower.pixels.shape == (3, side, side)
+    assert tower(torch.tensor([1, 2])).shape == (2, cfg.model.dim)  # positions resized: it runs at that size
+
+
 # =============================================================================================
 # hybrid
 # =============================================================================================

@@ -27,6 +27,7 @@ class ItemsConfig:
     images: str | None = None  # covers dir or LMDB (e2e)
     encoder: str = "ViT-B-32"  # open_clip model (e2e)
     pretrained: str = "none"  # none | open_clip tag | local checkpoint path (e2e)
+    image_size: int | None = None  # e2e: encoder input size (None = the model's own); match the cache's to compare
     tune_blocks: int = -1  # e2e: train only the top K encoder blocks (-1 = all)
     adapter: str = "auto"  # auto | linear | mlp: pooled embedding -> d (auto: mlp for frozen, else linear)
     dropout: float = 0.0  # dropout on the image features entering the adapter / token head
@@ -115,7 +116,8 @@ class FitConfig:
         for name, value in (("--max-len", self.model.max_len), ("--dim", self.model.dim),
                             ("--epochs", self.train.epochs), ("--batch-size", self.train.batch_size),
                             ("--heads", self.model.heads), ("--layers", self.model.layers),
-                            ("--patience", self.train.patience)):
+                            ("--patience", self.train.patience),
+                            ("--image-size", 1 if self.items.image_size is None else self.items.image_size)):
             if value < 1:
                 raise PixelrecError(f"{name} must be at least 1 (got {value})")
         for name, value in (("--dropout", self.model.dropout), ("attention dropout", self.model.attn_dropout),

@@ -311,7 +311,7 @@ def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
         from ..data.images import open_image_store
         from ..encode.encoder import EncoderConfig, build_encoder
 
-        encoder = build_encoder(EncoderConfig(model=it.encoder, pretrained=it.pretrained,
+        encoder = build_encoder(EncoderConfig(model=it.encoder, pretrained=it.pretrained, image_size=it.image_size,
                                               pooling="mean" if it.head == "token_relu_mean" else "model",
                                               preset=cfg.preset if cfg.preset in ("default", "pixelrec") else "default"))
         encoder.train()
