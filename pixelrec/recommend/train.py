@@ -74,7 +74,7 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitRes
     windows = training_windows(data, cfg.model.max_len, cfg.train.windows, cfg.train.stride or cfg.model.max_len // 2)
     if len(windows) == 0:
         raise PixelrecError(f"{cfg.interactions}: no training sequence has two items; nothing to train on")
-    amp = _autocast(device, cfg.train.amp)
+    amp, scaler = _mixed_precision(device, cfg.train.amp)
     stopped = bad_epochs >= cfg.train.patience
     for epoch in range(start, cfg.train.epochs):
         if stopped:
@@ -91,8 +91,9 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitRes
             with amp:
                 loss = model.training_loss(seq.to(device), None if neg is None else neg.to(device), gen)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()  # a no-op scale unless autocast runs in float16
+            scaler.step(optimizer)
+            scaler.update()
             total, steps = total + loss.item(), steps + 1
             bar.set_postfix(loss=f"{total / steps:.4f}")
         train_seconds = time.time() - t_epoch
@@ -187,11 +188,13 @@ def _config_diff(old: dict, new: dict, ignore: set[str], prefix: str = "") -> li
     return out
 
 
-def _autocast(device: torch.device, amp: bool):
+def _mixed_precision(device: torch.device, amp: bool):
+    """Autocast context and gradient scaler: bf16 on CUDA where supported, else fp16 with loss scaling
+    (fp16 gradients underflow without it); on CPU, or with amp off, both do nothing."""
     if device.type == "cuda" and amp:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
+        return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
 
 
 def evaluate_split(model: Recommender, data: SequenceData, split: str, ks=(5, 10, 20), batch_size: int = 1024) -> dict:
