@@ -11,16 +11,15 @@ Tests that modify a run work on a copy (`copy_run`).
 
 from __future__ import annotations
 
-import atexit
 import functools
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fixtures_runs import session_root
 from pixelrec.recommend.config import FitConfig, ItemsConfig, TrainConfig
 from pixelrec.recommend.sequence import SequenceConfig
 
@@ -29,15 +28,11 @@ SPLIT = 2  # tokens entering the last 2 of the tiny ViT's 4 blocks
 DIM = 32  # recommender dimension of every run here
 TRANSFER_STYLE_SEED = 7
 
-_ROOT: Path | None = None
-
-
 def image_root() -> Path:
-    global _ROOT
-    if _ROOT is None:
-        _ROOT = Path(tempfile.mkdtemp(prefix="pixelrec-images-"))
-        atexit.register(shutil.rmtree, _ROOT, True)
-    return _ROOT
+    """This module's part of the session's temporary directory."""
+    root = session_root() / "images"
+    root.mkdir(exist_ok=True)
+    return root
 
 
 
