@@ -222,8 +222,52 @@ def test_all_padding_rows_have_finite_gradients(model):
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in enc.parameters())
 
 
+def test_sasrec_relative_positions_train_every_position_as_it_is_served():
+    """With relative positions the state at window position t equals the user vector of the history
+    ending there (served from the last slot of a left-padded window); with absolute ones it does not."""
+    torch.manual_seed(8)
+    x = torch.randn(1, 8, 16)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+
+    def served(enc, t):  # items 0..t, left-padded into the 8-slot window, state at the last slot
+        xp, mp = torch.zeros(1, 8, 16), torch.zeros(1, 8, dtype=torch.bool)
+        xp[0, 7 - t :], mp[0, 7 - t :] = x[0, : t + 1], True
+        return enc(xp, mp)[0, -1]
+
+    rel = encoder("sasrec", max_len=8, positions="relative")
+    with torch.no_grad():
+        rel.rel_bias.normal_(0, 2.0)  # distances must matter for the test to mean anything
+    states = rel(x, mask)[0]
+    for t in range(8):
+        assert torch.allclose(states[t], served(rel, t), atol=1e-5), t
+
+    ab = encoder("sasrec", max_len=8, positions="absolute")
+    with torch.no_grad():
+        ab.pos.weight.normal_(0, 1.0)
+    states = ab(x, mask)[0]
+    assert torch.allclose(states[7], served(ab, 7), atol=1e-5)
+    assert not torch.allclose(states[3], served(ab, 3), atol=1e-3)
+
+
+def test_sasrec_relative_bias_is_per_distance():
+    enc = encoder("sasrec", max_len=8, positions="relative")
+    torch.manual_seed(9)
+    x, mask = torch.randn(1, 8, 16), torch.ones(1, 8, dtype=torch.bool)
+    base = enc(x, mask)[0]
+    with torch.no_grad():
+        enc.rel_bias[:, 3] += 5.0  # only keys exactly 3 items back
+    out = enc(x, mask)[0]
+    assert torch.allclose(out[:3], base[:3], atol=1e-6)  # positions 0..2 have no key 3 back
+    assert not torch.allclose(out[3:], base[3:], atol=1e-4)
+
+
+def test_sasrec_rejects_unknown_positions():
+    with pytest.raises(PixelrecError, match="positions"):
+        build_sequence_encoder(seq_cfg("sasrec", positions="rotary"))
+
+
 def test_sasrec_positions_count_back_from_the_most_recent_item():
-    enc = encoder("sasrec", max_len=8)
+    enc = encoder("sasrec", max_len=8, positions="absolute")
     torch.manual_seed(7)
     x = torch.randn(1, 4, 16)
     mask = torch.ones(1, 4, dtype=torch.bool)
@@ -405,6 +449,33 @@ def test_bpr_equals_hand_built_loss():
                 terms.append(-F.logsigmoid(margin))
     expected = torch.stack(terms).mean()
     assert torch.allclose(model.training_loss(seq, neg), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["softmax", "bpr"])
+def test_trained_counts_restrict_the_loss_to_each_windows_newest_targets(loss):
+    model = make_model(num_items=12, dim=8, max_len=4, loss=loss).eval()
+    trained = torch.tensor([1, 4, 2])  # window 0: its last target; 1: all four; 2: the last two
+    neg = sample_negatives(BATCH, 12, torch.Generator().manual_seed(0)) if loss == "bpr" else None
+    got = model.training_loss(BATCH, neg, None, trained)
+    # the same as the mean over those positions computed one position at a time
+    W = model.tower.embedding.weight
+    inputs, targets = BATCH[:, :-1], BATCH[:, 1:]
+    states = model.encoder(W[inputs], inputs != 0)
+    terms = []
+    for b, k in enumerate(trained.tolist()):
+        for t in range(4 - k, 4):
+            if inputs[b, t] == 0:
+                continue
+            if loss == "softmax":
+                logits = W[1:] @ states[b, t]
+                terms.append(torch.logsumexp(logits, 0) - logits[targets[b, t] - 1])
+            else:
+                terms.append(-F.logsigmoid(states[b, t] @ (W[targets[b, t]] - W[neg[b, t]])))
+    assert len(terms) == 1 + 4 + 2
+    assert torch.allclose(got, torch.stack(terms).mean(), atol=1e-5)
+    # all targets trained = no counts given
+    assert torch.allclose(model.training_loss(BATCH, neg, None, torch.tensor([4, 4, 4])),
+                          model.training_loss(BATCH, neg), atol=1e-6)
 
 
 def test_sampled_softmax_equals_hand_built_loss():

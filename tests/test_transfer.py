@@ -119,6 +119,16 @@ def test_init_from_a_run_with_another_dim_is_refused_by_name():
         init_from_run(fresh_model(cfg), cfg)
 
 
+def test_init_from_a_run_with_other_sasrec_positions_is_refused_by_name():
+    a_run, _ = transfer_source_run("partial")
+    _, b = transfer_datasets()
+    cfg = image_config(b, image_root() / "unused", "partial", epochs=1, init_from=a_run)
+    assert cfg.model.model == "sasrec" and cfg.model.positions == "relative"
+    cfg.model.positions = "absolute"
+    with pytest.raises(PixelrecError, match="positions: relative vs absolute"):
+        init_from_run(fresh_model(cfg), cfg)
+
+
 def test_init_from_another_item_tower_kind_is_refused():
     a_run, _ = transfer_source_run("partial")
     _, b = transfer_datasets()

@@ -36,7 +36,7 @@ def build_recommender(cfg: FitConfig, data: SequenceData) -> Recommender:
 def build_optimizer(model: Recommender, cfg: FitConfig) -> torch.optim.Optimizer:
     """AdamW with separate groups: image-encoder blocks (encoder lr / wd) and everything else.
 
-    Biases, LayerNorm weights and embeddings of the recommender get no weight decay.
+    Biases, LayerNorm weights, embeddings and position biases of the recommender get no weight decay.
     """
     t = cfg.train
     encoder_params = {id(p) for p in _encoder_parameters(model)}
@@ -46,7 +46,7 @@ def build_optimizer(model: Recommender, cfg: FitConfig) -> torch.optim.Optimizer
             continue
         if id(p) in encoder_params:
             groups["encoder"].append(p)
-        elif p.ndim < 2 or "embedding" in name or name.endswith("pos.weight"):
+        elif p.ndim < 2 or "embedding" in name or name.endswith(("pos.weight", "rel_bias")):
             groups["no_decay"].append(p)
         else:
             groups["decay"].append(p)

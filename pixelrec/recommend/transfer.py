@@ -14,7 +14,7 @@ from .model import Recommender
 from .run import RunDir
 
 # Settings of the sequence encoder that must match for its weights to load.
-ENCODER_KEYS = ("model", "dim", "layers", "heads", "inner_mult", "max_len", "gru_hidden")
+ENCODER_KEYS = ("model", "dim", "layers", "heads", "inner_mult", "max_len", "gru_hidden", "positions")
 
 
 def init_from_run(model: Recommender, cfg: FitConfig) -> dict[str, int]:
@@ -33,7 +33,8 @@ def init_from_run(model: Recommender, cfg: FitConfig) -> dict[str, int]:
             raise PixelrecError(f"--init-from {run_dir}: its tower was trained on a cache with {k} {src_cache[k]!r}, "
                                 f"but {cfg.items.cache} has {k} {new_cache.get(k)!r}; encode the new covers with "
                                 f"the same encoder settings")
-    diffs = [f"{k}: {getattr(src_cfg.model, k)} vs {getattr(cfg.model, k)}" for k in ENCODER_KEYS
+    keys = [k for k in ENCODER_KEYS if k != "positions" or cfg.model.model == "sasrec"]  # GRU4Rec has none
+    diffs = [f"{k}: {getattr(src_cfg.model, k)} vs {getattr(cfg.model, k)}" for k in keys
              if getattr(src_cfg.model, k) != getattr(cfg.model, k)]
     if diffs:
         raise PixelrecError(f"--init-from {run_dir}: the sequence model differs ({'; '.join(diffs)})")
