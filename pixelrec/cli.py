@@ -164,12 +164,12 @@ FIT_OPTIONS = {
     "head": "items.head", "item_dropout": "items.dropout", "hybrid": "items.hybrid", "image_branch": "items.image_branch",
     "grad_checkpointing": "items.grad_checkpointing", "cache_in_memory": "items.cache_in_memory",
     "model": "model.model", "max_len": "model.max_len", "dim": "model.dim", "layers": "model.layers",
-    "heads": "model.heads", "dropout": "model.dropout",
+    "heads": "model.heads", "dropout": "model.dropout", "positions": "model.positions",
     "loss": "loss.loss", "negatives": "loss.negatives",
     "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
     "weight_decay": "train.weight_decay", "encoder_lr": "train.encoder_lr",
     "encoder_weight_decay": "train.encoder_weight_decay", "patience": "train.patience",
-    "windows": "train.windows", "seed": "train.seed", "deterministic": "train.deterministic",
+    "windows": "train.windows", "stride": "train.stride", "seed": "train.seed", "deterministic": "train.deterministic",
     "device": "train.device", "min_interactions": "train.min_interactions",
 }
 
@@ -204,6 +204,9 @@ FIT_OPTIONS = {
 @click.option("--layers", type=int, default=None, help="Transformer blocks / GRU layers.  [default: 2 for sasrec, 1 for gru4rec]")
 @click.option("--heads", type=int, default=2, show_default=True)
 @click.option("--dropout", type=float, default=0.3, show_default=True)
+@click.option("--positions", type=click.Choice(["relative", "absolute"]), default="relative", show_default=True,
+              help="SASRec positions: relative (attention bias by distance, trains every position as it is served) "
+                   "or absolute (learned embeddings, original SASRec / PixelRec).")
 @click.option("--loss", type=click.Choice(["softmax", "bpr"]), default="softmax", show_default=True)
 @click.option("--negatives", type=int, default=0, show_default=True,
               help="Sampled softmax: uniform negatives per batch (0 = full softmax when affordable, else 1024).")
@@ -216,6 +219,10 @@ FIT_OPTIONS = {
 @click.option("--patience", type=int, default=10, show_default=True, help="Early stop after this many epochs without a better valid NDCG@10.")
 @click.option("--windows", type=click.Choice(["sliding", "chunks"]), default="sliding", show_default=True,
               help="How training sequences are cut (chunks = PixelRec's non-overlapping chunks).")
+@click.option("--stride", type=int, default=0, show_default=True,
+              help="Sliding windows: a window ends every STRIDE items and trains its newest STRIDE targets "
+                   "(1 = one sample per prefix, as RecBole). 0 = auto: max-len/4 for id/frozen, max-len/2 for "
+                   "towers that run image blocks.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--deterministic", is_flag=True, help="Ask torch for deterministic kernels.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")

@@ -131,6 +131,7 @@ def test_pixelrec_preset_values():
     assert c.model.max_len == 10
     assert c.model.layers == 2 and c.model.heads == 4 and c.model.inner_mult == 2
     assert c.model.dropout == 0.1 and c.model.attn_dropout == 0.1
+    assert c.model.positions == "absolute"  # learned position embeddings, as the reference code
     assert c.train.windows == "chunks"
     assert c.loss.loss == "bpr"
     assert c.train.lr == 1e-4 and c.train.weight_decay == 0.1
@@ -212,6 +213,45 @@ def test_round_trip():
 def test_round_trip_of_defaults():
     c = FitConfig(interactions="i.csv", out="o")
     assert FitConfig.from_dict(c.to_dict()) == c
+
+
+def test_runs_written_before_positions_existed_load_as_absolute():
+    assert SequenceConfig().positions == "relative"
+    c = FitConfig.from_dict({"interactions": "i.csv", "out": "o", "model": {"model": "sasrec", "dim": 24}})
+    assert c.model.positions == "absolute"  # what those runs' checkpoints hold (pos.weight)
+    c = FitConfig.from_dict(FitConfig(interactions="i.csv", out="o").to_dict())
+    assert c.model.positions == "relative"
+
+
+def test_auto_stride_depends_on_the_tower_cost():
+    def stride(kind, max_len=20, **items):
+        c = FitConfig(interactions="i.csv", out="o", items=ItemsConfig(kind=kind, cache="c.h5", images="d", **items))
+        c.model.max_len = max_len
+        c.validate()
+        return c.train.stride
+
+    assert stride("id") == 5 and stride("frozen") == 5 and stride("hybrid") == 5
+    assert stride("partial") == 10 and stride("e2e") == 10 and stride("hybrid", image_branch="partial") == 10
+    assert stride("id", max_len=3) == 1 and stride("e2e", max_len=1) == 1
+    c = FitConfig(interactions="i.csv", out="o")
+    c.train.stride = 7  # asked for: kept
+    c.validate()
+    assert c.train.stride == 7
+
+
+@pytest.mark.parametrize("value", [-1, 21])
+def test_stride_outside_zero_to_max_len_is_refused(value):
+    c = FitConfig(interactions="i.csv", out="o")
+    c.train.stride = value
+    with pytest.raises(PixelrecError, match=rf"--stride must be between 1 and --max-len \(20\), or 0 for auto \(got {value}\)"):
+        c.validate()
+
+
+def test_unknown_positions_are_refused():
+    c = FitConfig(interactions="i.csv", out="o")
+    c.model.positions = "rotary"
+    with pytest.raises(PixelrecError, match="--positions 'rotary'"):
+        c.validate()
 
 
 def test_from_dict_tolerates_missing_and_unknown_keys():

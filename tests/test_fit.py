@@ -66,8 +66,12 @@ def test_run_directory_holds_every_artifact():
     assert meta["data"]["fingerprint"] == seqs.fingerprint
     assert meta["data"]["users"] == 200 and meta["data"]["items"] == 80
     assert meta["data"]["interactions"] == data.n_interactions
-    # every setting is recorded, exactly as given
-    assert meta["config"] == tiny_config(data.interactions, out, epochs=3).to_dict()
+    # every setting is recorded, exactly as given, with the defaults left to the model resolved
+    given = tiny_config(data.interactions, out, epochs=3)
+    assert given.train.stride == 0
+    given.validate()
+    assert meta["config"] == given.to_dict()
+    assert meta["config"]["train"]["stride"] == given.model.max_len // 4 > 0
     assert meta["config"]["model"]["dim"] == 16 and meta["config"]["train"]["epochs"] == 3
 
     items = (out / "items.txt").read_text().split("\n")[:-1]

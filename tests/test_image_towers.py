@@ -71,7 +71,7 @@ def twin_towers(ds, data, store, head: str, pooling: str, in_memory: str = "auto
 
 def first_batch(data, size: int = 48, seed: int = 0, max_len: int = 10) -> torch.Tensor:
     windows = training_windows(data, max_len, "sliding", max_len // 2)
-    return next(iter(iterate_batches(windows, size, torch.Generator().manual_seed(seed))))
+    return next(iter(iterate_batches(windows, size, torch.Generator().manual_seed(seed))))[0]
 
 
 def recommender(tower, seq_encoder, loss: str = "softmax", negatives: int = 0) -> Recommender:

@@ -1,17 +1,22 @@
 """Training windows and batches: users' training sequences -> left-padded windows of L + 1 items.
 
-A window w of L + 1 items trains L next-item predictions at once: inputs w[:-1], targets w[1:],
-each position's state only seeing the inputs up to it (causal encoders). Two ways to cut windows:
+A window w of L + 1 items holds L next-item predictions: inputs w[:-1], targets w[1:], each
+position's state only seeing the inputs up to it (causal encoders). A window trains its newest
+`trained` targets (the others are only context), so one forward pass trains several targets. Two
+ways to cut windows:
 
 - ``sliding`` (our default): windows end at the sequence end and every `stride` items before it,
-  so every training transition is a target at least once per epoch, and with stride < L targets
-  are seen with different amounts of context.
-- ``chunks`` (the PixelRec reference): non-overlapping chunks of L + 1 items; the oldest
-  ``len % (L + 1)`` items of a longer sequence are dropped, as the reference code does.
+  each training its newest `stride` targets; the oldest window takes what is left. Every training
+  transition is trained exactly once per epoch, with at least L - stride items of context where
+  the sequence has them. stride = 1 is RecBole's one-sample-per-prefix; larger strides train
+  more targets per forward pass (cheaper) with less context for some of them.
+- ``chunks`` (the PixelRec reference): non-overlapping chunks of L + 1 items, every target trained;
+  the oldest ``len % (L + 1)`` items of a longer sequence are dropped, as the reference code does.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import numpy as np
@@ -22,34 +27,54 @@ from ..data.sequences import SequenceData
 WindowMode = Literal["sliding", "chunks"]
 
 
-def window_bounds(length: int, max_len: int, mode: WindowMode, stride: int) -> list[tuple[int, int]]:
-    """[start, end) slices of a training sequence of `length` items (windows hold <= max_len + 1 items)."""
+@dataclass
+class Windows:
+    """items [W, L + 1] int32 left-padded windows; trained [W] int32: how many newest targets each trains."""
+
+    items: np.ndarray
+    trained: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def window_bounds(length: int, max_len: int, mode: WindowMode, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, trained) of the windows of a training sequence of `length` items, oldest first.
+
+    A window is the slice [start, end) (at most max_len + 1 items) and trains its newest `trained`
+    targets, i.e. the transitions into items end - trained .. end - 1.
+    """
     span = max_len + 1
     if length < 2:
         return []  # no transition to learn
-    if length <= span:
-        return [(0, length)]
     if mode == "chunks":
-        first = length % span
-        return [(s, s + span) for s in range(first, length, span)]
-    ends = list(range(length, span - 1, -stride))
-    if ends[-1] != span:
-        ends.append(span)  # make sure the oldest transitions are targets too
-    return [(e - span, e) for e in reversed(ends)]
+        if length <= span:
+            return [(0, length, length - 1)]
+        return [(s, s + span, max_len) for s in range(length % span, length, span)]
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"stride must be in [1, max_len] (got {stride}, max_len {max_len})")
+    out, end = [], length
+    while end > span:
+        out.append((end - span, end, stride))
+        end -= stride
+    out.append((0, end, end - 1))  # the oldest window: every target not trained yet (end >= 2)
+    return out[::-1]
 
 
-def training_windows(data: SequenceData, max_len: int, mode: WindowMode = "sliding", stride: int = 0) -> np.ndarray:
-    """[W, max_len + 1] int32 left-padded windows of every user's training sequence."""
+def training_windows(data: SequenceData, max_len: int, mode: WindowMode = "sliding", stride: int = 0) -> Windows:
+    """Every user's training sequence cut into left-padded windows (see the module docstring)."""
     stride = stride or max_len
     rows: list[np.ndarray] = []
+    trained: list[int] = []
     for u in range(data.num_users):
         seq = data.train_sequence(u)
-        for s, e in window_bounds(len(seq), max_len, mode, stride):
+        for s, e, k in window_bounds(len(seq), max_len, mode, stride):
             rows.append(seq[s:e])
+            trained.append(k)
     out = np.zeros((len(rows), max_len + 1), dtype=np.int32)
     for i, r in enumerate(rows):
         out[i, max_len + 1 - len(r) :] = r
-    return out
+    return Windows(out, np.asarray(trained, dtype=np.int32))
 
 
 def left_pad(histories: list[np.ndarray], max_len: int) -> np.ndarray:
@@ -63,12 +88,14 @@ def left_pad(histories: list[np.ndarray], max_len: int) -> np.ndarray:
 
 
 def iterate_batches(
-    windows: np.ndarray, batch_size: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Shuffled batches of windows as int64 tensors [B, L + 1]."""
+    windows: Windows, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled batches: (items [B, L + 1] int64, trained [B] int64) of the windows."""
     order = torch.randperm(len(windows), generator=generator).numpy()
     for i in range(0, len(order), batch_size):
-        yield torch.from_numpy(windows[order[i : i + batch_size]].astype(np.int64))
+        rows = order[i : i + batch_size]
+        yield (torch.from_numpy(windows.items[rows].astype(np.int64)),
+               torch.from_numpy(windows.trained[rows].astype(np.int64)))
 
 
 def sample_negatives(

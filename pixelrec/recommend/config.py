@@ -53,7 +53,7 @@ class TrainConfig:
     encoder_weight_decay: float = 0.0
     patience: int = 10  # early stop after this many epochs without a better valid NDCG@10
     windows: str = "sliding"  # sliding | chunks (PixelRec)
-    stride: int = 0  # sliding windows: 0 = max_len // 2
+    stride: int = 0  # sliding windows: a window ends every `stride` items; 0 = auto (default_stride)
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
@@ -83,7 +83,8 @@ class FitConfig:
             interactions=d["interactions"],
             out=d["out"],
             items=_load(ItemsConfig, d.get("items", {})),
-            model=_load(SequenceConfig, d.get("model", {})),
+            # runs written before `positions` existed used absolute positions
+            model=_load(SequenceConfig, {"positions": "absolute", **d.get("model", {})}),
             loss=_load(LossConfig, d.get("loss", {})),
             train=_load(TrainConfig, d.get("train", {})),
             preset=d.get("preset", "default"),
@@ -96,6 +97,8 @@ class FitConfig:
             self.model.layers = DEFAULT_LAYERS.get(self.model.model)
         if self.train.lr is None:
             self.train.lr = DEFAULT_LR.get(self.model.model)
+        if self.train.stride == 0:
+            self.train.stride = default_stride(self)
         return self
 
     def validate(self) -> None:
@@ -105,6 +108,8 @@ class FitConfig:
         self.fill_model_defaults()
         if self.items.kind not in ITEM_KINDS:
             raise PixelrecError(f"unknown --items {self.items.kind!r}; expected one of {', '.join(ITEM_KINDS)}")
+        if self.model.positions not in ("relative", "absolute"):
+            raise PixelrecError(f"unknown --positions {self.model.positions!r}; expected relative or absolute")
         if self.loss.loss not in ("softmax", "bpr"):
             raise PixelrecError(f"unknown --loss {self.loss.loss!r}; expected softmax or bpr")
         if self.train.windows not in ("sliding", "chunks"):
@@ -120,6 +125,9 @@ class FitConfig:
                             ("--image-size", 1 if self.items.image_size is None else self.items.image_size)):
             if value < 1:
                 raise PixelrecError(f"{name} must be at least 1 (got {value})")
+        if not 1 <= self.train.stride <= self.model.max_len:
+            raise PixelrecError(f"--stride must be between 1 and --max-len ({self.model.max_len}), or 0 for auto "
+                                f"(got {self.train.stride})")
         for name, value in (("--dropout", self.model.dropout), ("attention dropout", self.model.attn_dropout),
                             ("--item-dropout", self.items.dropout)):
             if not 0 <= value < 1:
@@ -130,6 +138,18 @@ class FitConfig:
                             ("--negatives", self.loss.negatives)):
             if value < 0:
                 raise PixelrecError(f"{name} must not be negative (got {value})")
+
+
+def default_stride(cfg: FitConfig) -> int:
+    """Sliding-window stride when none is asked for: max_len // 4 for cheap item towers (id, frozen),
+    max_len // 2 for towers that run image blocks on every batch (partial, e2e, hybrid over partial).
+
+    A window trains its newest `stride` targets, so a smaller stride gives more targets their full
+    context at the cost of more windows per epoch. On ML-100K (SASRec) max_len // 4 gained about
+    0.008 NDCG@10 over training every position of windows every max_len // 2 items.
+    """
+    image_blocks = cfg.items.kind in ("partial", "e2e") or (cfg.items.kind == "hybrid" and cfg.items.image_branch == "partial")
+    return max(1, cfg.model.max_len // (2 if image_blocks else 4))
 
 
 def _load(cls, d: dict[str, Any]):
@@ -146,6 +166,7 @@ PIXELREC_PRESET: dict[str, Any] = {
     "model.dropout": 0.1,
     "model.attn_dropout": 0.1,
     "model.max_len": 10,
+    "model.positions": "absolute",
     "train.windows": "chunks",
     "train.lr": 1e-4,
     "train.weight_decay": 0.1,

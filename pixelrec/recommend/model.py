@@ -83,10 +83,14 @@ class Recommender(nn.Module):
 
     # ---- training ----------------------------------------------------------------------------
     def training_loss(self, seq: torch.Tensor, neg: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """seq [B, L + 1] left-padded windows; neg [B, L] BPR negatives (loss bpr only)."""
+                      generator: torch.Generator | None = None, trained: torch.Tensor | None = None) -> torch.Tensor:
+        """seq [B, L + 1] left-padded windows; neg [B, L] BPR negatives (loss bpr only);
+        trained [B]: how many of each window's newest targets to train (None = all)."""
         inputs, targets = seq[:, :-1], seq[:, 1:]
         mask = (inputs != 0) & (targets != 0)  # positions with context and a real target
+        if trained is not None:
+            L = inputs.shape[1]
+            mask &= torch.arange(L, device=seq.device)[None] >= L - trained.to(seq.device)[:, None]
         cfg = self.loss_cfg
         if cfg.loss == "bpr":
             neg = neg.masked_fill(~mask, 0)  # no need to encode negatives of positions without a target

@@ -71,7 +71,7 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitRes
         log(f"resuming {run.path} after epoch {state['epoch']} (best valid {VALID_METRIC} "
             f"{best['score']:.4f} at epoch {best['epoch']})")
 
-    windows = training_windows(data, cfg.model.max_len, cfg.train.windows, cfg.train.stride or cfg.model.max_len // 2)
+    windows = training_windows(data, cfg.model.max_len, cfg.train.windows, cfg.train.stride)
     if len(windows) == 0:
         raise PixelrecError(f"{cfg.interactions}: no training sequence has two items; nothing to train on")
     amp, scaler = _mixed_precision(device, cfg.train.amp)
@@ -86,10 +86,10 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitRes
         total, steps = 0.0, 0
         bar = progress(iterate_batches(windows, cfg.train.batch_size, gen),
                        total=math.ceil(len(windows) / cfg.train.batch_size), desc=f"epoch {epoch}")
-        for seq in bar:
+        for seq, trained in bar:
             neg = sample_negatives(seq, model.known_items.cpu(), gen) if cfg.loss.loss == "bpr" else None
             with amp:
-                loss = model.training_loss(seq.to(device), None if neg is None else neg.to(device), gen)
+                loss = model.training_loss(seq.to(device), None if neg is None else neg.to(device), gen, trained)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # a no-op scale unless autocast runs in float16
             scaler.step(optimizer)
