@@ -221,7 +221,7 @@ FIT_OPTIONS = {
               help="How training sequences are cut (chunks = PixelRec's non-overlapping chunks).")
 @click.option("--stride", type=int, default=0, show_default=True,
               help="Sliding windows: a window ends every STRIDE items and trains its newest STRIDE targets "
-                   "(1 = one sample per prefix, as RecBole). 0 = auto: max-len/4 for id/frozen, max-len/2 for "
+                   "(1 = one sample per prefix, as RecBole). 0 = auto: max-len/6 for id/frozen, max-len/2 for "
                    "towers that run image blocks.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--deterministic", is_flag=True, help="Ask torch for deterministic kernels.")

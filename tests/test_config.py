@@ -230,9 +230,9 @@ def test_auto_stride_depends_on_the_tower_cost():
         c.validate()
         return c.train.stride
 
-    assert stride("id") == 5 and stride("frozen") == 5 and stride("hybrid") == 5
+    assert stride("id") == 3 and stride("frozen") == 3 and stride("hybrid") == 3
     assert stride("partial") == 10 and stride("e2e") == 10 and stride("hybrid", image_branch="partial") == 10
-    assert stride("id", max_len=3) == 1 and stride("e2e", max_len=1) == 1
+    assert stride("id", max_len=50) == 8 and stride("id", max_len=5) == 1 and stride("e2e", max_len=1) == 1
     c = FitConfig(interactions="i.csv", out="o")
     c.train.stride = 7  # asked for: kept
     c.validate()
