@@ -217,12 +217,14 @@ FIT_OPTIONS = {
 @click.option("--encoder-lr", type=float, default=1e-4, show_default=True, help="Learning rate of image-encoder blocks.")
 @click.option("--encoder-weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--patience", type=int, default=10, show_default=True, help="Early stop after this many epochs without a better valid NDCG@10.")
-@click.option("--windows", type=click.Choice(["sliding", "chunks"]), default="sliding", show_default=True,
-              help="How training sequences are cut (chunks = PixelRec's non-overlapping chunks).")
+@click.option("--windows", type=click.Choice(["sliding", "overlapping", "chunks"]), default=None,
+              help="How training sequences are cut: sliding (each target once, in the window where it has the most "
+                   "context), overlapping (every target of every window), chunks (PixelRec's non-overlapping chunks).  "
+                   "[default: sliding for sasrec, overlapping for gru4rec]")
 @click.option("--stride", type=int, default=0, show_default=True,
               help="Sliding windows: a window ends every STRIDE items and trains its newest STRIDE targets "
                    "(1 = one sample per prefix, as RecBole). 0 = auto: max-len/6 for id/frozen, max-len/2 for "
-                   "towers that run image blocks.")
+                   "towers that run image blocks and for overlapping windows.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--deterministic", is_flag=True, help="Ask torch for deterministic kernels.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")

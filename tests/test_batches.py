@@ -54,6 +54,25 @@ def test_sliding_exact_fit():
     assert window_bounds(13, 4, "sliding", 4) == [(0, 5, 4), (4, 9, 4), (8, 13, 4)]
 
 
+def test_overlapping_hand_case():
+    # ends 12, 10, 8, 6 and the oldest full window (0, 5); every target of every window is trained
+    assert window_bounds(12, 4, "overlapping", 2) == [(0, 5, 4), (1, 6, 4), (3, 8, 4), (5, 10, 4), (7, 12, 4)]
+    assert window_bounds(13, 4, "overlapping", 4) == [(0, 5, 4), (4, 9, 4), (8, 13, 4)]  # no duplicate oldest
+    assert window_bounds(4, 4, "overlapping", 2) == [(0, 4, 3)]
+
+
+@pytest.mark.parametrize("length", range(2, 30))
+def test_overlapping_windows_cover_every_transition(length):
+    for stride in range(1, 5):
+        bounds = window_bounds(length, 4, "overlapping", stride)
+        trained = set()
+        for s, e, k in bounds:
+            assert e - s == min(length, 5) and k == e - s - 1  # full windows, all targets
+            trained.update(range(e - k, e))
+        assert trained == set(range(1, length))
+        assert bounds[-1][1] == length and len(set(bounds)) == len(bounds)
+
+
 def test_chunks_pixelrec_hand_case():
     # oldest 12 % 5 = 2 items dropped, then non-overlapping chunks of L + 1, all targets trained
     assert window_bounds(12, 4, "chunks", 2) == [(2, 7, 4), (7, 12, 4)]
@@ -63,7 +82,7 @@ def test_chunks_pixelrec_hand_case():
     assert window_bounds(25, 10, "chunks", 1) == [(3, 14, 10), (14, 25, 10)]
 
 
-@pytest.mark.parametrize("mode", ["sliding", "chunks"])
+@pytest.mark.parametrize("mode", ["sliding", "overlapping", "chunks"])
 def test_short_sequences(mode):
     assert window_bounds(0, 4, mode, 2) == []
     assert window_bounds(1, 4, mode, 2) == []

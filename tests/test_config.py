@@ -223,6 +223,21 @@ def test_runs_written_before_positions_existed_load_as_absolute():
     assert c.model.positions == "relative"
 
 
+def test_windows_default_per_model():
+    for model, windows, stride in (("sasrec", "sliding", 3), ("gru4rec", "overlapping", 10)):
+        c = FitConfig(interactions="i.csv", out="o")
+        c.model.model = model
+        c.validate()
+        assert (c.train.windows, c.train.stride) == (windows, stride)
+    c = FitConfig(interactions="i.csv", out="o")
+    c.model.model, c.train.windows = "gru4rec", "sliding"  # asked for: kept, with sliding's stride
+    c.validate()
+    assert (c.train.windows, c.train.stride) == ("sliding", 3)
+    c.train.windows = "windmill"
+    with pytest.raises(PixelrecError, match="--windows 'windmill'; expected sliding, overlapping or chunks"):
+        c.validate()
+
+
 def test_auto_stride_depends_on_the_tower_cost():
     def stride(kind, max_len=20, **items):
         c = FitConfig(interactions="i.csv", out="o", items=ItemsConfig(kind=kind, cache="c.h5", images="d", **items))

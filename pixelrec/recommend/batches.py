@@ -10,6 +10,9 @@ ways to cut windows:
   transition is trained exactly once per epoch, with at least L - stride items of context where
   the sequence has them. stride = 1 is RecBole's one-sample-per-prefix; larger strides train
   more targets per forward pass (cheaper) with less context for some of them.
+- ``overlapping`` (GRU4Rec's default): windows end every `stride` items as in ``sliding`` but
+  train every target they hold, so with stride < L each transition is trained more than once, with
+  short and long context. Measured better for GRU4Rec on ML-100K; SASRec does better with ``sliding``.
 - ``chunks`` (the PixelRec reference): non-overlapping chunks of L + 1 items, every target trained;
   the oldest ``len % (L + 1)`` items of a longer sequence are dropped, as the reference code does.
 """
@@ -24,7 +27,7 @@ import torch
 
 from ..data.sequences import SequenceData
 
-WindowMode = Literal["sliding", "chunks"]
+WindowMode = Literal["sliding", "overlapping", "chunks"]
 
 
 @dataclass
@@ -53,6 +56,13 @@ def window_bounds(length: int, max_len: int, mode: WindowMode, stride: int) -> l
         return [(s, s + span, max_len) for s in range(length % span, length, span)]
     if not 1 <= stride <= max_len:
         raise ValueError(f"stride must be in [1, max_len] (got {stride}, max_len {max_len})")
+    if mode == "overlapping":
+        if length <= span:
+            return [(0, length, length - 1)]
+        ends = list(range(length, span - 1, -stride))
+        if ends[-1] != span:
+            ends.append(span)  # the oldest transitions are targets too
+        return [(e - span, e, max_len) for e in reversed(ends)]
     out, end = [], length
     while end > span:
         out.append((end - span, end, stride))
