@@ -48,17 +48,15 @@ def window_bounds(length: int, max_len: int, mode: WindowMode, stride: int) -> l
     targets, i.e. the transitions into items end - trained .. end - 1.
     """
     span = max_len + 1
+    if not 1 <= stride <= max_len and mode != "chunks":
+        raise ValueError(f"stride must be in [1, max_len] (got {stride}, max_len {max_len})")
     if length < 2:
         return []  # no transition to learn
+    if length <= span:
+        return [(0, length, length - 1)]  # one window holds every transition, in every mode
     if mode == "chunks":
-        if length <= span:
-            return [(0, length, length - 1)]
         return [(s, s + span, max_len) for s in range(length % span, length, span)]
-    if not 1 <= stride <= max_len:
-        raise ValueError(f"stride must be in [1, max_len] (got {stride}, max_len {max_len})")
     if mode == "overlapping":
-        if length <= span:
-            return [(0, length, length - 1)]
         ends = list(range(length, span - 1, -stride))
         if ends[-1] != span:
             ends.append(span)  # the oldest transitions are targets too
