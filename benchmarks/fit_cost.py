@@ -24,7 +24,7 @@ CHILD = r"""
 import json, sys, time, torch
 from pixelrec.runtime import set_quiet
 from pixelrec.recommend.config import FitConfig
-from pixelrec.recommend.train import fit
+from pixelrec.runs.fit import fit
 set_quiet(True)
 a = json.loads(sys.argv[1])
 cfg = FitConfig(interactions=a["interactions"], out=a["out"])

@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from pixelrec.recommend.config import FitConfig
-    from pixelrec.recommend.train import fit
+    from pixelrec.runs.fit import fit
 
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []

@@ -131,7 +131,7 @@ def encode(ctx, images, out, interactions, model, pretrained, pooling, preset, i
 
     encoder = None
     if from_run:
-        from .recommend.new_items import run_item_encoder
+        from .runs.new_items import run_item_encoder
 
         clash = {"model", "pretrained", "pooling", "preset", "image_size", "seed", "split_block", "normalize"} & _explicit(ctx)
         if clash:
@@ -240,7 +240,7 @@ FIT_OPTIONS = {
 def fit(ctx: click.Context, interactions, out, preset, init_from, resume, overwrite, as_json, **opts):
     """Train a sequence recommender; early-stops on validation NDCG@10 and writes RUN_DIR."""
     from .recommend.config import FitConfig, apply_preset
-    from .recommend.train import fit as run_fit
+    from .runs.fit import fit as run_fit
 
     cfg = FitConfig(interactions=interactions, out=out, init_from=init_from)
     for name, value in opts.items():
@@ -277,7 +277,7 @@ def fit(ctx: click.Context, interactions, out, preset, init_from, resume, overwr
 @_friendly_errors
 def evaluate(run_dir, split, ks, index_spec, nprobe, ef_search, negatives, cold_threshold, seed, device, as_json):
     """Recall@k / NDCG@k of a trained run (full ranking, history excluded; SPEC §7)."""
-    from .index.evaluate import evaluate_run
+    from .runs.evaluate import evaluate_run
     from .index.report import format_report
 
     options = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
@@ -302,7 +302,7 @@ def evaluate(run_dir, split, ks, index_spec, nprobe, ef_search, negatives, cold_
 @_friendly_errors
 def retrieve(run_dir, user, history, users_file, k, out, device, as_json):
     """Top-k items for a user, an ad-hoc history, or a file of users (history excluded)."""
-    from .index.retrieve import retrieve_batch, retrieve_one
+    from .runs.retrieve import retrieve_batch, retrieve_one
 
     given = [x for x in (user, history, users_file) if x is not None]
     if len(given) != 1:
@@ -336,7 +336,7 @@ def retrieve(run_dir, user, history, users_file, k, out, device, as_json):
 @_friendly_errors
 def index(run_dir, spec, metric, nprobe, ef_search, add_images, device):
     """(Re)build the run's item index, or add new items from their cover images."""
-    from .index.manage import add_images_to_run, rebuild_run_index
+    from .runs.item_index import add_images_to_run, rebuild_run_index
 
     if add_images:
         summary = add_images_to_run(run_dir, add_images, device=device)

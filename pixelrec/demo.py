@@ -50,9 +50,9 @@ class DemoResult:
 def run_demo(cfg: DemoConfig) -> DemoResult:
     from .data.synth import SynthConfig, synthesize
     from .encode import EncodeConfig, EncoderConfig, encode_images
-    from .index.retrieve import retrieve_one
+    from .runs.retrieve import retrieve_one
     from .recommend.config import FitConfig
-    from .recommend.train import fit
+    from .runs.fit import fit
 
     t0 = time.time()
     work = Path(cfg.workdir)
@@ -95,7 +95,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     result.plot = str(work / "demo.png")
     plot_runs(result.rows, result.plot)
     best_image = next((r for r in result.rows if r["tower"] in ("partial", "frozen", "e2e")), result.rows[-1])
-    from .recommend.run import RunDir
+    from .runs.rundir import RunDir
 
     user = str(RunDir(best_image["run_dir"]).read_data().user_ids[0])
     result.retrieval = retrieve_one(best_image["run_dir"], user=user, k=5)
@@ -126,7 +126,7 @@ def plot_runs(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .recommend.run import RunDir
+    from .runs.rundir import RunDir
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:

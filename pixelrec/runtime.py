@@ -1,4 +1,5 @@
-"""Small runtime helpers shared by every stage: device choice, seeding, progress bars, atomic writes.
+"""Small runtime helpers shared by every stage: device choice, precision, seeding, progress bars,
+durable atomic writes, lock files and the wording of operating-system errors.
 
 Nothing here knows about recommendation; it only keeps the stages consistent with each other.
 """
@@ -6,11 +7,14 @@ Nothing here knows about recommendation; it only keeps the stages consistent wit
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -57,6 +61,38 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`, None for plain float32.
+
+    auto: bf16 on a CUDA device that supports it, else fp16 on CUDA, float32 on CPU; fp32: never
+    autocast; bf16 / fp16: that dtype on CUDA (CPU runs stay float32: CPU autocast is slower there).
+    """
+    if precision not in PRECISIONS:
+        raise PixelrecError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """Autocast context for `precision` on `device` (see `autocast_dtype`); a no-op for float32."""
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler_for(device: torch.device, precision: str = "auto") -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast (fp16 gradients underflow without it); disabled otherwise."""
+    enabled = autocast_dtype(device, precision) == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed python, numpy and torch; optionally ask torch for deterministic kernels."""
     random.seed(seed)
@@ -70,9 +106,11 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+    """Yield a temporary path beside `path`; publish it under `path` only if the block succeeds.
 
-    Readers therefore never see a half-written file under the final name.
+    The temporary file is flushed to disk (fsync) before the rename and the directory after it, so
+    after a crash or power loss `path` holds either the old content or the whole new one: readers
+    never see a half-written file under the final name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,11 +120,25 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give ordinary permissions
     try:
         yield tmp_path
+        fsync_path(tmp_path)
         os.replace(tmp_path, path)
+        fsync_path(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):  # some file systems cannot fsync directories
+            raise
+    finally:
+        os.close(fd)
 
 
 def _current_umask() -> int:
@@ -114,3 +166,119 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# ------------------------------------------------------------------------------------ locks
+
+
+class FileLock:
+    """An exclusive, non-blocking lock on `path` (fcntl.flock), independent of HDF5's own locking.
+
+    Held for as long as a process writes something (a cache, a run directory); a second process
+    asking for the same lock fails at once with a PixelrecError naming the holder's pid. The kernel
+    releases the lock when the holder dies (kill -9 included), so a stale lock file never blocks.
+    The lock file is removed on release; acquisition checks that the file it locked is still the
+    one under `path`, so removing it never lets two processes hold the lock.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path = Path(path)
+        self.what = what  # e.g. "the cache out.h5", for messages
+        self._fd: int | None = None
+
+    def acquire(self) -> "FileLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise PixelrecError(f"{self.what} is in use by another pixelrec process{holder}; "
+                                    f"wait for it to finish or stop it, then rerun") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed the file as we opened it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)  # closing releases the flock
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 100, 0).decode(errors="replace").split()
+    except OSError:
+        return ""
+    return f" (pid {text[0]}, since {text[1]})" if len(text) >= 2 else ""
+
+
+def lock_path_for(target: str | os.PathLike) -> Path:
+    """The lock file that guards `target` (a file or a directory): `.<name>.lock` beside it."""
+    target = Path(target)
+    return target.parent / f".{target.name}.lock"
+
+
+# ------------------------------------------------------------------------------ OS errors
+
+_ERRNO_WORDS = {
+    errno.ENOSPC: "no space left on device; free space and rerun",
+    errno.EDQUOT: "disk quota exceeded; free space and rerun",
+    errno.EROFS: "read-only file system; choose a writable location",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "a parent of this path is not a directory",
+    errno.EISDIR: "is a directory, expected a file",
+    errno.ENOTEMPTY: "directory not empty",
+    errno.EEXIST: "already exists",
+    errno.EMFILE: "too many open files",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EIO: "input/output error (failing disk or network file system)",
+    errno.ENOMEM: "out of memory",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError: the path it concerns and what the errno means, with advice."""
+    number = exc.errno
+    if number is None:  # h5py and others put the errno only in the message
+        text = str(exc)
+        for candidate, name in ((errno.ENOSPC, "No space left"), (errno.EROFS, "Read-only file system"),
+                                (errno.EACCES, "Permission denied"), (errno.EDQUOT, "quota")):
+            if name in text:
+                number = candidate
+                break
+    words = _ERRNO_WORDS.get(number) if number is not None else None
+    if words is None:
+        words = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    where = exc.filename if exc.filename is not None else None
+    if exc.filename2 is not None:
+        where = f"{exc.filename} -> {exc.filename2}"
+    return f"{where}: {words}" if where else words

@@ -79,7 +79,7 @@ def transfer_datasets() -> tuple[ImageData, ImageData]:
 @functools.lru_cache(maxsize=None)
 def encoded_cache(root: str, pooling: str = "model", seed: int = 0) -> Path:
     """The dataset's covers through the tiny ViT (random init `seed`), float16, with split-block-2 tokens."""
-    from pixelrec.encode.batch import EncodeConfig, encode_images
+    from pixelrec.encode.pipeline import EncodeConfig, encode_images
     from pixelrec.encode.encoder import EncoderConfig
 
     out = Path(root) / f"cache_{pooling}_s{seed}.h5"
@@ -126,7 +126,7 @@ def image_config(data: ImageData, out: Path, kind: str, *, epochs: int, seed: in
 
 
 def fit_quiet(cfg: FitConfig, **kw):
-    from pixelrec.recommend.train import fit
+    from pixelrec.runs.fit import fit
 
     return fit(cfg, **kw)
 

@@ -128,7 +128,7 @@ def handmade_dataset() -> Handmade:
 
 # ---------------------------------------------------------------------------------------- runs
 def _fit_quiet(cfg: FitConfig, **kw):
-    from pixelrec.recommend.train import fit
+    from pixelrec.runs.fit import fit
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelrec.data.images import open_image_store, write_pixelrec_lmdb
+from pixelrec.data.images import open_image_store
+from pixelrec.data.lmdb_writer import write_pixelrec_lmdb
 from pixelrec.encode import EncodeConfig, EncoderConfig, build_encoder, encode_images, open_cache, partial_path
 from pixelrec.encode.encoder import TINY_MODEL
 from pixelrec.errors import PixelrecError

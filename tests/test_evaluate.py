@@ -16,10 +16,11 @@ from fixtures_runs import (
     trained_run,
 )
 from pixelrec.errors import PixelrecError
-from pixelrec.index.evaluate import evaluate_model, evaluate_run
+from pixelrec.index.evaluate import evaluate_model
+from pixelrec.runs.evaluate import evaluate_run
 from pixelrec.recommend.build import build_recommender
 from pixelrec.recommend.config import FitConfig
-from pixelrec.recommend.run import RunDir
+from pixelrec.runs.rundir import RunDir
 
 KS = (5, 10, 20)
 

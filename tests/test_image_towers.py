@@ -238,7 +238,7 @@ def test_frozen_vectors_are_the_adapter_of_the_cached_embedding(ds, data):
 
 
 def test_frozen_tower_keeps_a_float32_cache_in_float32(ds, data, tmp_path):
-    from pixelrec.encode.batch import EncodeConfig, encode_images
+    from pixelrec.encode.pipeline import EncodeConfig, encode_images
 
     out = tmp_path / "f32.h5"
     encode_images(EncodeConfig(images=str(ds.covers), out=str(out), encoder=EncoderConfig(model=TINY_VIT),
@@ -325,7 +325,7 @@ def test_partial_encoder_parameters_get_the_encoder_learning_rate(ds, data, tmp_
 
 
 def test_partial_needs_a_cache_with_tokens(ds, data, tmp_path):
-    from pixelrec.encode.batch import EncodeConfig, encode_images
+    from pixelrec.encode.pipeline import EncodeConfig, encode_images
 
     out = tmp_path / "notokens.h5"
     encode_images(EncodeConfig(images=str(ds.covers), out=str(out), encoder=EncoderConfig(model=TINY_VIT),

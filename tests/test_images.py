@@ -22,8 +22,8 @@ from pixelrec.data.images import (
     LmdbImageStore,
     open_image_store,
     to_rgb,
-    write_pixelrec_lmdb,
 )
+from pixelrec.data.lmdb_writer import encode_pixelrec_record, write_pixelrec_lmdb
 from pixelrec.errors import PixelrecError
 
 RED, GREEN, BLUE = (220, 30, 40), (30, 200, 60), (20, 40, 210)
@@ -302,7 +302,7 @@ def test_lmdb_reads_lmdb_image_from_any_module_without_keys_index(tmp_path, monk
 def test_lmdb_keys_index_lists_failed_items(tmp_path):
     arr = noisy(11, 8)
     write_raw_lmdb(tmp_path / "k.lmdb", {
-        b"a": images.encode_pixelrec_record("a", arr),
+        b"a": encode_pixelrec_record("a", arr),
         b"__keys__": pickle.dumps([b"a", b"lost"]),
         b"__len__": pickle.dumps(2),
     })

@@ -24,12 +24,12 @@ from fixtures_images import (
 )
 from pixelrec.encode.cache import open_cache
 from pixelrec.errors import PixelrecError
-from pixelrec.index.evaluate import evaluate_run
+from pixelrec.runs.evaluate import evaluate_run
 from pixelrec.index.faiss_index import ItemIndex
-from pixelrec.index.manage import add_images_to_run
-from pixelrec.index.retrieve import retrieve_one
-from pixelrec.recommend.new_items import RunItemEncoder, run_item_encoder
-from pixelrec.recommend.run import RunDir
+from pixelrec.runs.item_index import add_images_to_run
+from pixelrec.runs.retrieve import retrieve_one
+from pixelrec.runs.new_items import RunItemEncoder, run_item_encoder
+from pixelrec.runs.rundir import RunDir
 
 # run_item_encoder(covers) vs the run's stored item vectors: max |diff| / mean norm. Measured: 0 for
 # frozen and partial (same float16 cache values, same weights), 2.9e-5 for e2e (fit keeps the decoded
@@ -251,7 +251,7 @@ def test_new_items_refuse_a_cache_replaced_since_training(tmp_path):
     """The run's adapter was trained on embeddings of encoder seed 0; if the cache at the run's --cache
     path is now another encoder's (seed 1, same model and shapes), new items must not be encoded with it
     (SPEC §8: a cache from another model than the run expects is an error)."""
-    from pixelrec.encode.batch import EncodeConfig, encode_images
+    from pixelrec.encode.pipeline import EncodeConfig, encode_images
     from pixelrec.encode.encoder import EncoderConfig
     from pixelrec.runtime import write_json
 

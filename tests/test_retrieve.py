@@ -18,11 +18,11 @@ from fixtures_runs import (
     trained_run,
 )
 from pixelrec.errors import PixelrecError
-from pixelrec.index import retrieve as retrieve_mod
-from pixelrec.index.evaluate import evaluate_run
-from pixelrec.index.manage import rebuild_run_index
-from pixelrec.index.retrieve import retrieve_batch, retrieve_one
-from pixelrec.recommend.inference import load_trained
+from pixelrec.runs import retrieve as retrieve_mod
+from pixelrec.runs.evaluate import evaluate_run
+from pixelrec.runs.item_index import rebuild_run_index
+from pixelrec.runs.retrieve import retrieve_batch, retrieve_one
+from pixelrec.runs.trained import load_trained
 
 
 

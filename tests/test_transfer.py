@@ -21,8 +21,8 @@ from fixtures_images import (
 from pixelrec.data.sequences import load_sequences
 from pixelrec.errors import PixelrecError
 from pixelrec.recommend.build import build_recommender
-from pixelrec.recommend.run import RunDir
-from pixelrec.recommend.transfer import init_from_run
+from pixelrec.runs.rundir import RunDir
+from pixelrec.runs.transfer import init_from_run
 from pixelrec.runtime import set_quiet
 
 
@@ -173,7 +173,7 @@ def test_init_from_a_run_over_another_encoder_is_refused():
 def test_init_from_a_partial_run_with_another_split_block_is_refused(tmp_path):
     """A's tuned blocks are the encoder's blocks 2-3; B's partial tower over split-block-1 tokens holds
     block 3 only. Loading A's 'top.blocks.0' (block 2) into it, and dropping 'top.blocks.1', is wrong."""
-    from pixelrec.encode.batch import EncodeConfig, encode_images
+    from pixelrec.encode.pipeline import EncodeConfig, encode_images
     from pixelrec.encode.encoder import EncoderConfig
 
     a_run, _ = transfer_source_run("partial")

@@ -34,7 +34,7 @@ from PIL import Image
 
 from ..errors import PixelrecError
 from ..runtime import atomic_path, log, progress, write_json
-from .images import write_pixelrec_lmdb
+from .lmdb_writer import write_pixelrec_lmdb
 
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross",
           "hstripes", "vstripes", "dstripes", "checker", "dots")

@@ -4,7 +4,7 @@
 ViTs), `encode_images` runs it over a catalogue into a cache, `open_cache` reads one back.
 """
 
-from .batch import EncodeConfig, EncodeSummary, encode_images
+from .pipeline import EncodeConfig, EncodeSummary, encode_images
 from .cache import CacheWriter, EmbeddingCache, open_cache, partial_path
 from .encoder import (
     TINY_MODEL,

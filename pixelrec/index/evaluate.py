@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §7): user vectors searched against the item index, the user's history excluded.
+"""Evaluation (PixelRec's protocol): user vectors searched against the item index, the user's history excluded.
 
 Full ranking over the whole catalogue: the exact (Flat) FAISS top-k equals a brute-force full sort,
 so Recall@k / NDCG@k are the PixelRec protocol's. A user's earlier items (for test: training items
@@ -33,13 +33,6 @@ def build_item_index(table: torch.Tensor, spec: str = EXACT_SPEC, device: str = 
     vectors = table[1:].float().cpu().numpy()
     ids = np.arange(1, len(table), dtype=np.int64)
     return ItemIndex.build(vectors, ids, spec=spec, metric="ip", device=device, **kw)
-
-
-def build_run_index(model, data: SequenceData, run, spec: str = EXACT_SPEC) -> ItemIndex:
-    """Compute the final item vectors and store them, indexed, in the run directory."""
-    index = build_item_index(item_table(model), spec)
-    index.save(run.index_dir)
-    return index
 
 
 @torch.no_grad()
@@ -129,21 +122,3 @@ def _sampled_protocol(queries, table, data: SequenceData, split, targets, n: int
     target_scores = np.einsum("ud,ud->u", queries, vecs[targets])
     neg_scores = np.einsum("ud,und->un", queries, vecs[negs])
     return sampled_ranks(target_scores, neg_scores)
-
-
-def evaluate_run(run_dir: str, split: str = "test", ks=(5, 10, 20), index_spec: str | None = None,
-                 index_options: dict | None = None, negatives: int = 0, cold_threshold: int = 1,
-                 seed: int = 0, device: str = "cpu", batch_size: int = 1024) -> dict[str, Any]:
-    """`pixelrec evaluate`: metrics of a finished run from its stored item vectors (no re-encoding)."""
-    from ..recommend.inference import load_trained
-    from ..runtime import resolve_device
-
-    trained = load_trained(run_dir, device=resolve_device(device) if device != "cpu" else "cpu")
-    table = trained.table[: trained.data.num_items + 1]  # the run's own catalogue (not items added later)
-    report = evaluate_model(trained.model, trained.data, split, ks=ks, batch_size=batch_size,
-                            cold_threshold=cold_threshold, tower_kind=trained.cfg.items.kind,
-                            index_spec=index_spec, index_options=index_options, negatives=negatives,
-                            seed=seed, table=table, device=device)
-    report["run"] = {"dir": str(run_dir), "items": trained.cfg.items.kind, "model": trained.cfg.model.model,
-                     "preset": trained.cfg.preset, "loss": trained.cfg.loss.loss}
-    return report

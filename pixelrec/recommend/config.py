@@ -16,6 +16,7 @@ from .model import LossConfig
 from .sequence import DEFAULT_LAYERS, SequenceConfig
 
 ITEM_KINDS = ("id", "frozen", "partial", "e2e", "hybrid")
+CACHE_KINDS = ("frozen", "partial", "hybrid")  # item towers that read an embedding cache (--cache)
 
 
 @dataclass
@@ -36,6 +37,11 @@ class ItemsConfig:
     image_branch: str = "frozen"  # hybrid: frozen | partial
     grad_checkpointing: bool = False  # e2e
     cache_in_memory: str = "auto"  # auto | yes | no: load the cache into RAM
+
+    @property
+    def uses_cache(self) -> bool:
+        """This tower reads an embedding cache made by `pixelrec encode`."""
+        return self.kind in CACHE_KINDS
 
 
 # Learning rate when none is asked for, per sequence model: the best on ML-100K under SPEC §7
@@ -120,7 +126,7 @@ class FitConfig:
             raise PixelrecError(f"unknown --loss {self.loss.loss!r}; expected softmax or bpr")
         if self.train.windows not in ("sliding", "overlapping", "chunks"):
             raise PixelrecError(f"unknown --windows {self.train.windows!r}; expected sliding, overlapping or chunks")
-        if self.items.kind in ("frozen", "partial", "hybrid") and not self.items.cache:
+        if self.items.uses_cache and not self.items.cache:
             raise PixelrecError(f"--items {self.items.kind} needs --cache CACHE.h5 (made by `pixelrec encode`)")
         if self.items.kind == "e2e" and not self.items.images:
             raise PixelrecError("--items e2e needs --images DIR|LMDB (the covers) and --encoder")

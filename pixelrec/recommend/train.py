@@ -1,218 +1,68 @@
-"""`pixelrec fit`: the training loop with per-epoch validation, early stopping, checkpoints and resume.
+"""One training epoch of a Recommender: shuffled windows -> optimiser steps (the library half of fit).
 
-Resume contract: every epoch draws its randomness from generators seeded by (seed, epoch), and the
-model/optimiser/early-stopping state is checkpointed atomically after every finished epoch. A run
-killed at any point and restarted with `resume=True` continues after the last finished epoch and
-ends with the same weights and metrics as an uninterrupted run (on the same device).
+Every epoch draws its randomness (batch order, sampled negatives, dropout) from generators seeded
+by (seed, epoch) alone, so an epoch computes the same thing whether or not the process was
+restarted before it: the basis of `fit --resume`'s "resumed equals uninterrupted" guarantee.
+The run-level loop around it (validation, early stopping, checkpoints) is `pixelrec.runs.fit`.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
-from ..data.sequences import SequenceData, load_sequences
-from ..errors import PixelrecError
-from ..runtime import log, progress, resolve_device, seed_everything
-from .batches import iterate_batches, sample_negatives, training_windows
-from .build import build_optimizer, build_recommender
-from .config import FitConfig
+from ..runtime import autocast_for, grad_scaler_for, progress
+from .batches import Windows, iterate_batches, sample_negatives
 from .model import Recommender
-from .run import RunDir
-
-VALID_METRIC = "ndcg@10"
 
 
 @dataclass
-class FitResult:
-    run_dir: Path
-    best_epoch: int
-    epochs_run: int
-    valid: dict[str, float]
-    test: dict[str, Any]
+class EpochStats:
+    loss: float  # mean training loss over the epoch's steps
+    steps: int
     seconds: float
-    seconds_per_epoch: float
 
 
-def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitResult:
-    cfg.validate()
-    t0 = time.time()
-    run = RunDir(cfg.out)
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
+class TrainingDiverged(ArithmeticError):
+    """The training loss became NaN or infinite (the learning rate is too high for this model)."""
 
-    data = load_sequences(cfg.interactions, cfg.train.min_interactions)
-    log(f"data: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
-        f" ({data.dropped_users} users with < {cfg.train.min_interactions} interactions dropped,"
-        f" {data.dropped_interactions} rows)")
-    # Build (and transfer) before touching RUN_DIR, so a refused config leaves nothing behind.
-    model = build_recommender(cfg, data).to(device)
-    if cfg.init_from and not (resume and run.last.is_file()):
-        from .transfer import init_from_run
-
-        init_from_run(model, cfg)
-    state = _prepare_run_dir(run, cfg, data, resume, overwrite)
-    optimizer = build_optimizer(model, cfg)
-    history: list[dict[str, Any]] = []
-    best = {"epoch": -1, "score": -math.inf}
-    bad_epochs, start = 0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
-        start = state["epoch"] + 1
-        log(f"resuming {run.path} after epoch {state['epoch']} (best valid {VALID_METRIC} "
-            f"{best['score']:.4f} at epoch {best['epoch']})")
-
-    windows = training_windows(data, cfg.model.max_len, cfg.train.windows, cfg.train.stride)
-    if len(windows) == 0:
-        raise PixelrecError(f"{cfg.interactions}: no training sequence has two items; nothing to train on")
-    amp, scaler = _mixed_precision(device, cfg.train.amp)
-    stopped = bad_epochs >= cfg.train.patience
-    for epoch in range(start, cfg.train.epochs):
-        if stopped:
-            break
-        t_epoch = time.time()
-        torch.manual_seed(cfg.train.seed * 100_003 + epoch)  # dropout etc.: same per epoch on resume
-        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch)
-        model.train()
-        total, steps = 0.0, 0
-        bar = progress(iterate_batches(windows, cfg.train.batch_size, gen),
-                       total=math.ceil(len(windows) / cfg.train.batch_size), desc=f"epoch {epoch}")
-        for seq, trained in bar:
-            neg = sample_negatives(seq, model.known_items.cpu(), gen) if cfg.loss.loss == "bpr" else None
-            with amp:
-                loss = model.training_loss(seq.to(device), None if neg is None else neg.to(device), gen, trained)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # a no-op scale unless autocast runs in float16
-            scaler.step(optimizer)
-            scaler.update()
-            total, steps = total + loss.item(), steps + 1
-            bar.set_postfix(loss=f"{total / steps:.4f}")
-        train_seconds = time.time() - t_epoch
-
-        valid = evaluate_split(model, data, "valid", ks=(10, 20), batch_size=cfg.train.eval_batch_size)
-        score = valid[VALID_METRIC]
-        improved = score > best["score"]
-        if improved:
-            best = {"epoch": epoch, "score": score}
-            bad_epochs = 0
-            run.save_checkpoint(run.best, {"model": model.state_dict(), "epoch": epoch})
-        else:
-            bad_epochs += 1
-        history.append({"epoch": epoch, "train_loss": total / max(steps, 1), "train_seconds": round(train_seconds, 3),
-                        "seconds": round(time.time() - t_epoch, 3),
-                        **{f"valid_{k}": v for k, v in valid.items() if k != "users"}})
-        run.save_checkpoint(run.last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "epoch": epoch, "history": history, "best": best, "bad_epochs": bad_epochs})
-        run.write_metrics(history)
-        log(f"epoch {epoch}: loss {total / max(steps, 1):.4f}  valid {VALID_METRIC} {score:.4f}"
-            f"  recall@10 {valid['recall@10']:.4f}  ({train_seconds:.1f}s train){'  *' if improved else ''}")
-        stopped = bad_epochs >= cfg.train.patience
-
-    run.write_metrics(history)  # also after a resume that had nothing left to train
-    if best["epoch"] < 0:
-        raise PixelrecError(f"{run.path}: no epoch finished (--epochs {cfg.train.epochs})")
-    model.load_state_dict(run.load_checkpoint(run.best, device)["model"])
-    test = finalize_run(model, data, run, cfg)
-    train_times = [h["train_seconds"] for h in history]
-    result = FitResult(run.path, best["epoch"], len(history), valid={k[6:]: v for k, v in history[best["epoch"]].items() if k.startswith("valid_")},
-                       test=test, seconds=time.time() - t0, seconds_per_epoch=float(np.mean(train_times)))
-    log(f"best epoch {best['epoch']}: test ndcg@10 {test['overall']['ndcg@10']:.4f} recall@10 {test['overall']['recall@10']:.4f}")
-    return result
+    def __init__(self, epoch: int, step: int, loss: float):
+        self.epoch, self.step, self.loss = epoch, step, loss
+        super().__init__(f"training diverged at epoch {epoch}, step {step} (loss {loss})")
 
 
-def _prepare_run_dir(run: RunDir, cfg: FitConfig, data: SequenceData, resume: bool, overwrite: bool) -> dict | None:
-    """Write config + data for a new run, or check them and return the last checkpoint on resume."""
-    if resume:
-        if not run.last.is_file():
-            if run.exists():
-                log(f"{run.path}: no finished epoch to resume from; starting from the beginning")
-            run.write_config(cfg.to_dict(), data, run_cache_identity(cfg))
-            run.write_data(data)
-            return None
-        meta = run.read_config()
-        if meta["data"]["fingerprint"] != data.fingerprint:
-            raise PixelrecError(f"{run.path}: --resume with different data than the run was started on "
-                                f"({cfg.interactions} has fingerprint {data.fingerprint[:12]}, the run "
-                                f"{meta['data']['fingerprint'][:12]})")
-        diffs = _config_diff(meta["config"], cfg.to_dict(), ignore={"train.epochs", "train.patience", "train.device"})
-        if diffs:
-            raise PixelrecError(f"{run.path}: --resume with different settings than the run: {'; '.join(diffs)}")
-        state = run.load_checkpoint(run.last)
-        if meta.get("cache") != run_cache_identity(cfg):
-            raise PixelrecError(f"{run.path}: --resume with a cache ({cfg.items.cache}) that is not the one the run started on")
-        run.write_config(cfg.to_dict(), data, meta.get("cache"))  # records a changed --epochs / --patience / --device
-        return state
-    if run.exists() and not overwrite:
-        raise PixelrecError(f"{run.path} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
-    if overwrite:
-        for p in (run.last, run.best, run.metrics, run.results):
-            p.unlink(missing_ok=True)
-        shutil.rmtree(run.index_dir, ignore_errors=True)
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.write_config(cfg.to_dict(), data, run_cache_identity(cfg))
-    run.write_data(data)
-    return None
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Seed torch's global RNG (dropout) and return the generator of batch order and negatives for one epoch."""
+    torch.manual_seed(seed * 100_003 + epoch)
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def uses_cache(cfg: FitConfig) -> bool:
-    return cfg.items.kind in ("frozen", "partial", "hybrid")
-
-
-def run_cache_identity(cfg: FitConfig) -> dict | None:
-    """Identity of the cache the item tower reads (recorded in config.json), None without a cache."""
-    from ..encode.cache import cache_identity
-
-    return cache_identity(cfg.items.cache) if uses_cache(cfg) else None
-
-
-def _config_diff(old: dict, new: dict, ignore: set[str], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        path = f"{prefix}{key}"
-        if path in ignore or path in ("out", "interactions"):
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, ignore, prefix=f"{path}.")
-        elif a != b:
-            out.append(f"{path} was {a!r}, now {b!r}")
-    return out
-
-
-def _mixed_precision(device: torch.device, amp: bool):
-    """Autocast context and gradient scaler: bf16 on CUDA where supported, else fp16 with loss scaling
-    (fp16 gradients underflow without it); on CPU, or with amp off, both do nothing."""
-    if device.type == "cuda" and amp:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    return torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
-
-
-def evaluate_split(model: Recommender, data: SequenceData, split: str, ks=(5, 10, 20), batch_size: int = 1024) -> dict:
-    """Full-ranking metrics of a split through an exact FAISS index (overall numbers only)."""
-    from ..index.evaluate import evaluate_model
-
-    return evaluate_model(model, data, split, ks=ks, batch_size=batch_size)["overall"]
-
-
-def finalize_run(model: Recommender, data: SequenceData, run: RunDir, cfg: FitConfig) -> dict:
-    """Index the final item vectors in the run dir and write the test metrics (results.json)."""
-    from ..index.evaluate import build_run_index, evaluate_model
-    from ..runtime import write_json
-
-    model.eval()
-    build_run_index(model, data, run)
-    report = evaluate_model(model, data, "test", ks=(5, 10, 20), batch_size=cfg.train.eval_batch_size,
-                            cold_threshold=cfg.train.cold_threshold, tower_kind=cfg.items.kind)
-    write_json(run.results, report)
-    return report
+def train_one_epoch(model: Recommender, windows: Windows, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, *, epoch: int, seed: int, batch_size: int,
+                    device: torch.device, precision: str = "auto") -> EpochStats:
+    """One pass over `windows` in a seeded shuffled order; raises TrainingDiverged on a NaN/inf loss."""
+    started = time.time()
+    gen = epoch_generator(seed, epoch)
+    model.train()
+    bpr = model.loss_cfg.loss == "bpr"
+    total, steps = 0.0, 0
+    bar = progress(iterate_batches(windows, batch_size, gen), total=math.ceil(len(windows) / batch_size),
+                   desc=f"epoch {epoch}")
+    for seq, trained in bar:
+        neg = sample_negatives(seq, model.known_items.cpu(), gen) if bpr else None
+        with autocast_for(device, precision):
+            loss = model.training_loss(seq.to(device), None if neg is None else neg.to(device), gen, trained)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(epoch, steps, value)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # a no-op scale unless autocast runs in float16
+        scaler.step(optimizer)
+        scaler.update()
+        total, steps = total + value, steps + 1
+        bar.set_postfix(loss=f"{total / steps:.4f}")
+    return EpochStats(loss=total / max(steps, 1), steps=steps, seconds=time.time() - started)
 

@@ -14,12 +14,11 @@ import numpy as np
 
 from ..errors import PixelrecError
 from ..runtime import atomic_path, progress
+from .trained import load_trained
 
 
 def retrieve_one(run_dir: str, user: str | None = None, history: list[str] | None = None, k: int = 10,
                  device: str = "cpu") -> dict[str, Any]:
-    from ..recommend.inference import load_trained
-
     trained = load_trained(run_dir, device=device)
     if user is not None:
         u = trained.data.user_index.get(str(user))
@@ -69,8 +68,6 @@ def read_user_ids(source: str, all_users: Iterable[str]) -> list[str]:
 def retrieve_batch(run_dir: str, users: str, k: int = 10, out: str | None = None, device: str = "cpu",
                    batch_size: int = 1024) -> dict[str, Any]:
     """Stream JSONL {user_id, items, scores} for every known user; unknown ids are reported, not fatal."""
-    from ..recommend.inference import load_trained
-
     trained = load_trained(run_dir, device=device)
     wanted = read_user_ids(users, trained.data.user_ids)
     index = trained.data.user_index

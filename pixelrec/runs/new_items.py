@@ -19,9 +19,10 @@ from torch import nn
 from ..encode.cache import open_cache
 from ..encode.encoder import EncoderConfig, ImageEncoder, build_encoder
 from ..errors import PixelrecError
-from .config import FitConfig
-from .image_towers import FrozenTower, HybridTower, PartialTower, PixelTower
-from .run import RunDir
+from ..recommend.build import build_recommender
+from ..recommend.config import FitConfig
+from ..recommend.image_towers import FrozenTower, HybridTower, PartialTower, PixelTower
+from .rundir import RunDir
 
 
 class RunItemEncoder(nn.Module):
@@ -77,8 +78,6 @@ def _as_cached(x: torch.Tensor, dtype: str) -> torch.Tensor:
 
 def run_item_encoder(run_dir: str, device: str | torch.device = "cpu") -> RunItemEncoder:
     """The trained run's covers -> item vectors function (best checkpoint)."""
-    from .build import build_recommender
-
     run = RunDir(run_dir)
     meta = run.read_config()
     cfg = FitConfig.from_dict(meta["config"])

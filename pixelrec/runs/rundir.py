@@ -1,4 +1,4 @@
-"""The run directory (SPEC §5): what `fit` writes and `evaluate` / `retrieve` / `index` read.
+"""The run directory: what `fit` writes and `evaluate` / `retrieve` / `index` read.
 
     RUN_DIR/
       config.json          every setting, the data summary and fingerprint, pixelrec version
@@ -24,7 +24,9 @@ import torch
 
 from .. import __version__
 from ..data.sequences import SequenceData
+from ..encode.cache import cache_identity
 from ..errors import PixelrecError
+from ..recommend.config import FitConfig
 from ..runtime import atomic_path, write_json
 
 RUN_FORMAT = 1
@@ -114,3 +116,8 @@ class RunDir:
         if not self.metrics.is_file():
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+def run_cache_identity(cfg: FitConfig) -> dict | None:
+    """Identity of the cache the item tower reads (recorded in config.json), None without a cache."""
+    return cache_identity(cfg.items.cache) if cfg.items.uses_cache else None

@@ -15,11 +15,11 @@ import torch
 from ..data.sequences import SequenceData
 from ..errors import PixelrecError
 from ..index.faiss_index import ItemIndex
-from .config import FitConfig
-from .model import Recommender
-from .run import RunDir
-from .sequence import build_sequence_encoder
-from .towers import TableTower
+from ..recommend.config import FitConfig
+from ..recommend.model import Recommender
+from ..recommend.sequence import build_sequence_encoder
+from ..recommend.towers import TableTower
+from .rundir import RunDir
 
 
 @dataclass

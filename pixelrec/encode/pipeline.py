@@ -44,6 +44,7 @@ class EncodeConfig:
     images: str  # directory of <item_id>.jpg covers or a PixelRec LMDB
     out: str  # cache path (.h5)
     interactions: Optional[str] = None  # encode only the items of this CSV
+    item_ids: Optional[list[str]] = None  # or only these items (e.g. new items for a trained run)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     batch_size: int = 64
     num_workers: Optional[int] = None  # decoding processes; None = min(4, CPU count)
@@ -111,21 +112,30 @@ def _collate(
 
 def _catalogue(cfg: EncodeConfig, store: ImageStore) -> tuple[list[str], frozenset[int]]:
     """Sorted item ids to encode, and the positions of those without an image in the store."""
-    if cfg.interactions is None:
+    if cfg.interactions is not None and cfg.item_ids is not None:
+        raise PixelrecError("give the items to encode as an interactions CSV or as item ids, not both")
+    if cfg.interactions is None and cfg.item_ids is None:
         item_ids = store.ids()
         if not item_ids:
             raise PixelrecError(f"{cfg.images}: no images to encode")
         return item_ids, frozenset()
-    item_ids = sorted(set(load_interactions(cfg.interactions)["item_id"]))
+    if cfg.item_ids is not None:
+        item_ids = sorted(set(map(str, cfg.item_ids)))
+        if not item_ids:
+            raise PixelrecError("no item ids to encode")
+        source = "the items asked for"
+    else:
+        item_ids = sorted(set(load_interactions(cfg.interactions)["item_id"]))
+        source = str(cfg.interactions)
     missing = [item_id for item_id in item_ids if item_id not in store]
     if len(missing) == len(item_ids):
         raise PixelrecError(
-            f"none of the {len(item_ids)} items in {cfg.interactions} has an image in {cfg.images} "
+            f"none of the {len(item_ids)} items in {source} has an image in {cfg.images} "
             f"(e.g. {', '.join(missing[:3])}); check --images"
         )
     if missing and not cfg.skip_missing:
         raise PixelrecError(
-            f"{len(missing)} items in {cfg.interactions} have no image in {cfg.images}, e.g. "
+            f"{len(missing)} items in {source} have no image in {cfg.images}, e.g. "
             f"{', '.join(missing[:3])}; pass --skip-missing to record them as failed and continue"
         )
     missing_set = set(missing)

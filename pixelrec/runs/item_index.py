@@ -1,4 +1,5 @@
-"""`pixelrec index`: (re)build a run's item index with another spec, or add new items to it.
+"""A run's item index: built from the final item vectors by `fit`, rebuilt with another spec by
+`pixelrec index`, extended with new items by `pixelrec index --add-images`.
 
 The run's index directory keeps the item vectors and ids beside the FAISS index, so rebuilding
 with another spec needs no model; if those files are gone, the vectors are recomputed from the
@@ -7,12 +8,29 @@ best checkpoint (which needs the run's cache or images).
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 
+from ..data.images import open_image_store
+from ..encode.cache import open_cache
+from ..encode.pipeline import EncodeConfig, encode_images
 from ..errors import PixelrecError
-from ..recommend.run import RunDir
-from ..runtime import log
-from .faiss_index import ItemIndex
+from ..index.evaluate import EXACT_SPEC, build_item_index, item_table
+from ..index.faiss_index import ItemIndex
+from ..recommend.build import build_recommender
+from ..recommend.config import FitConfig
+from ..runtime import atomic_path, log
+from .new_items import run_item_encoder
+from .rundir import RunDir
+from .trained import read_added_items
+
+
+def build_run_index(model, run: RunDir, spec: str = EXACT_SPEC) -> ItemIndex:
+    """Compute the final item vectors of `model` and store them, indexed, in the run directory."""
+    index = build_item_index(item_table(model), spec)
+    index.save(run.index_dir)
+    return index
 
 
 def stored_vectors(run: RunDir) -> tuple[np.ndarray, np.ndarray] | None:
@@ -29,10 +47,6 @@ def stored_vectors(run: RunDir) -> tuple[np.ndarray, np.ndarray] | None:
 
 def recompute_vectors(run: RunDir, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Item vectors of the whole training vocabulary from the best checkpoint (full item tower)."""
-    from ..recommend.build import build_recommender
-    from ..recommend.config import FitConfig
-    from .evaluate import item_table
-
     cfg = FitConfig.from_dict(run.read_config()["config"])
     data = run.read_data()
     model = build_recommender(cfg, data)
@@ -68,15 +82,6 @@ def add_images_to_run(run_dir: str, images: str, device: str = "cpu", batch_size
     items go to index/added_items.txt before the index is saved, so the two stay consistent.
     Covers of items the run already knows are skipped; covers that fail to load are reported.
     """
-    import tempfile
-
-    from ..data.images import open_image_store
-    from ..encode.batch import EncodeConfig, encode_images
-    from ..encode.cache import open_cache
-    from ..recommend.inference import read_added_items
-    from ..recommend.new_items import run_item_encoder
-    from ..runtime import atomic_path
-
     run = RunDir(run_dir)
     run.read_config()
     index = ItemIndex.load(run.index_dir)
@@ -91,10 +96,7 @@ def add_images_to_run(run_dir: str, images: str, device: str = "cpu", batch_size
 
     encoder = run_item_encoder(run_dir, device)
     with tempfile.TemporaryDirectory(dir=run.path) as tmp:
-        ids_csv = f"{tmp}/items.csv"
-        with open(ids_csv, "w") as f:  # restrict the encode to the new items
-            f.write("item_id,user_id,timestamp\n" + "".join(f"{i},_,0\n" for i in new_ids))
-        summary = encode_images(EncodeConfig(images=images, out=f"{tmp}/new.h5", interactions=ids_csv,
+        summary = encode_images(EncodeConfig(images=images, out=f"{tmp}/new.h5", item_ids=new_ids,
                                              batch_size=batch_size, num_workers=workers, device=device,
                                              float32=True), encoder=encoder)
         with open_cache(f"{tmp}/new.h5") as cache:

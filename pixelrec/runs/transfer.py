@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from ..errors import PixelrecError
 from ..runtime import log
-from .config import FitConfig
-from .model import Recommender
-from .run import RunDir
+from ..recommend.config import FitConfig
+from ..recommend.model import Recommender
+from .rundir import RunDir, run_cache_identity
 
 # Settings of the sequence encoder that must match for its weights to load.
 ENCODER_KEYS = ("model", "dim", "layers", "heads", "inner_mult", "max_len", "gru_hidden", "positions")
@@ -19,8 +19,6 @@ ENCODER_KEYS = ("model", "dim", "layers", "heads", "inner_mult", "max_len", "gru
 
 def init_from_run(model: Recommender, cfg: FitConfig) -> dict[str, int]:
     """Load `cfg.init_from`'s sequence encoder and image tower into `model` (built from `cfg`)."""
-    from .train import run_cache_identity
-
     run_dir = cfg.init_from
     src = RunDir(run_dir)
     meta = src.read_config()
