@@ -98,8 +98,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     from .runs.rundir import RunDir
 
     user = str(RunDir(best_image["run_dir"]).read_data().user_ids[0])
-    result.retrieval = retrieve_one(best_image["run_dir"], user=user, k=5)
-    result.retrieval["run_dir"] = best_image["run_dir"]
+    result.retrieval = {**retrieve_one(best_image["run_dir"], user=user, k=5).to_dict(), "run_dir": best_image["run_dir"]}
     result.seconds = time.time() - t0
     return result
 

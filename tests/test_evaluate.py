@@ -31,7 +31,7 @@ def _trained_model(run_dir):
     cfg = FitConfig.from_dict(run.read_config()["config"])
     data = run.read_data()
     model = build_recommender(cfg, data)
-    model.load_state_dict(run.load_checkpoint(run.best)["model"])
+    model.load_state_dict(run.load_checkpoint(run.published().checkpoint)["model"])
     return model.eval(), data
 
 

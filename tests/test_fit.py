@@ -17,7 +17,6 @@ import torch
 
 from fixtures_runs import (
     TINY_ARGS,
-    _fit_quiet,
     cli_env,
     copy_run,
     handmade_dataset,
@@ -32,6 +31,8 @@ from fixtures_runs import (
 from pixelrec import __version__
 from pixelrec.data.sequences import load_sequences
 from pixelrec.errors import PixelrecError
+from pixelrec.runs.fit import fit
+from pixelrec.runs.rundir import RunDir
 
 TIMING = {"seconds", "train_seconds"}
 
@@ -49,6 +50,16 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.equal(wa[key], wb[key]), f"{key} differs"
+
+
+def _best(out: Path) -> Path:
+    """The published (best) checkpoint of a run."""
+    return RunDir(out).published().checkpoint
+
+
+def _index(out: Path) -> Path:
+    """The published index version of a run."""
+    return RunDir(out).published().index_dir
 
 
 def _metric_part(report: dict) -> dict:
@@ -94,23 +105,28 @@ def test_run_directory_holds_every_artifact():
     assert result.best_epoch == int(np.argmax(scores))
     assert result.valid["ndcg@10"] == scores[result.best_epoch]
 
-    best = torch.load(out / "checkpoints" / "best.pt", weights_only=False)
+    best = torch.load(_best(out), weights_only=False)
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     assert best["epoch"] == result.best_epoch and last["epoch"] == 2
     assert last["history"] == history and last["best"]["epoch"] == result.best_epoch
 
     # the index holds the best checkpoint's item vectors (id tower: the embedding rows 1..N)
-    index_files = {p.name for p in (out / "index").iterdir()}
-    assert {"index.faiss", "index.json", "item_vectors.npy", "item_ids.npy"} <= index_files
-    np.testing.assert_array_equal(np.load(out / "index" / "item_ids.npy"), np.arange(1, 81))
-    np.testing.assert_array_equal(np.load(out / "index" / "item_vectors.npy"),
+    index_files = {p.name for p in _index(out).iterdir()}
+    assert {"index.faiss", "index.json", "item_vectors.npy", "item_ids.npy", "added_items.txt"} <= index_files
+    assert _best(out).name == f"best-e{result.best_epoch:05d}.pt" and _index(out).name == "v0001"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted([_best(out).name, "last.pt"])
+    np.testing.assert_array_equal(np.load(_index(out) / "item_ids.npy"), np.arange(1, 81))
+    np.testing.assert_array_equal(np.load(_index(out) / "item_vectors.npy"),
                                   best["model"]["tower.embedding.weight"][1:].numpy())
 
     results = json.loads((out / "results.json").read_text())
     assert results["split"] == "test" and results["users"] == 200
     assert results["overall"] == pytest.approx(result.test["overall"])
     assert results["overall"]["users"] == 200 and math.isfinite(results["overall"]["ndcg@10"])
+    assert results["published"] == {"version": 1, "checkpoint": str(_best(out).relative_to(out)), "index": "index/v0001"}
+    assert RunDir(out).read_results() == results
     assert not list(out.rglob("*.tmp")), "temporary files left behind"
+    assert not list(out.parent.glob(f".{out.name}.*")), "staging or lock files left beside the run"
 
 
 def test_dropped_users_are_counted_and_sequences_follow_time():
@@ -140,18 +156,18 @@ def test_early_stopping_and_resuming_a_stopped_run(tmp_path):
     out = tmp_path / "run"
     # lr 0: the weights never change, so valid NDCG@10 never improves after epoch 0
     cfg = tiny_config(hm.path, out, epochs=6, lr=0.0, patience=2, batch_size=16)
-    result = _fit_quiet(cfg)
+    result = fit(cfg)
     assert result.epochs_run == 3 < cfg.train.epochs
     assert result.best_epoch == 0
     history = read_jsonl(out / "metrics.jsonl")
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert history[0]["valid_ndcg@10"] == history[1]["valid_ndcg@10"] == history[2]["valid_ndcg@10"]
-    _assert_same_weights(out / "checkpoints" / "best.pt", out / "checkpoints" / "last.pt")
+    _assert_same_weights(_best(out), out / "checkpoints" / "last.pt")
 
     metrics_before = (out / "metrics.jsonl").read_bytes()
     last_before = (out / "checkpoints" / "last.pt").read_bytes()
     cfg_more = tiny_config(hm.path, out, epochs=20, lr=0.0, patience=2, batch_size=16)
-    again = _fit_quiet(cfg_more, resume=True)
+    again = fit(cfg_more, resume=True)
     assert again.epochs_run == 3 and again.best_epoch == 0
     assert (out / "metrics.jsonl").read_bytes() == metrics_before
     assert (out / "checkpoints" / "last.pt").read_bytes() == last_before
@@ -163,11 +179,11 @@ def test_refuses_an_existing_run_without_resume_or_overwrite(tmp_path):
     config_before = (out / "config.json").read_bytes()
     cfg = tiny_config(hm.path, out, model="gru4rec", loss="bpr", epochs=1, batch_size=16)
     with pytest.raises(PixelrecError) as err:
-        _fit_quiet(cfg)
+        fit(cfg)
     assert str(out) in str(err.value) and "--resume" in str(err.value) and "--overwrite" in str(err.value)
     assert (out / "config.json").read_bytes() == config_before
 
-    result = _fit_quiet(cfg, overwrite=True)
+    result = fit(cfg, overwrite=True)
     assert result.epochs_run == 1
     assert len(read_jsonl(out / "metrics.jsonl")) == 1
     assert json.loads((out / "config.json").read_text())["config"]["train"]["epochs"] == 1
@@ -183,19 +199,19 @@ def test_resume_refuses_other_data_or_settings(tmp_path):
     lines = hm.path.read_text().splitlines()
     other.write_text("\n".join(lines[:-1]) + "\n")  # one interaction fewer
     with pytest.raises(PixelrecError) as err:
-        _fit_quiet(tiny_config(other, out, **base), resume=True)
+        fit(tiny_config(other, out, **base), resume=True)
     assert "different data" in str(err.value) and str(out) in str(err.value)
 
     with pytest.raises(PixelrecError) as err:
-        _fit_quiet(tiny_config(hm.path, out, **{**base, "dim": 32}), resume=True)
+        fit(tiny_config(hm.path, out, **{**base, "dim": 32}), resume=True)
     assert "model.dim was 16, now 32" in str(err.value)
 
     with pytest.raises(PixelrecError) as err:
-        _fit_quiet(tiny_config(hm.path, out, **{**base, "loss": "softmax"}), resume=True)
+        fit(tiny_config(hm.path, out, **{**base, "loss": "softmax"}), resume=True)
     assert "loss.loss was 'bpr', now 'softmax'" in str(err.value)
 
     # more epochs is allowed: training continues after the last finished epoch
-    result = _fit_quiet(tiny_config(hm.path, out, **{**base, "epochs": 4}), resume=True)
+    result = fit(tiny_config(hm.path, out, **{**base, "epochs": 4}), resume=True)
     assert result.epochs_run == 4
     assert [h["epoch"] for h in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2, 3]
 
@@ -209,7 +225,7 @@ def test_resume_refuses_other_data_or_settings(tmp_path):
 def test_every_model_and_loss_trains(tmp_path, model, loss, negatives):
     hm = handmade_dataset()
     out = tmp_path / "run"
-    result = _fit_quiet(tiny_config(hm.path, out, model=model, loss=loss, negatives=negatives, epochs=2,
+    result = fit(tiny_config(hm.path, out, model=model, loss=loss, negatives=negatives, epochs=2,
                                     batch_size=16))
     assert result.epochs_run == 2
     for h in read_jsonl(out / "metrics.jsonl"):
@@ -225,12 +241,12 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
     hm = handmade_dataset()
     a, b = tmp_path / "a", tmp_path / "b"
     kw = dict(model="sasrec", loss="bpr", batch_size=16, patience=50)
-    _fit_quiet(tiny_config(hm.path, a, epochs=2, **kw))
-    resumed = _fit_quiet(tiny_config(hm.path, a, epochs=4, **kw), resume=True)
-    straight = _fit_quiet(tiny_config(hm.path, b, epochs=4, **kw))
+    fit(tiny_config(hm.path, a, epochs=2, **kw))
+    resumed = fit(tiny_config(hm.path, a, epochs=4, **kw), resume=True)
+    straight = fit(tiny_config(hm.path, b, epochs=4, **kw))
     assert _untimed(read_jsonl(a / "metrics.jsonl")) == _untimed(read_jsonl(b / "metrics.jsonl"))
     assert resumed.best_epoch == straight.best_epoch
-    _assert_same_weights(a / "checkpoints" / "best.pt", b / "checkpoints" / "best.pt")
+    _assert_same_weights(_best(a), _best(b))
     _assert_same_weights(a / "checkpoints" / "last.pt", b / "checkpoints" / "last.pt")
     assert _metric_part(json.loads((a / "results.json").read_text())) == \
         _metric_part(json.loads((b / "results.json").read_text()))
@@ -243,15 +259,16 @@ def test_resume_after_kill_between_checkpoint_and_metrics_of_the_last_epoch(tmp_
     hm = handmade_dataset()
     out = tmp_path / "run"
     cfg = tiny_config(hm.path, out, epochs=2, batch_size=16)
-    _fit_quiet(cfg)
+    fit(cfg)
     complete = (out / "metrics.jsonl").read_text()
     results = json.loads((out / "results.json").read_text())
-    # the state such a kill leaves: metrics.jsonl one epoch behind last.pt, no index or results yet
+    # the state such a kill leaves: metrics.jsonl one epoch behind last.pt, nothing published yet
     (out / "metrics.jsonl").write_text(complete.splitlines(keepends=True)[0])
     (out / "results.json").unlink()
+    (out / "manifest.json").unlink()
     shutil.rmtree(out / "index")
 
-    result = _fit_quiet(cfg, resume=True)
+    result = fit(cfg, resume=True)
     assert result.epochs_run == 2
     assert _metric_part(json.loads((out / "results.json").read_text())) == _metric_part(results)
     assert (out / "metrics.jsonl").read_text() == complete
@@ -328,10 +345,10 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
     summary = json.loads(resumed.stdout)
     best_straight = int(np.argmax([h["valid_ndcg@10"] for h in want]))
     assert summary["best_epoch"] == best_straight and summary["epochs_run"] == epochs
-    _assert_same_weights(killed / "checkpoints" / "best.pt", straight / "checkpoints" / "best.pt")
+    _assert_same_weights(_best(killed), _best(straight))
     _assert_same_weights(killed / "checkpoints" / "last.pt", straight / "checkpoints" / "last.pt")
     assert _metric_part(json.loads((killed / "results.json").read_text())) == \
         _metric_part(json.loads((straight / "results.json").read_text()))
-    np.testing.assert_array_equal(np.load(killed / "index" / "item_vectors.npy"),
-                                  np.load(straight / "index" / "item_vectors.npy"))
+    np.testing.assert_array_equal(np.load(_index(killed) / "item_vectors.npy"),
+                                  np.load(_index(straight) / "item_vectors.npy"))
     shutil.rmtree(tmp_path / "data")

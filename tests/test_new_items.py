@@ -148,7 +148,7 @@ def test_encode_from_run_refuses_encoder_options_and_id_runs(tmp_path):
 
 
 def added_names(run_dir) -> list[str]:
-    path = RunDir(run_dir).index_dir / "added_items.txt"
+    path = RunDir(run_dir).published().index_dir / "added_items.txt"
     return path.read_text().splitlines() if path.is_file() else []
 
 
@@ -168,11 +168,11 @@ def test_add_images_gives_new_items_new_ids_and_their_vectors(kind, tmp_path):
     for known in vocab[1:3]:
         shutil.copy(ds.covers / f"{known}.jpg", batch1)
     s1 = add_images_to_run(str(run), str(batch1), workers=0)
-    assert (s1["added"], s1["skipped"], s1["failed"]) == (4, 2, {})
-    assert (s1["first_id"], s1["last_id"]) == (n + 1, n + 4)  # after the largest existing id
+    assert (s1.added, s1.skipped, s1.failed) == (4, 2, {})
+    assert (s1.first_id, s1.last_id) == (n + 1, n + 4)  # after the largest existing id
     assert added_names(run) == new[:4]
 
-    index = ItemIndex.load(RunDir(run).index_dir)
+    index = ItemIndex.load(RunDir(run).published().index_dir)
     assert len(index) == n + 4 and set(index.ids.tolist()) == set(range(1, n + 5))
     # the added vectors are the run's item function of the new covers
     enc = run_item_encoder(str(run))
@@ -185,8 +185,8 @@ def test_add_images_gives_new_items_new_ids_and_their_vectors(kind, tmp_path):
 
     # adding the same covers again adds nothing
     s2 = add_images_to_run(str(run), str(batch1), workers=0)
-    assert s2["added"] == 0 and s2["skipped"] == 6 and s2["first_id"] is None
-    assert added_names(run) == new[:4] and len(ItemIndex.load(RunDir(run).index_dir)) == n + 4
+    assert s2.added == 0 and s2.skipped == 6 and s2.first_id is None
+    assert added_names(run) == new[:4] and len(ItemIndex.load(RunDir(run).published().index_dir)) == n + 4
 
     # a second batch (2 more new items + 1 already added) continues the ids (via the CLI)
     batch2 = tmp_path / "batch2"
@@ -197,7 +197,7 @@ def test_add_images_gives_new_items_new_ids_and_their_vectors(kind, tmp_path):
     assert res.exit_code == 0, res.output
     assert "added 2 items" in res.output and f"{n + 5}..{n + 6}" in res.output
     assert added_names(run) == new[:6]
-    index = ItemIndex.load(RunDir(run).index_dir)
+    index = ItemIndex.load(RunDir(run).published().index_dir)
     assert set(index.ids.tolist()) == set(range(1, n + 7))
 
 
@@ -209,10 +209,10 @@ def test_added_items_can_be_retrieved_and_used_as_history(tmp_path):
     new = added_names(run)
     assert len(new) == 6
     out = retrieve_one(str(run), history=[new[0]], k=5)
-    assert out["history"] == [new[0]] and len(out["items"]) == 5 and new[0] not in out["items"]
+    assert out.history == [new[0]] and len(out.items) == 5 and new[0] not in out.items
     # every added item is in the searchable index: a full-length retrieval returns all of them
     everything = retrieve_one(str(run), history=[new[0]], k=n + 5)
-    assert set(new[1:]) <= set(everything["items"])
+    assert set(new[1:]) <= set(everything.items)
     # and through the CLI
     res = invoke(["retrieve", run, "--history", new[1], "--k", "3", "--json"])
     assert res.exit_code == 0, res.output
@@ -227,10 +227,10 @@ def test_add_images_skips_a_corrupt_cover_and_adds_the_others(tmp_path):
     shutil.copytree(new_covers(), covers)
     (covers / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     summary = add_images_to_run(str(run), str(covers), workers=0)
-    assert list(summary["failed"]) == ["zz_broken"]
-    assert summary["added"] == 6 and (summary["first_id"], summary["last_id"]) == (n + 1, n + 6)
+    assert list(summary.failed) == ["zz_broken"]
+    assert summary.added == 6 and (summary.first_id, summary.last_id) == (n + 1, n + 6)
     assert "zz_broken" not in added_names(run) and len(added_names(run)) == 6
-    assert len(ItemIndex.load(RunDir(run).index_dir)) == n + 6
+    assert len(ItemIndex.load(RunDir(run).published().index_dir)) == n + 6
     with pytest.raises(PixelrecError, match="zz_broken"):
         retrieve_one(str(run), history=["zz_broken"])
 
@@ -238,11 +238,11 @@ def test_add_images_skips_a_corrupt_cover_and_adds_the_others(tmp_path):
 def test_add_images_to_an_id_run_is_refused_and_changes_nothing(tmp_path):
     src, _ = cold_run("id")
     run = copy_run(src, tmp_path / "run")
-    before = (RunDir(run).index_dir / "item_ids.npy").read_bytes()
+    before = (RunDir(run).published().index_dir / "item_ids.npy").read_bytes()
     with pytest.raises(PixelrecError, match="id run"):
         add_images_to_run(str(run), str(new_covers()), workers=0)
     assert added_names(run) == []
-    assert (RunDir(run).index_dir / "item_ids.npy").read_bytes() == before
+    assert (RunDir(run).published().index_dir / "item_ids.npy").read_bytes() == before
     res = invoke(["index", run, "--add-images", new_covers()])
     assert res.exit_code != 0 and "id run" in res.output
 

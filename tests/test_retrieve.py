@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +23,12 @@ from pixelrec.runs import retrieve as retrieve_mod
 from pixelrec.runs.evaluate import evaluate_run
 from pixelrec.runs.item_index import rebuild_run_index
 from pixelrec.runs.retrieve import retrieve_batch, retrieve_one
+from pixelrec.runs.rundir import RunDir
 from pixelrec.runs.trained import load_trained
 
+
+def _index(run: Path) -> Path:
+    return RunDir(run).published().index_dir
 
 
 @pytest.fixture(scope="module")
@@ -58,22 +63,22 @@ def test_retrieve_one_user_excludes_history_and_sorts(run_dir, trained):
     user = str(trained.data.user_ids[7])
     seq = _user_sequence(trained, user)
     result = retrieve_one(str(run_dir), user=user, k=15)
-    assert result["user_id"] == user and result["history"] == seq  # the whole history, test item included
-    assert len(result["items"]) == len(result["scores"]) == 15
-    assert len(set(result["items"])) == 15
-    assert not set(result["items"]) & set(seq)
-    assert result["scores"] == sorted(result["scores"], reverse=True)
-    assert result["items"] == _brute_top(trained, seq, 15)
+    assert result.user_id == user and result.history == seq  # the whole history, test item included
+    assert len(result.items) == len(result.scores) == 15
+    assert len(set(result.items)) == 15
+    assert not set(result.items) & set(seq)
+    assert result.scores == sorted(result.scores, reverse=True)
+    assert result.items == _brute_top(trained, seq, 15)
 
     by_history = retrieve_one(str(run_dir), history=seq, k=15)
-    assert by_history["items"] == result["items"] and by_history["scores"] == result["scores"]
-    assert by_history["user_id"] is None
+    assert by_history.items == result.items and by_history.scores == result.scores
+    assert by_history.user_id is None
 
 
 def test_retrieve_history_rules(run_dir, trained):
     names = [str(n) for n in trained.data.item_ids[1:]]
     short = retrieve_one(str(run_dir), history=[names[3], names[10]], k=5)
-    assert names[3] not in short["items"] and names[10] not in short["items"] and len(short["items"]) == 5
+    assert names[3] not in short.items and names[10] not in short.items and len(short.items) == 5
 
     with pytest.raises(PixelrecError, match="no_such_item"):
         retrieve_one(str(run_dir), history=[names[0], "no_such_item"], k=5)
@@ -86,7 +91,7 @@ def test_retrieve_history_rules(run_dir, trained):
 
     # a history covering almost the whole catalogue leaves fewer than k items: padded rows are dropped
     everything = retrieve_one(str(run_dir), history=names[:-3], k=10)
-    assert sorted(everything["items"]) == sorted(names[-3:])
+    assert sorted(everything.items) == sorted(names[-3:])
 
 
 def test_retrieve_batch_matches_single_queries(tmp_path, run_dir, trained):
@@ -96,12 +101,12 @@ def test_retrieve_batch_matches_single_queries(tmp_path, run_dir, trained):
     users_file.write_text("\n".join(wanted) + "\n\n")
     out = tmp_path / "out" / "recs.jsonl"
     summary = retrieve_batch(str(run_dir), str(users_file), k=7, out=str(out))
-    assert summary["served"] == 4 and summary["unknown"] == ["ghost1", "ghost2"]
+    assert summary.served == 4 and summary.unknown == ["ghost1", "ghost2"]
     rows = read_jsonl(out)
     assert [r["user_id"] for r in rows] == [users[5], users[0], users[42], users[5]]  # file order
     for r in rows:
         one = retrieve_one(str(run_dir), user=r["user_id"], k=7)
-        assert r["items"] == one["items"] and r["scores"] == one["scores"]
+        assert r["items"] == one.items and r["scores"] == one.scores
     assert not [p for p in out.parent.iterdir() if p.name != "recs.jsonl"], "temporary files left"
 
 
@@ -109,7 +114,7 @@ def test_retrieve_batch_all_users_and_empty_file(tmp_path, run_dir, trained):
     out = tmp_path / "all.jsonl"
     summary = retrieve_batch(str(run_dir), "all", k=3, out=str(out), batch_size=64)  # several batches
     rows = read_jsonl(out)
-    assert summary["served"] == len(rows) == trained.data.num_users and summary["unknown"] == []
+    assert summary.served == len(rows) == trained.data.num_users and summary.unknown == []
     assert [r["user_id"] for r in rows] == [str(u) for u in trained.data.user_ids]
     u = 123
     seq = set(_user_sequence(trained, rows[u]["user_id"]))
@@ -151,7 +156,7 @@ def test_cli_retrieve(tmp_path, run_dir, trained):
     r = invoke(["retrieve", run_dir, "--user", user, "--k", "4", "--json"])
     assert r.exit_code == 0, r.stderr
     got = json.loads(r.stdout)
-    assert got == retrieve_one(str(run_dir), user=user, k=4)
+    assert got == retrieve_one(str(run_dir), user=user, k=4).to_dict()
 
     r = invoke(["retrieve", run_dir, "--user", user, "--k", "4"])
     assert r.exit_code == 0 and f"top 4 for user {user}" in r.stdout
@@ -192,23 +197,24 @@ def test_index_rebuild_with_hnsw_then_evaluate_and_retrieve(tmp_path, run_dir, t
     r = invoke(["index", run, "--spec", "HNSW16", "--ef-search", "80"])
     assert r.exit_code == 0, r.stderr
     assert "HNSW16" in r.stdout and "80 items" in r.stdout and "ef_search=80" in r.stdout
-    meta = json.loads((run / "index" / "index.json").read_text())
+    meta = json.loads((_index(run) / "index.json").read_text())
     assert meta["spec"] == "HNSW16" and meta["exact"] is False and meta["ntotal"] == 80
     after = evaluate_run(str(run))  # full-ranking metrics stay exact whatever the serving index
     for part in ("overall", "cold", "warm", "buckets"):
         assert after[part] == before[part]
     user = str(trained.data.user_ids[0])
     got = retrieve_one(str(run), user=user, k=5)
-    assert len(got["items"]) == 5 and not set(got["items"]) & set(_user_sequence(trained, user))
+    assert len(got.items) == 5 and not set(got.items) & set(_user_sequence(trained, user))
 
 
 def test_index_bad_spec_is_a_one_line_error(tmp_path, run_dir):
     run = copy_run(run_dir, tmp_path / "run")
-    before = (run / "index" / "index.faiss").read_bytes()
+    before = RunDir(run).read_manifest()
     r = invoke(["index", run, "--spec", "IVFbanana"])
     assert r.exit_code == 2
     assert_one_line_error(r.stderr, "IVFbanana")
-    assert (run / "index" / "index.faiss").read_bytes() == before  # the old index is untouched
+    assert RunDir(run).read_manifest() == before  # the published index is untouched
+    assert [p.name for p in (run / "index").iterdir()] == ["v0001"]  # and nothing half-made is left
     r = invoke(["index", run, "--spec", "IVF4096,Flat"])  # more lists than items
     assert r.exit_code == 2
     assert_one_line_error(r.stderr, "IVF4096")
@@ -216,7 +222,7 @@ def test_index_bad_spec_is_a_one_line_error(tmp_path, run_dir):
 
 def test_corrupt_index_is_named(tmp_path, run_dir):
     run = copy_run(run_dir, tmp_path / "run")
-    path = run / "index" / "index.faiss"
+    path = _index(run) / "index.faiss"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     r = invoke(["evaluate", run])
@@ -233,12 +239,10 @@ def test_corrupt_index_is_named(tmp_path, run_dir):
 
 def test_deleted_index_is_recomputed_from_the_checkpoint(tmp_path, run_dir, trained):
     run = copy_run(run_dir, tmp_path / "run")
-    vectors = np.load(run / "index" / "item_vectors.npy")
+    vectors = np.load(_index(run) / "item_vectors.npy")
     user = str(trained.data.user_ids[11])
     want = retrieve_one(str(run), user=user, k=6)
-    for p in (run / "index").iterdir():
-        p.unlink()
-    os.rmdir(run / "index")
+    shutil.rmtree(run / "index")
 
     r = invoke(["retrieve", run, "--user", user])
     assert r.exit_code == 2
@@ -247,7 +251,7 @@ def test_deleted_index_is_recomputed_from_the_checkpoint(tmp_path, run_dir, trai
     r = invoke(["index", run])
     assert r.exit_code == 0, r.stderr
     assert "Flat" in r.stdout and "80 items" in r.stdout
-    np.testing.assert_array_equal(np.load(run / "index" / "item_vectors.npy"), vectors)
+    np.testing.assert_array_equal(np.load(_index(run) / "item_vectors.npy"), vectors)
     assert retrieve_one(str(run), user=user, k=6) == want
     stored = json.loads((run / "results.json").read_text())
     assert evaluate_run(str(run))["overall"] == stored["overall"]
@@ -272,15 +276,16 @@ def test_synth_cold_items_exist_in_the_index(run_dir, trained):
 def test_an_index_of_another_dimension_is_refused_then_recomputed(tmp_path, run_dir, trained):
     """An index/ whose vectors do not fit the run's model (e.g. copied from another run) is refused by
     name, and `pixelrec index` recomputes it from the checkpoint instead of reusing the bad vectors."""
-    from fixtures_runs import _fit_quiet, synth_dataset, tiny_config
+    from fixtures_runs import synth_dataset, tiny_config
+    from pixelrec.runs.fit import fit
 
     other = tmp_path / "other"
-    _fit_quiet(tiny_config(synth_dataset().interactions, other, epochs=1, dim=8, heads=1))
+    fit(tiny_config(synth_dataset().interactions, other, epochs=1, dim=8, heads=1))
     run = copy_run(run_dir, tmp_path / "run")
     user = str(trained.data.user_ids[3])
     want = retrieve_one(str(run), user=user, k=5)
-    for p in (other / "index").iterdir():
-        (run / "index" / p.name).write_bytes(p.read_bytes())
+    for p in _index(other).iterdir():
+        (_index(run) / p.name).write_bytes(p.read_bytes())
 
     r = invoke(["retrieve", run, "--user", user])
     assert r.exit_code == 2

@@ -29,7 +29,7 @@ from pixelrec.runtime import set_quiet
 
 def source_state(run_dir) -> dict[str, torch.Tensor]:
     run = RunDir(run_dir)
-    return run.load_checkpoint(run.best)["model"]
+    return run.load_checkpoint(run.published().checkpoint)["model"]
 
 
 def fresh_model(cfg):
@@ -144,7 +144,7 @@ def test_fit_refuses_a_mismatched_init_from_before_training(tmp_path):
     cfg.model.max_len = 7
     with pytest.raises(PixelrecError, match="max_len: 10 vs 7"):
         fit_quiet(cfg)
-    assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_refused_init_from_leaves_no_run_behind(tmp_path):

@@ -54,6 +54,8 @@ def evaluate_model(
     """Metrics of `split` ('valid' | 'test'); see the module doc. Returns a JSON-ready report."""
     if split not in ("valid", "test"):
         raise PixelrecError(f"unknown --split {split!r}; expected test or valid")
+    if negatives < 0:
+        raise PixelrecError(f"--negatives {negatives}: expected 0 (full ranking) or a positive number of negatives")
     model.eval()
     table = item_table(model) if table is None else table
     users = np.arange(data.num_users)

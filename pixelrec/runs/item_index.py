@@ -1,116 +1,221 @@
-"""A run's item index: built from the final item vectors by `fit`, rebuilt with another spec by
-`pixelrec index`, extended with new items by `pixelrec index --add-images`.
+"""A run's item index: published by `fit` from the final item vectors, rebuilt with another FAISS
+spec by `pixelrec index`, extended with new items by `pixelrec index --add-images`.
 
-The run's index directory keeps the item vectors and ids beside the FAISS index, so rebuilding
-with another spec needs no model; if those files are gone, the vectors are recomputed from the
-best checkpoint (which needs the run's cache or images).
+Items added after training are part of the run: their covers are kept in RUN_DIR/added/covers
+(named by their index id), their names in the index version's added_items.txt, and every rebuild
+keeps them under their ids: a rebuild with another spec reuses their stored vectors, and a fit that
+changes the model (`--resume`) re-encodes their covers through the new tower. Ids are never reused.
+Every change is a new index version published through the run's manifest (`runs.rundir`), under
+the run's lock, so concurrent readers see the index before or after it, never half of it.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from ..data.images import open_image_store
+from ..data.images import DirImageStore, ImageStore, open_image_store
 from ..encode.cache import open_cache
 from ..encode.pipeline import EncodeConfig, encode_images
 from ..errors import PixelrecError
-from ..index.evaluate import EXACT_SPEC, build_item_index, item_table
+from ..index.evaluate import EXACT_SPEC, item_table
 from ..index.faiss_index import ItemIndex
 from ..recommend.build import build_recommender
 from ..recommend.config import FitConfig
+from ..recommend.model import Recommender
 from ..runtime import atomic_path, log
-from .new_items import run_item_encoder
-from .rundir import RunDir
-from .trained import read_added_items
+from .new_items import RunItemEncoder, item_encoder_for, load_model_state, run_item_encoder
+from .rundir import ADDED_ITEMS_FILE, UNUSED_NAME, Published, RunDir
+from .trained import load_index_version, read_added_items
 
 
-def build_run_index(model, run: RunDir, spec: str = EXACT_SPEC) -> ItemIndex:
-    """Compute the final item vectors of `model` and store them, indexed, in the run directory."""
-    index = build_item_index(item_table(model), spec)
-    index.save(run.index_dir)
-    return index
+@dataclass
+class AddedItems:
+    """What `pixelrec index --add-images` did."""
+
+    added: int
+    skipped: int  # covers of items the run already knows
+    failed: dict[str, str] = field(default_factory=dict)  # item id -> why its cover could not be encoded
+    first_id: int | None = None
+    last_id: int | None = None
 
 
-def stored_vectors(run: RunDir) -> tuple[np.ndarray, np.ndarray] | None:
-    """(vectors [N, d], ids [N]) kept with the run's index, or None when absent."""
-    vec, ids = run.index_dir / "item_vectors.npy", run.index_dir / "item_ids.npy"
-    if not (vec.is_file() and ids.is_file()):
-        return None
-    try:
-        return np.load(vec), np.load(ids)
-    except (OSError, ValueError) as exc:
-        raise PixelrecError(f"{run.index_dir}: stored item vectors unreadable ({exc}); delete {run.index_dir} and rerun "
-                            f"`pixelrec index {run.path}` to recompute them from the checkpoint") from None
+@dataclass
+class AddedSet:
+    """The run's added items: index ids and names (UNUSED_NAME for ids that were skipped)."""
+
+    ids: np.ndarray  # [A] int64, the ids that hold an item
+    names: list[str]  # names of every id after the vocabulary, padding included (added_items.txt)
+
+    @classmethod
+    def empty(cls) -> "AddedSet":
+        return cls(np.empty(0, dtype=np.int64), [])
 
 
-def recompute_vectors(run: RunDir, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Item vectors of the whole training vocabulary from the best checkpoint (full item tower)."""
-    cfg = FitConfig.from_dict(run.read_config()["config"])
-    data = run.read_data()
-    model = build_recommender(cfg, data)
-    model.load_state_dict(run.load_checkpoint(run.best, "cpu")["model"])
-    table = item_table(model.to(device))
-    return table[1:].float().cpu().numpy(), np.arange(1, len(table), dtype=np.int64)
+def write_index(run: RunDir, vectors: np.ndarray, ids: np.ndarray, added_names: list[str], spec: str = EXACT_SPEC,
+                metric: str = "ip", nprobe: int | None = None, ef_search: int | None = None,
+                device: str = "cpu") -> tuple[ItemIndex, Path]:
+    """Build an index of `vectors` under `ids` and write it as the run's next index version."""
+    index = ItemIndex.build(vectors, ids, spec=spec, metric=metric, nprobe=nprobe, ef_search=ef_search, device=device)
+
+    def write(directory: Path) -> None:
+        index.save(directory)
+        (directory / ADDED_ITEMS_FILE).write_text("".join(f"{n}\n" for n in added_names), encoding="utf-8")
+
+    return index, run.write_index_version(write)
+
+
+def added_set(run: RunDir, num_items: int) -> AddedSet:
+    """The added items of the published index (none before the first publication)."""
+    if run.read_manifest() is None:
+        return AddedSet.empty()
+    names = read_added_items(run.published().index_dir)
+    ids = np.array([num_items + 1 + i for i, n in enumerate(names) if n != UNUSED_NAME], dtype=np.int64)
+    return AddedSet(ids, names)
+
+
+def publish_model(run: RunDir, model: Recommender, cfg: FitConfig, cache: dict | None, checkpoint: Path,
+                  best_epoch: int, results: dict) -> Published:
+    """Publish a newly trained model: its item vectors (added items re-encoded through it), its
+    checkpoint and its test results."""
+    table = item_table(model)  # [N + 1, d]
+    vectors = table[1:].float().cpu().numpy()
+    ids = np.arange(1, len(table), dtype=np.int64)
+    added = added_set(run, len(table) - 1)
+    if len(added.ids):
+        log(f"{run.path}: re-encoding {len(added.ids)} added items through the new model")
+        encoder = item_encoder_for(model, cfg, cache, str(run.path))
+        vectors = np.concatenate([vectors, encode_added_covers(run, encoder, added.ids)])
+        ids = np.concatenate([ids, added.ids])
+    _, index_dir = write_index(run, vectors, ids, added.names)
+    return run.publish(checkpoint, best_epoch, index_dir, results)
 
 
 def rebuild_run_index(run_dir: str, spec: str = "Flat", metric: str = "ip", nprobe: int | None = None,
                       ef_search: int | None = None, device: str = "cpu") -> ItemIndex:
+    """`pixelrec index RUN --spec ...`: the published vectors (added items included) under another index."""
     run = RunDir(run_dir)
-    dim = run.read_config()["config"]["model"]["dim"]  # refuses non-runs and incompatible versions
-    stored = stored_vectors(run)
-    if stored is not None and stored[0].shape[1] != dim:
-        log(f"{run.index_dir}: stored item vectors are {stored[0].shape[1]}-dimensional, the run's model {dim}; "
-            f"recomputing them from {run.best}")
+    meta = run.read_config()  # refuses non-runs and incompatible versions
+    with run.lock():
+        published = run.published()
+        data = run.read_data()
+        dim = run.fit_config(meta).model.dim
+        added = added_set(run, data.num_items)  # names of the added items: kept whatever the vectors' state
         stored = None
-    elif stored is None:
-        log(f"{run.index_dir}: no stored item vectors; recomputing them from {run.best}")
-    if stored is None:
-        stored = recompute_vectors(run, device)
-    vectors, ids = stored
-    index = ItemIndex.build(vectors, ids, spec=spec, metric=metric, nprobe=nprobe, ef_search=ef_search, device=device)
-    index.save(run.index_dir)
+        try:
+            current = load_index_version(published.index_dir)
+            stored = (np.asarray(current.vectors), np.asarray(current.ids))
+            if stored[0].shape[1] != dim:
+                log(f"{published.index_dir}: stored item vectors are {stored[0].shape[1]}-dimensional, the run's "
+                    f"model {dim}; recomputing them from {published.checkpoint.name}")
+                stored = None
+        except PixelrecError as exc:
+            log(f"{exc}; recomputing the item vectors from {published.checkpoint.name}")
+        if stored is None:
+            stored = _recompute_vectors(run, published, meta, data, added)
+        index, index_dir = write_index(run, *stored, added.names, spec=spec, metric=metric, nprobe=nprobe,
+                                       ef_search=ef_search, device=device)
+        run.publish(published.checkpoint, published.best_epoch, index_dir, keep_results=True)
     return index
 
 
-def add_images_to_run(run_dir: str, images: str, device: str = "cpu", batch_size: int = 64,
-                      workers: int | None = None) -> dict:
-    """Encode new covers through the run's trained tower and add them to its index under new ids.
+def _recompute_vectors(run: RunDir, published: Published, meta: dict, data, added: AddedSet
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Every item's vector from the published checkpoint: the vocabulary through the full item
+    tower, the added items through their kept covers."""
+    cfg = run.fit_config(meta)
+    model = build_recommender(cfg, data)
+    load_model_state(model, run.load_checkpoint(published.checkpoint, "cpu", published.checkpoint_sha256),
+                     published.checkpoint)
+    table = item_table(model)
+    vectors, ids = table[1:].float().cpu().numpy(), np.arange(1, len(table), dtype=np.int64)
+    if len(added.ids):
+        encoder = item_encoder_for(model, cfg, meta.get("cache"), str(run.path))
+        vectors = np.concatenate([vectors, encode_added_covers(run, encoder, added.ids)])
+        ids = np.concatenate([ids, added.ids])
+    return vectors, ids
 
-    Ids continue after the largest id in the index (never reused or shifted); the names of added
-    items go to index/added_items.txt before the index is saved, so the two stay consistent.
-    Covers of items the run already knows are skipped; covers that fail to load are reported.
+
+def encode_added_covers(run: RunDir, encoder: RunItemEncoder, ids: np.ndarray) -> np.ndarray:
+    """Vectors [A, d] of the added items `ids` from their covers kept in RUN_DIR/added/covers."""
+    store = DirImageStore(run.added_covers) if run.added_covers.is_dir() else None
+    wanted = [str(int(i)) for i in ids]
+    missing = [i for i in wanted if store is None or i not in store]
+    if missing:
+        raise PixelrecError(f"{run.added_covers}: the kept cover of added item id {missing[0]} is missing, so it "
+                            f"cannot be re-encoded; restore it or refit the run")
+    names, vectors, failed = _encode(run, str(run.added_covers), wanted, encoder)
+    if failed:
+        item, reason = next(iter(failed.items()))
+        raise PixelrecError(f"{run.added_covers}: the kept cover of added item id {item} cannot be encoded ({reason})")
+    order = {n: row for row, n in enumerate(names)}
+    return vectors[[order[i] for i in wanted]]
+
+
+def add_images_to_run(run_dir: str, images: str, device: str = "cpu", batch_size: int = 64,
+                      workers: int | None = None) -> AddedItems:
+    """Encode new covers through the run's published tower and add them to its index under new ids.
+
+    Ids continue after the largest id in use (never reused or shifted). Covers of items the run
+    already knows are skipped; covers that fail to load are reported and not added.
     """
     run = RunDir(run_dir)
     run.read_config()
-    index = ItemIndex.load(run.index_dir)
-    vocab = run.read_data().item_ids
-    added_before = read_added_items(run)
-    known = set(map(str, vocab)) | set(added_before)
-    store = open_image_store(images)
-    new_ids = [i for i in store.ids() if i not in known]
-    skipped = len(store) - len(new_ids)
-    if not new_ids:
-        return {"added": 0, "skipped": skipped, "failed": {}, "first_id": None, "last_id": None}
+    with run.lock():
+        published = run.published()
+        index = load_index_version(published.index_dir)
+        vocab = run.read_data().item_ids
+        added_before = read_added_items(published.index_dir)
+        known = set(map(str, vocab)) | set(added_before)
+        store = open_image_store(images)
+        new_ids = [i for i in store.ids() if i not in known]
+        skipped = len(store) - len(new_ids)
+        if not new_ids:
+            return AddedItems(added=0, skipped=skipped)
+        encoder = run_item_encoder(run_dir, device)
+        names, vectors, failed = _encode(run, images, new_ids, encoder, batch_size, workers)
+        if not names:
+            return AddedItems(added=0, skipped=skipped, failed=failed)
+        n_names = len(vocab) + len(added_before)  # names cover ids 0 .. n_names - 1
+        first = max(int(index.ids.max()) + 1, n_names)  # after every id in use, indexed or named
+        ids = np.arange(first, first + len(names), dtype=np.int64)
+        _keep_covers(store, names, ids, run.added_covers)
+        padding = [UNUSED_NAME] * (first - n_names)  # ids are never reused, even when names were skipped
+        all_vectors = np.concatenate([np.asarray(index.vectors, dtype=np.float32), vectors])
+        all_ids = np.concatenate([np.asarray(index.ids), ids])
+        _, index_dir = write_index(run, all_vectors, all_ids, added_before + padding + names, spec=index.spec,
+                                   metric=index.metric, nprobe=index.nprobe, ef_search=index.ef_search)
+        run.publish(published.checkpoint, published.best_epoch, index_dir, keep_results=True)
+    return AddedItems(added=len(names), skipped=skipped, failed=failed, first_id=int(ids[0]), last_id=int(ids[-1]))
 
-    encoder = run_item_encoder(run_dir, device)
-    with tempfile.TemporaryDirectory(dir=run.path) as tmp:
-        summary = encode_images(EncodeConfig(images=images, out=f"{tmp}/new.h5", item_ids=new_ids,
+
+def _encode(run: RunDir, images: str, item_ids: list[str], encoder: RunItemEncoder, batch_size: int = 64,
+            workers: int | None = None) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """(encoded names, their vectors [n, d] float32, failures) of `item_ids` from an image store."""
+    device = str(next(encoder.parameters()).device)
+    with tempfile.TemporaryDirectory(dir=run.path, prefix=".encode-") as tmp:
+        summary = encode_images(EncodeConfig(images=images, out=f"{tmp}/new.h5", item_ids=item_ids,
                                              batch_size=batch_size, num_workers=workers, device=device,
-                                             float32=True), encoder=encoder)
+                                             float32=True, skip_missing=True), encoder=encoder)
         with open_cache(f"{tmp}/new.h5") as cache:
-            names = [str(i) for i in cache.item_ids]
-            vectors = cache.load_embeddings()
-    if not names:
-        return {"added": 0, "skipped": skipped, "failed": summary.failed, "first_id": None, "last_id": None}
-    n_names = len(vocab) + len(added_before)  # names cover ids 0 .. n_names - 1
-    first = max(int(index.ids.max()) + 1, n_names)  # after every id in use, indexed or named
-    ids = np.arange(first, first + len(names), dtype=np.int64)
-    padding = ["[unused]"] * (first - n_names)  # ids are never reused, even when names were skipped
-    with atomic_path(run.index_dir / "added_items.txt") as tmp_path:
-        tmp_path.write_text("".join(f"{n}\n" for n in added_before + padding + names))
-    index.add(vectors, ids)
-    index.save(run.index_dir)
-    return {"added": len(names), "skipped": skipped, "failed": summary.failed,
-            "first_id": int(ids[0]), "last_id": int(ids[-1])}
+            return [str(i) for i in cache.item_ids], cache.load_embeddings(), summary.failed
+
+
+def _keep_covers(store: ImageStore, names: list[str], ids: np.ndarray, directory: Path) -> None:
+    """Copy the covers of newly added items into the run (as <id>.<ext>) so rebuilds can re-encode them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.iterdir():  # left by an addition that was interrupted before publishing
+        if stale.stem.isdigit() and int(stale.stem) >= int(ids[0]):
+            stale.unlink()
+    for name, i in zip(names, ids):
+        if isinstance(store, DirImageStore):
+            source = store.path_of(name)
+            with atomic_path(directory / f"{int(i)}{source.suffix.lower()}") as tmp:
+                shutil.copyfile(source, tmp)
+        else:  # LMDB records are raw pixels: PNG keeps them exactly
+            with atomic_path(directory / f"{int(i)}.png") as tmp:
+                store.load(name).save(tmp, format="PNG")

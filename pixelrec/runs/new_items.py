@@ -1,4 +1,4 @@
-"""Encode new covers through a trained run's item tower (SPEC §4 `encode --from-run`, `index --add-images`).
+"""Encode new covers through a trained run's item tower (`encode --from-run`, `index --add-images`).
 
 Cold items need no retraining: their vectors come from their images through the same function the
 run learned. For `frozen` and `partial` runs that is the cache's encoder (rebuilt from the cache's
@@ -22,6 +22,7 @@ from ..errors import PixelrecError
 from ..recommend.build import build_recommender
 from ..recommend.config import FitConfig
 from ..recommend.image_towers import FrozenTower, HybridTower, PartialTower, PixelTower
+from ..recommend.model import Recommender
 from .rundir import RunDir
 
 
@@ -77,30 +78,39 @@ def _as_cached(x: torch.Tensor, dtype: str) -> torch.Tensor:
 
 
 def run_item_encoder(run_dir: str, device: str | torch.device = "cpu") -> RunItemEncoder:
-    """The trained run's covers -> item vectors function (best checkpoint)."""
+    """The published model's covers -> item vectors function."""
     run = RunDir(run_dir)
     meta = run.read_config()
-    cfg = FitConfig.from_dict(meta["config"])
-    kind = cfg.items.kind
-    if kind == "id":
+    cfg = run.fit_config(meta)
+    if cfg.items.kind == "id":
         raise PixelrecError(f"{run_dir} is an id run: it has no image tower to encode new covers with "
                             f"(train --items frozen|partial|e2e|hybrid)")
+    published = run.published()
     data = run.read_data()
     cfg.items.cache_in_memory = "no"  # only the tower's weights are needed, not the cached tokens
     cfg.items.images = None  # e2e: new covers come as pixels; don't decode the training covers
     model = build_recommender(cfg, data)
-    model.load_state_dict(run.load_checkpoint(run.best, "cpu")["model"])
-    tower = model.tower.image if isinstance(model.tower, HybridTower) else model.tower
-    image_kind = cfg.items.image_branch if kind == "hybrid" else kind
+    load_model_state(model, run.load_checkpoint(published.checkpoint, "cpu", published.checkpoint_sha256),
+                     published.checkpoint)
+    return item_encoder_for(model, cfg, meta.get("cache"), str(run_dir)).to(device).eval()
 
+
+def item_encoder_for(model: Recommender, cfg: FitConfig, cache: dict | None, label: str) -> RunItemEncoder:
+    """Covers -> item vectors through `model`'s image tower (new items of a run; `label` names the run).
+
+    `cache`: the identity of the cache the run trained on (config.json), checked against the cache
+    file whose encoder is rebuilt for frozen/partial towers.
+    """
+    tower = model.tower.image if isinstance(model.tower, HybridTower) else model.tower
+    kind = cfg.items.image_branch if cfg.items.kind == "hybrid" else cfg.items.kind
     cache_attrs = None
     if isinstance(tower, PixelTower):
         base = tower.encoder
     elif isinstance(tower, (FrozenTower, PartialTower)):
-        with open_cache(cfg.items.cache) as cache:
-            if meta.get("cache"):
-                cache.check_identity(meta["cache"], f"encoding new covers for {run_dir}")
-            cache_attrs = dict(cache.attrs)
+        with open_cache(cfg.items.cache) as opened:
+            if cache:
+                opened.check_identity(cache, f"encoding new covers for {label}")
+            cache_attrs = dict(opened.attrs)
         base = build_encoder(EncoderConfig(model=cache_attrs["model"], pretrained=cache_attrs["pretrained"],
                                            pooling=cache_attrs["pooling"], preset=cache_attrs["preset"],
                                            image_size=int(cache_attrs["image_size"]), seed=int(cache_attrs["seed"])))
@@ -108,7 +118,16 @@ def run_item_encoder(run_dir: str, device: str | torch.device = "cpu") -> RunIte
             raise PixelrecError(f"cannot rebuild the encoder that made {cfg.items.cache} (its weights differ: "
                                 f"was --pretrained {cache_attrs['pretrained']} moved or changed?)")
     else:
-        raise PixelrecError(f"{run_dir}: unsupported item tower {type(tower).__name__}")
-    enc = RunItemEncoder(base, tower, image_kind, cache_attrs, run_dir)
-    return enc.to(device).eval()
+        raise PixelrecError(f"{label}: the {cfg.items.kind} item tower cannot encode new covers")
+    device = next(model.parameters()).device
+    return RunItemEncoder(base.to(device), tower, kind, cache_attrs, label)
 
+
+def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
+    """Load a checkpoint's weights, naming the first mismatch when they do not fit the run's config."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise PixelrecError(f"{path}: the weights do not fit the settings in config.json "
+                            f"({lines[0] if lines else exc}); the run directory is damaged") from None

@@ -8,17 +8,40 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Iterable, TextIO
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, TextIO
 
 import numpy as np
 
 from ..errors import PixelrecError
 from ..runtime import atomic_path, progress
-from .trained import load_trained
+from .trained import TrainedRun, load_trained
+
+
+@dataclass
+class Recommendation:
+    """Top-k items for one query (a user of the run or an ad-hoc history), best first."""
+
+    user_id: str | None
+    history: list[str]  # the query's items, oldest first (all excluded from `items`)
+    items: list[str]
+    scores: list[float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BatchRetrieval:
+    """What `retrieve --users` did."""
+
+    served: int
+    unknown: list[str] = field(default_factory=list)  # user ids not in the run (reported, not fatal)
+    out: str | None = None
 
 
 def retrieve_one(run_dir: str, user: str | None = None, history: list[str] | None = None, k: int = 10,
-                 device: str = "cpu") -> dict[str, Any]:
+                 device: str = "cpu") -> Recommendation:
     trained = load_trained(run_dir, device=device)
     if user is not None:
         u = trained.data.user_index.get(str(user))
@@ -30,43 +53,63 @@ def retrieve_one(run_dir: str, user: str | None = None, history: list[str] | Non
     vec = trained.model.encode_histories([hist], item_table=trained.table)
     scores, ids = trained.index.search(vec, k, exclude=[hist])
     keep = ids[0] >= 0
-    return {"user_id": user, "history": [str(trained.item_names[i]) for i in hist],
-            "items": [str(trained.item_names[i]) for i in ids[0][keep]],
-            "scores": [round(float(s), 6) for s in scores[0][keep]]}
+    return Recommendation(user_id=user, history=[str(trained.item_names[i]) for i in hist],
+                          items=[str(trained.item_names[i]) for i in ids[0][keep]],
+                          scores=[round(float(s), 6) for s in scores[0][keep]])
 
 
-def _history_indices(trained, names: list[str]) -> np.ndarray:
+def _history_indices(trained: TrainedRun, names: list[str]) -> np.ndarray:
     lookup = {str(n): i for i, n in enumerate(trained.item_names) if i > 0}
     names = [n.strip() for n in names if n.strip()]
     if not names:
-        raise PixelrecError("--history is empty: give comma-separated item ids, oldest first")
+        raise PixelrecError("the history is empty: give item ids, oldest first")
     unknown = [n for n in names if n not in lookup]
     if unknown:
-        raise PixelrecError(f"unknown item id(s) in --history: {', '.join(unknown[:10])}"
+        raise PixelrecError(f"unknown item id(s) in the history: {', '.join(map(repr, unknown[:10]))}"
                             f"{' ...' if len(unknown) > 10 else ''} (not in the run's vocabulary or index)")
     return np.array([lookup[n] for n in names], dtype=np.int64)
+
+
+def read_lines(source: str, what: str) -> list[str]:
+    """Non-empty stripped lines of a UTF-8 text file ('-' = stdin); a BOM is ignored."""
+    if source == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(source, encoding="utf-8-sig") as f:
+                text = f.read()
+        except UnicodeDecodeError as exc:
+            raise PixelrecError(f"{source}: not UTF-8 text (byte {exc.start}); expected {what}") from None
+        except OSError as exc:
+            raise PixelrecError(f"{source}: cannot read {what} ({exc.strerror})") from None
+    return [line.strip() for line in text.lstrip("\ufeff").splitlines() if line.strip()]
+
+
+def parse_history(text: str) -> list[str]:
+    """A --history value: comma-separated item ids, or a JSON list of ids (for ids holding commas)."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PixelrecError(f"--history: not a valid JSON list ({exc.msg} at character {exc.pos})") from None
+        if not isinstance(items, list) or not all(isinstance(i, (str, int)) for i in items):
+            raise PixelrecError("--history: a JSON history must be a list of item id strings")
+        return [str(i) for i in items]
+    return text.split(",")
 
 
 def read_user_ids(source: str, all_users: Iterable[str]) -> list[str]:
     """User ids from a file (one per line), '-' for stdin, or 'all'."""
     if source == "all":
         return [str(u) for u in all_users]
-    if source == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        try:
-            with open(source, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except OSError as exc:
-            raise PixelrecError(f"{source}: cannot read the user file ({exc.strerror})") from None
-    ids = [line.strip() for line in lines if line.strip()]
+    ids = read_lines(source, "one user id per line")
     if not ids:
         raise PixelrecError(f"{source}: no user ids (expected one user id per line)")
     return ids
 
 
 def retrieve_batch(run_dir: str, users: str, k: int = 10, out: str | None = None, device: str = "cpu",
-                   batch_size: int = 1024) -> dict[str, Any]:
+                   batch_size: int = 1024) -> BatchRetrieval:
     """Stream JSONL {user_id, items, scores} for every known user; unknown ids are reported, not fatal."""
     trained = load_trained(run_dir, device=device)
     wanted = read_user_ids(users, trained.data.user_ids)
@@ -78,10 +121,11 @@ def retrieve_batch(run_dir: str, users: str, k: int = 10, out: str | None = None
     else:
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
             _stream(trained, known, index, k, batch_size, f)
-    return {"served": len(known), "unknown": unknown, "out": out}
+    return BatchRetrieval(served=len(known), unknown=unknown, out=out)
 
 
-def _stream(trained, users: list[str], index: dict[str, int], k: int, batch_size: int, f: TextIO) -> None:
+def _stream(trained: TrainedRun, users: list[str], index: dict[str, int], k: int, batch_size: int,
+            f: TextIO) -> None:
     names = trained.item_names
     bar = progress(total=len(users), desc="retrieve", unit="user")
     for i in range(0, len(users), batch_size):

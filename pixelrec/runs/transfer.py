@@ -11,7 +11,7 @@ from ..errors import PixelrecError
 from ..runtime import log
 from ..recommend.config import FitConfig
 from ..recommend.model import Recommender
-from .rundir import RunDir, run_cache_identity
+from .rundir import RunDir, run_cache_identity, strip_prefix
 
 # Settings of the sequence encoder that must match for its weights to load.
 ENCODER_KEYS = ("model", "dim", "layers", "heads", "inner_mult", "max_len", "gru_hidden", "positions")
@@ -22,7 +22,7 @@ def init_from_run(model: Recommender, cfg: FitConfig) -> dict[str, int]:
     run_dir = cfg.init_from
     src = RunDir(run_dir)
     meta = src.read_config()
-    src_cfg = FitConfig.from_dict(meta["config"])
+    src_cfg = src.fit_config(meta)
     src_cache, new_cache = meta.get("cache"), run_cache_identity(cfg)
     if src_cache and new_cache:
         differ = [k for k in src_cache if k != "dim" and src_cache[k] != new_cache.get(k)]
@@ -36,12 +36,13 @@ def init_from_run(model: Recommender, cfg: FitConfig) -> dict[str, int]:
              if getattr(src_cfg.model, k) != getattr(cfg.model, k)]
     if diffs:
         raise PixelrecError(f"--init-from {run_dir}: the sequence model differs ({'; '.join(diffs)})")
-    state = src.load_checkpoint(src.best)["model"]
+    published = src.published()
+    state = src.load_checkpoint(published.checkpoint, "cpu", published.checkpoint_sha256)["model"]
 
-    encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    encoder_state = strip_prefix(state, "encoder.")
     model.encoder.load_state_dict(encoder_state)
 
-    tower_state = {k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
+    tower_state = strip_prefix(state, "tower.")
     id_keys = [k for k in tower_state if _is_id_table(k)]
     for k in id_keys:
         del tower_state[k]
