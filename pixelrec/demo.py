@@ -14,6 +14,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data.synth import SynthConfig, synthesize
+from .encode import EncodeConfig, EncoderConfig, encode_images
+from .recommend.config import FitConfig
+from .runs.fit import fit
+from .runs.retrieve import retrieve_one
+from .runs.rundir import RunDir
 from .runtime import log
 
 
@@ -48,12 +54,6 @@ class DemoResult:
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
-    from .data.synth import SynthConfig, synthesize
-    from .encode import EncodeConfig, EncoderConfig, encode_images
-    from .runs.retrieve import retrieve_one
-    from .recommend.config import FitConfig
-    from .runs.fit import fit
-
     t0 = time.time()
     work = Path(cfg.workdir)
     data_dir, cache = work / "data", work / "cache.h5"
@@ -75,7 +75,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         log(f"[3/4] fitting SASRec with the {kind} item tower")
         fc = FitConfig(interactions=interactions, out=str(work / f"run_{kind}"))
         fc.items.kind = kind
-        fc.items.cache = str(cache) if kind in ("frozen", "partial", "hybrid") else None
+        fc.items.cache = str(cache) if fc.items.uses_cache else None
         if kind == "e2e":
             fc.items.images, fc.items.encoder, fc.items.tune_blocks = str(data_dir / "covers"), cfg.encoder, cfg.split_block
         fc.model.dim, fc.model.max_len = cfg.dim, cfg.max_len
@@ -95,8 +95,6 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     result.plot = str(work / "demo.png")
     plot_runs(result.rows, result.plot)
     best_image = next((r for r in result.rows if r["tower"] in ("partial", "frozen", "e2e")), result.rows[-1])
-    from .runs.rundir import RunDir
-
     user = str(RunDir(best_image["run_dir"]).read_data().user_ids[0])
     result.retrieval = {**retrieve_one(best_image["run_dir"], user=user, k=5).to_dict(), "run_dir": best_image["run_dir"]}
     result.seconds = time.time() - t0
@@ -120,12 +118,10 @@ def _f(v: float | None) -> str:
 
 
 def plot_runs(rows: list[dict], path: str) -> None:
-    import matplotlib
+    import matplotlib  # deferred: only the plot needs it, and it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .runs.rundir import RunDir
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:

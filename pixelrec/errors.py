@@ -1,6 +1,6 @@
 """The one exception type users see.
 
-Every bad-input condition (SPEC §8) raises `PixelrecError` with a one-line message that names the
+Every bad-input condition raises `PixelrecError` with a one-line message that names the
 file, row or item at fault. The CLI prints it as ``error: <message>`` and exits with status 2;
 anything else is a bug and keeps its traceback.
 """

@@ -1,9 +1,11 @@
 """Shared tiny image datasets, encoded caches and trained image runs (image towers, transfer, new items).
 
-Built once per test session by cached builder functions (a fixture imported into several modules
-would be built once per module) under one temporary root removed at exit. Everything uses the tiny
-randomly initialised ViT (`pixelrec-tiny-vit`: 32 px, 4 blocks, width 64, seed 0) on 32 px covers,
-one torch thread, CPU.
+Each is built at most once per test session, on first use, by a cached builder function under
+the session's temporary root (removed at exit); see `fixtures_runs` for why these are cached
+functions rather than fixtures: here most of them take arguments (`cold_run(kind)`,
+`encoded_cache(root, pooling, seed)`) and helpers such as `ImageData.cache()` call them.
+Everything uses the tiny randomly initialised ViT (`pixelrec-tiny-vit`: 32 px, 4 blocks, width 64,
+seed 0) on 32 px covers, one torch thread, CPU.
 
 Import the helpers (`from fixtures_images import ...`); pytest puts tests/ on sys.path.
 Tests that modify a run work on a copy (`copy_run`).
@@ -22,18 +24,19 @@ import torch
 from fixtures_runs import session_root
 from pixelrec.recommend.config import FitConfig, ItemsConfig, TrainConfig
 from pixelrec.recommend.sequence import SequenceConfig
+from pixelrec.runs.fit import fit
 
 TINY_VIT = "pixelrec-tiny-vit"
 SPLIT = 2  # tokens entering the last 2 of the tiny ViT's 4 blocks
 DIM = 32  # recommender dimension of every run here
 TRANSFER_STYLE_SEED = 7
 
+
 def image_root() -> Path:
     """This module's part of the session's temporary directory."""
     root = session_root() / "images"
     root.mkdir(exist_ok=True)
     return root
-
 
 
 # ---------------------------------------------------------------------------------------- datasets
@@ -125,10 +128,9 @@ def image_config(data: ImageData, out: Path, kind: str, *, epochs: int, seed: in
                      init_from=None if init_from is None else str(init_from))
 
 
-def fit_quiet(cfg: FitConfig, **kw):
-    from pixelrec.runs.fit import fit
-
-    return fit(cfg, **kw)
+# Old name, still imported by tests/test_transfer.py: it is `pixelrec.runs.fit.fit` itself (conftest.py
+# already makes the session quiet and single-threaded). Delete once that test imports `fit`.
+fit_quiet = fit
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,7 +139,7 @@ def cold_run(kind: str):
     data = cold_dataset()
     epochs = {"id": 5, "frozen": 5, "partial": 3, "e2e": 2}[kind]
     out = image_root() / "runs" / f"cold_{kind}"
-    return out, fit_quiet(image_config(data, out, kind, epochs=epochs))
+    return out, fit(image_config(data, out, kind, epochs=epochs))
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,7 +147,7 @@ def transfer_source_run(kind: str = "partial"):
     """(run dir, FitResult): 8 epochs on transfer dataset A."""
     a, _ = transfer_datasets()
     out = image_root() / "runs" / f"transfer_a_{kind}"
-    return out, fit_quiet(image_config(a, out, kind, epochs=8 if kind != "id" else 2))
+    return out, fit(image_config(a, out, kind, epochs=8 if kind != "id" else 2))
 
 
 def copy_run(src: Path, dst: Path) -> Path:
@@ -155,7 +157,10 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 def stored_item_vectors(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(vectors [N, d], ids [N]) of the run's index."""
-    return np.load(Path(run_dir) / "index" / "item_vectors.npy"), np.load(Path(run_dir) / "index" / "item_ids.npy")
+    from pixelrec.runs.rundir import RunDir
+
+    index_dir = RunDir(run_dir).published().index_dir
+    return np.load(index_dir / "item_vectors.npy"), np.load(index_dir / "item_ids.npy")
 
 
 def load_pixels(encoder, covers: Path, item_ids) -> torch.Tensor:

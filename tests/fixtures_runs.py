@@ -1,11 +1,18 @@
 """Shared tiny datasets and trained runs for the end-to-end tests (fit, evaluate, retrieve, CLI).
 
-Trained runs are expensive next to everything else, so they are built once per test session by
-cached builder functions (not session-scoped fixtures: a fixture imported into several modules is
-instantiated once per module) under one temporary root that is removed at exit. Tests that modify
-a run work on a copy (`copy_run`).
+Trained runs cost far more than anything else in the suite, so each one is built at most once per
+test session, on first use, by a cached builder function (`functools.lru_cache`) under one
+temporary root that is removed at exit. They are plain functions rather than pytest fixtures
+because the tests call them as functions: from test bodies, from other helpers and from
+module-scoped fixtures, and (in `fixtures_images`) with arguments, one run per tower kind and one
+cache per pooling and seed. A session-scoped fixture in conftest.py would also be built only once,
+but it could not be called from a helper, and taking arguments would need a factory fixture that
+every test requests. Because they are lazy, a `pytest -k` selection builds only the runs it uses.
+Tests that modify a run work on a copy (`copy_run`).
 
-Import the helpers (`from fixtures_runs import ...`); pytest puts tests/ on sys.path.
+Import the helpers (`from fixtures_runs import ...`); pytest puts tests/ on sys.path. conftest.py
+already makes the session quiet and single-threaded, so runs are fitted with the public
+`pixelrec.runs.fit.fit`.
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pixelrec.recommend.config import FitConfig
+from pixelrec.runs.fit import fit
 from pixelrec.runtime import set_quiet
 
 _ROOT: Path | None = None
@@ -37,7 +44,6 @@ def session_root() -> Path:
         _ROOT = Path(tempfile.mkdtemp(prefix="pixelrec-e2e-"))
         atexit.register(shutil.rmtree, _ROOT, True)
     return _ROOT
-
 
 
 # ---------------------------------------------------------------------------------------- configs
@@ -127,23 +133,12 @@ def handmade_dataset() -> Handmade:
 
 
 # ---------------------------------------------------------------------------------------- runs
-def _fit_quiet(cfg: FitConfig, **kw):
-    from pixelrec.runs.fit import fit
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fit(cfg, **kw)
-    finally:
-        torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def trained_run():
     """(run dir, FitResult): SASRec, full softmax, id tower, 3 epochs on `synth_dataset`."""
     data = synth_dataset()
     out = session_root() / "runs" / "synth_sasrec"
-    return out, _fit_quiet(tiny_config(data.interactions, out, epochs=3))
+    return out, fit(tiny_config(data.interactions, out, epochs=3))
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,7 +146,7 @@ def handmade_run():
     """(run dir, FitResult): GRU4Rec, BPR, 3 epochs on `handmade_dataset`."""
     data = handmade_dataset()
     out = session_root() / "runs" / "handmade_gru"
-    return out, _fit_quiet(tiny_config(data.path, out, model="gru4rec", loss="bpr", epochs=3, batch_size=16))
+    return out, fit(tiny_config(data.path, out, model="gru4rec", loss="bpr", epochs=3, batch_size=16))
 
 
 def copy_run(src: Path, dst: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Item cover image stores: a directory of `<item_id>.<ext>` files or a PixelRec LMDB (SPEC §3).
+"""Item cover image stores: a directory of `<item_id>.<ext>` files or a PixelRec LMDB.
 
 Every store returns fully decoded RGB `PIL.Image`s and raises `ImageLoadError` (a `PixelrecError`)
 with a short reason for an item it cannot load, so callers can collect failures per item.

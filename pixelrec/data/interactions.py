@@ -1,4 +1,4 @@
-"""Load PixelRec interaction CSVs (`item_id,user_id,timestamp`; SPEC §3) and validate them (SPEC §8).
+"""Load PixelRec interaction CSVs (`item_id,user_id,timestamp`) and validate them.
 
 Ids are kept as strings exactly as written; timestamps must be integers. Column order may differ
 and extra columns are ignored. Reading goes through pyarrow, so a 4M-row file loads in seconds.

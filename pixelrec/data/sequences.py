@@ -1,4 +1,4 @@
-"""Per-user interaction sequences and the leave-one-out split (SPEC §7).
+"""Per-user interaction sequences and the leave-one-out split (docs/protocol.md).
 
 `SequenceData` holds every kept user's items in time order as one CSR structure:
 ``items[offsets[u]:offsets[u + 1]]`` is user u's sequence of item indices. Item index 0 is
@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import PixelrecError
+from .interactions import load_interactions
 
 PAD = "[PAD]"
 Split = Literal["valid", "test"]
@@ -171,9 +172,7 @@ def build_sequences(
 
 
 def load_sequences(path: str, min_interactions: int = 3) -> SequenceData:
-    """Load an interaction CSV (SPEC §3) and build its sequences."""
-    from .interactions import load_interactions
-
+    """Load an interaction CSV and build its sequences."""
     data = build_sequences(load_interactions(path), min_interactions=min_interactions, source=str(path))
     if data.num_users == 0:
         raise PixelrecError(

@@ -1,4 +1,4 @@
-"""FAISS item index: top-k retrieval over the recommender's item vectors (SPEC §1.3, §7, §10).
+"""FAISS item index: top-k retrieval over the recommender's item vectors, on CPU or GPU.
 
 `ItemIndex` wraps any FAISS index-factory spec ("Flat", "IVF1024,Flat", "IVF1024,PQ16", "HNSW32",
 "OPQ16,IVF1024,PQ16", "SQ8", ...) built for inner-product scoring (or cosine: vectors and queries

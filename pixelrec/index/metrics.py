@@ -1,4 +1,4 @@
-"""Ranking metrics as small pure numpy functions (SPEC §7, §11).
+"""Ranking metrics as small pure numpy functions (the protocol: docs/protocol.md).
 
 Everything works on **0-based target ranks**, one target per user: rank 0 means the target was
 recommended first; -1 means it is not in the user's top-K list at all. From ranks:

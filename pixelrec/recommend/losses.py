@@ -1,4 +1,4 @@
-"""Training losses over user states and item vectors (SPEC §6). Pure functions, no model state.
+"""Training losses over user states and item vectors. Pure functions, no model state.
 
 - ``bpr``: one sampled negative per position, -log sigmoid(s_pos - s_neg) (the PixelRec code's loss).
 - ``softmax``: cross-entropy of each position's target among candidate items: the whole catalogue

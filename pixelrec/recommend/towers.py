@@ -1,4 +1,4 @@
-"""Item towers: unique item indices [U] -> item vectors [U, d] (SPEC §11).
+"""Item towers: unique item indices [U] -> item vectors [U, d].
 
 IDNet and PixelNet differ only here. Index 0 is padding and always maps to the zero vector.
 A training step calls the tower once on the batch's unique items, never once per position.
