@@ -1,34 +1,99 @@
-"""The `pixelrec` command line: a thin click layer over the Python API (SPEC §4).
+"""The `pixelrec` command line: a thin click layer over the Python API.
 
-Each command parses its options into the API's dataclasses and calls one function. Bad input
-raises PixelrecError, printed here as one line (`error: ...`) with exit status 2.
+Each command parses its options into the API's dataclasses and calls one function. Every command
+runs inside one error boundary (`PixelrecGroup.invoke`), so a user never sees a traceback: bad
+input (PixelrecError) and operating-system errors print one line `error: ...` and exit with status
+2, an interruption prints `interrupted` (130), and anything else is reported as an internal error
+(status 1) whose traceback PIXELREC_TRACEBACK=1 shows. click's own usage errors stay as click
+prints them (status 2).
+
+`fit`'s options are generated from the fields of `FitConfig` (recommend/config.py), where each
+default, choice list and help text is written once.
 """
 
 from __future__ import annotations
 
-import functools
+import errno
 import json
+import os
 import sys
+import traceback
+from typing import Any, Callable
 
 import click
 
 from . import __version__
 from .errors import PixelrecError
+from .recommend.config import ITEM_KINDS, SEED_MAX, FitOption, fit_options
+
+TRACEBACK_ENV = "PIXELREC_TRACEBACK"  # set to 1 to see the traceback of a failed command
+EXIT_ERROR = 2  # bad input, refused settings, operating-system errors, out of memory
+EXIT_BUG = 1  # an exception pixelrec did not expect
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+_MAX_DETAIL = 300  # characters of an unexpected exception's message shown on its line
 
 
-def _friendly_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+# ---------------------------------------------------------------------------------- boundary
+def describe_failure(exc: BaseException) -> tuple[str, int]:
+    """The one line a user sees for an exception that ended a command, and the exit status."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", EXIT_INTERRUPTED
+    if isinstance(exc, PixelrecError):
+        return f"error: {exc}", EXIT_ERROR
+    if _is_out_of_memory(exc):
+        detail = _one_line(exc)
+        return (f"error: out of memory{f' ({detail})' if detail else ''}; ask for less (smaller sizes or batches) "
+                f"or use a machine with more memory"), EXIT_ERROR
+    if isinstance(exc, OSError):
+        return f"error: {_describe_os_error(exc)}", EXIT_ERROR
+    return (f"error: internal error ({type(exc).__name__}: {_one_line(exc)}); this is a pixelrec bug — "
+            f"rerun with {TRACEBACK_ENV}=1 to see the traceback"), EXIT_BUG
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or torch's CPU/CUDA allocation failures (RuntimeErrors, torch not imported here)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "CUDA out of memory" in text)
+
+
+def _describe_os_error(exc: OSError) -> str:
+    try:
+        from .runtime import describe_os_error
+    except Exception:  # noqa: BLE001 - the runtime's imports failing must not hide the original error
+        return _one_line(exc) or type(exc).__name__
+    return describe_os_error(exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
+
+
+def _wants_traceback() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+class PixelrecGroup(click.Group):
+    """A click group whose commands all run inside one error boundary (see the module doc)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
         try:
-            return fn(*args, **kwargs)
-        except PixelrecError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # usage errors, --help, ctx.exit(): click reports them itself
+        except (Exception, KeyboardInterrupt) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+                raise  # stdout closed by the reader (`| head`): click exits quietly
+            line, status = describe_failure(exc)
+            if _wants_traceback():
+                click.echo("".join(traceback.format_exception(exc)), err=True, nl=False)
+            click.echo(line, err=True)
+            sys.exit(status)
 
-    return wrapper
+
+_SEED = click.IntRange(0, SEED_MAX)
 
 
 def _explicit(ctx: click.Context) -> set[str]:
@@ -47,7 +112,7 @@ def _ks(value: str) -> tuple[int, ...]:
     return ks
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=PixelrecGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pixelrec")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
 def cli(quiet: bool) -> None:
@@ -58,8 +123,6 @@ def cli(quiet: bool) -> None:
              -> evaluate / retrieve / index (FAISS).
     Start with `pixelrec demo`.
     """
-    import os
-
     from .runtime import set_quiet
 
     set_quiet(quiet or os.environ.get("PIXELREC_QUIET", "") not in ("", "0"))
@@ -80,7 +143,6 @@ def cli(quiet: bool) -> None:
 @click.option("--item-prefix", default="i", show_default=True, help="Item ids are PREFIX + number.")
 @click.option("--user-prefix", default="u", show_default=True, help="User ids are PREFIX + number.")
 @click.option("--lmdb", is_flag=True, help="Also write covers.lmdb in PixelRec's LMDB format.")
-@_friendly_errors
 def synth(out_dir, users, items, cold_items, seed, image_size, styles, min_len, max_len, style_seed, item_prefix,
           user_prefix, lmdb):
     """Write a synthetic PixelRec-format dataset: interactions.csv, covers/, items.csv.
@@ -110,10 +172,11 @@ def synth(out_dir, users, items, cold_items, seed, image_size, styles, min_len, 
 @click.option("--preset", type=click.Choice(["default", "pixelrec"]), default="default", show_default=True,
               help="pixelrec: squash to the input size, mean = std = 0.5 (the reference code's preprocessing).")
 @click.option("--image-size", type=int, help="Override the model's input size.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random-init seed (--pretrained none).")
-@click.option("--split-block", type=int, help="Also cache the tokens entering the last K blocks (for --items partial).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, help="Decoding processes (default: min(4, cores)).")
+@click.option("--seed", type=_SEED, default=0, show_default=True, help="Random-init seed (--pretrained none).")
+@click.option("--split-block", type=click.IntRange(min=1),
+              help="Also cache the tokens entering the last K blocks (for --items partial).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), help="Decoding processes (default: min(4, cores)).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @click.option("--float32", is_flag=True, help="Store float32 embeddings (default float16).")
 @click.option("--normalize", is_flag=True, help="L2-normalise the embeddings.")
@@ -123,7 +186,6 @@ def synth(out_dir, users, items, cold_items, seed, image_size, styles, min_len, 
 @click.option("--from-run", type=click.Path(file_okay=False),
               help="Encode with a trained run's item tower: the cache then holds the run's item vectors.")
 @click.pass_context
-@_friendly_errors
 def encode(ctx, images, out, interactions, model, pretrained, pooling, preset, image_size, seed, split_block, batch_size,
            workers, device, float32, normalize, skip_missing, overwrite, no_amp, from_run):
     """Encode covers once into an HDF5 embedding cache (resumable: rerun the same command)."""
@@ -157,97 +219,58 @@ def encode(ctx, images, out, interactions, model, pretrained, pooling, preset, i
 
 
 # ------------------------------------------------------------------------------------------- fit
-# (click option name, "section.field" in FitConfig)
-FIT_OPTIONS = {
-    "items": "items.kind", "cache": "items.cache", "images": "items.images", "encoder": "items.encoder",
-    "pretrained": "items.pretrained", "image_size": "items.image_size", "tune_blocks": "items.tune_blocks", "adapter": "items.adapter",
-    "head": "items.head", "item_dropout": "items.dropout", "hybrid": "items.hybrid", "image_branch": "items.image_branch",
-    "grad_checkpointing": "items.grad_checkpointing", "cache_in_memory": "items.cache_in_memory",
-    "model": "model.model", "max_len": "model.max_len", "dim": "model.dim", "layers": "model.layers",
-    "heads": "model.heads", "dropout": "model.dropout", "positions": "model.positions",
-    "loss": "loss.loss", "negatives": "loss.negatives",
-    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
-    "weight_decay": "train.weight_decay", "encoder_lr": "train.encoder_lr",
-    "encoder_weight_decay": "train.encoder_weight_decay", "patience": "train.patience",
-    "windows": "train.windows", "stride": "train.stride", "seed": "train.seed", "deterministic": "train.deterministic",
-    "device": "train.device", "min_interactions": "train.min_interactions",
+_PATH_TYPES = {
+    "file": click.Path(dir_okay=False),
+    "dir": click.Path(file_okay=False),
+    "any": click.Path(),
 }
+_PLAIN_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
+
+
+def _click_option(opt: FitOption) -> Callable[[Callable], Callable]:
+    """The click option of one FitConfig field, from its type, default and OptionSpec."""
+    spec = opt.spec
+    if opt.type is bool:
+        return click.option(opt.flag, is_flag=True, default=opt.default, help=spec.help)
+    if spec.choices is not None:
+        kind: click.ParamType = click.Choice(spec.choices)
+    elif spec.path is not None:
+        kind = _PATH_TYPES[spec.path]
+    else:
+        kind = _PLAIN_TYPES[opt.type]
+    if opt.required:
+        return click.option(opt.flag, type=kind, required=True, help=spec.help)
+    if spec.default_text is not None:  # resolved later (per model): say how, as click would show a default
+        return click.option(opt.flag, type=kind, default=opt.default, help=f"{spec.help}  [default: {spec.default_text}]")
+    return click.option(opt.flag, type=kind, default=opt.default, show_default=opt.default is not None, help=spec.help)
+
+
+def _fit_setting_options(fn: Callable) -> Callable:
+    """Add one option per FitConfig field (`fit_options`), in declaration order."""
+    for opt in reversed(fit_options()):  # decorators apply bottom-up; --help lists top-down
+        fn = _click_option(opt)(fn)
+    return fn
 
 
 @cli.command()
-@click.option("--interactions", required=True, type=click.Path(dir_okay=False), help="Interaction CSV (item_id,user_id,timestamp).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
-@click.option("--items", type=click.Choice(["id", "frozen", "partial", "e2e", "hybrid"]), default="id", show_default=True,
-              help="Item tower: id (IDNet), frozen (cached embedding + adapter), partial (cached split-block tokens "
-                   "+ top encoder blocks), e2e (raw images, PixelNet), hybrid (id + image).")
-@click.option("--cache", type=click.Path(dir_okay=False), help="HDF5 cache from `pixelrec encode` (frozen/partial/hybrid).")
-@click.option("--images", type=click.Path(), help="Covers dir or LMDB (e2e).")
-@click.option("--encoder", default="ViT-B-32", show_default=True, help="open_clip model (e2e).")
-@click.option("--pretrained", default="none", show_default=True, help="none | open_clip tag | local checkpoint path (e2e).")
-@click.option("--image-size", type=int, help="e2e: encoder input size in pixels (default: the model's own; "
-                                              "use the cache's size to compare with frozen/partial).")
-@click.option("--tune-blocks", type=int, default=-1, show_default=True, help="e2e: train only the top K encoder blocks (-1 = all).")
-@click.option("--adapter", type=click.Choice(["auto", "linear", "mlp"]), default="auto", show_default=True,
-              help="Image embedding -> recommender dim (auto: mlp for frozen, linear after trainable blocks).")
-@click.option("--head", type=click.Choice(["pooled", "token_relu_mean"]), default="pooled", show_default=True,
-              help="partial/e2e pooling head: the encoder's pooled output, or PixelRec's mean over tokens of ReLU(Linear(h)).")
-@click.option("--item-dropout", type=float, default=0.0, show_default=True,
-              help="Image towers: dropout on the image features before the adapter/head (helps cold items).")
-@click.option("--hybrid", type=click.Choice(["sum", "concat"]), default="sum", show_default=True, help="hybrid: how id and image vectors combine.")
-@click.option("--image-branch", type=click.Choice(["frozen", "partial"]), default="frozen", show_default=True, help="hybrid: image tower kind.")
-@click.option("--grad-checkpointing", is_flag=True, help="e2e: trade compute for memory.")
-@click.option("--cache-in-memory", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
-              help="Load the cache into RAM (auto: when it is small).")
-@click.option("--model", type=click.Choice(["sasrec", "gru4rec"]), default="sasrec", show_default=True)
-@click.option("--max-len", type=int, default=20, show_default=True, help="Items of history the model sees.")
-@click.option("--dim", type=int, default=64, show_default=True)
-@click.option("--layers", type=int, default=None, help="Transformer blocks / GRU layers.  [default: 2 for sasrec, 1 for gru4rec]")
-@click.option("--heads", type=int, default=2, show_default=True)
-@click.option("--dropout", type=float, default=0.3, show_default=True)
-@click.option("--positions", type=click.Choice(["relative", "absolute"]), default="relative", show_default=True,
-              help="SASRec positions: relative (attention bias by distance, trains every position as it is served) "
-                   "or absolute (learned embeddings, original SASRec / PixelRec).")
-@click.option("--loss", type=click.Choice(["softmax", "bpr"]), default="softmax", show_default=True)
-@click.option("--negatives", type=int, default=0, show_default=True,
-              help="Sampled softmax: uniform negatives per batch (0 = full softmax when affordable, else 1024).")
-@click.option("--epochs", type=int, default=200, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=None, help="Learning rate.  [default: 1e-3 for sasrec, 2e-3 for gru4rec]")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--encoder-lr", type=float, default=1e-4, show_default=True, help="Learning rate of image-encoder blocks.")
-@click.option("--encoder-weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--patience", type=int, default=10, show_default=True, help="Early stop after this many epochs without a better valid NDCG@10.")
-@click.option("--windows", type=click.Choice(["sliding", "overlapping", "chunks"]), default=None,
-              help="How training sequences are cut: sliding (each target once, in the window where it has the most "
-                   "context), overlapping (every target of every window), chunks (PixelRec's non-overlapping chunks).  "
-                   "[default: sliding for sasrec, overlapping for gru4rec]")
-@click.option("--stride", type=int, default=0, show_default=True,
-              help="Sliding windows: a window ends every STRIDE items and trains its newest STRIDE targets "
-                   "(1 = one sample per prefix, as RecBole). 0 = auto: max-len/6 for id/frozen, max-len/2 for "
-                   "towers that run image blocks and for overlapping windows.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--deterministic", is_flag=True, help="Ask torch for deterministic kernels.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
-@click.option("--min-interactions", type=int, default=3, show_default=True, help="Users with fewer are dropped (counted).")
-@click.option("--preset", type=click.Choice(["default", "pixelrec"]), default="default", show_default=True,
-              help="pixelrec = the reference code's settings (SPEC §6); options you give still win.")
-@click.option("--init-from", type=click.Path(file_okay=False), help="Transfer: start from a trained run's sequence encoder and image tower.")
+@_fit_setting_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-@_friendly_errors
-def fit(ctx: click.Context, interactions, out, preset, init_from, resume, overwrite, as_json, **opts):
-    """Train a sequence recommender; early-stops on validation NDCG@10 and writes RUN_DIR."""
+def fit(ctx: click.Context, resume: bool, overwrite: bool, as_json: bool, **settings: Any) -> None:
+    """Train a sequence recommender; early-stops on validation NDCG@10 and writes RUN_DIR (--out)."""
     from .recommend.config import FitConfig, apply_preset
     from .runs.fit import fit as run_fit
 
-    cfg = FitConfig(interactions=interactions, out=out, init_from=init_from)
-    for name, value in opts.items():
-        section, field = FIT_OPTIONS[name].split(".")
-        setattr(getattr(cfg, section), field, value)
-    explicit = {FIT_OPTIONS[n] for n in _explicit(ctx) if n in FIT_OPTIONS}
-    apply_preset(cfg, preset, explicit)
+    if resume and overwrite:
+        raise PixelrecError("--resume continues the run in --out and --overwrite replaces it: give only one")
+    options = fit_options()
+    cfg = FitConfig(interactions=settings["interactions"], out=settings["out"])
+    for opt in options:
+        cfg.set(opt.key, settings[opt.param_name])
+    typed = _explicit(ctx)
+    apply_preset(cfg, cfg.preset, {opt.key for opt in options if opt.param_name in typed})
     result = run_fit(cfg, resume=resume, overwrite=overwrite)
     summary = {"run_dir": str(result.run_dir), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                "seconds": round(result.seconds, 1), "seconds_per_epoch": round(result.seconds_per_epoch, 2),
@@ -267,22 +290,23 @@ def fit(ctx: click.Context, interactions, out, preset, init_from, resume, overwr
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True)
 @click.option("--k", "ks", default="5,10,20", show_default=True, help="Cut-offs, comma-separated.")
 @click.option("--index", "index_spec", default=None, help="Evaluate through this FAISS index (e.g. IVF256,Flat, HNSW32) and report its recall against exact search.")
-@click.option("--nprobe", type=int, help="IVF: lists probed per query.")
-@click.option("--ef-search", type=int, help="HNSW: efSearch.")
-@click.option("--negatives", type=int, default=0, show_default=True, help="Sampled protocol: N random non-interacted negatives per user (0 = full ranking).")
-@click.option("--cold-threshold", type=int, default=1, show_default=True, help="Targets with fewer training interactions count as cold.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled protocol.")
+@click.option("--nprobe", type=click.IntRange(min=1), help="IVF: lists probed per query.")
+@click.option("--ef-search", type=click.IntRange(min=1), help="HNSW: efSearch.")
+@click.option("--negatives", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sampled protocol: N random non-interacted negatives per user (0 = full ranking).")
+@click.option("--cold-threshold", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Targets with fewer training interactions count as cold.")
+@click.option("--seed", type=_SEED, default=0, show_default=True, help="Seed of the sampled protocol.")
 @click.option("--device", default="cpu", show_default=True, help="Where users are encoded and FAISS searches (cuda needs pixelrec[gpu]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-@_friendly_errors
 def evaluate(run_dir, split, ks, index_spec, nprobe, ef_search, negatives, cold_threshold, seed, device, as_json):
-    """Recall@k / NDCG@k of a trained run (full ranking, history excluded; SPEC §7)."""
+    """Recall@k / NDCG@k of a trained run (every item ranked, the user's history excluded)."""
     from .runs.evaluate import evaluate_run
     from .index.report import format_report
 
     options = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
     if options and not index_spec:
-        raise PixelrecError("--nprobe/--ef-search apply to an approximate index: add --index SPEC (e.g. IVF256,Flat)")
+        raise PixelrecError("--nprobe/--ef-search apply to an approximate index: add one, e.g. --index IVF256,Flat")
     report = evaluate_run(run_dir, split=split, ks=_ks(ks), index_spec=index_spec, index_options=options,
                           negatives=negatives, cold_threshold=cold_threshold, seed=seed, device=device)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
@@ -292,35 +316,44 @@ def evaluate(run_dir, split, ks, index_spec, nprobe, ef_search, negatives, cold_
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--user", help="A user id of the run's data: their full history is the query.")
-@click.option("--history", help="Comma-separated item ids, oldest first.")
+@click.option("--history", help="Item ids, oldest first: comma-separated, or a JSON list for ids that hold commas.")
+@click.option("--history-file", type=click.Path(dir_okay=False),
+              help="A file with one item id per line, oldest first ('-' = stdin).")
 @click.option("--users", "users_file", type=click.Path(dir_okay=False),
               help="File with one user id per line ('-' = stdin, 'all' = every user); streams JSONL.")
-@click.option("--k", type=int, default=10, show_default=True)
+@click.option("--k", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="With --users: write the JSONL here (atomically) instead of stdout.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON output (single queries).")
-@_friendly_errors
-def retrieve(run_dir, user, history, users_file, k, out, device, as_json):
+def retrieve(run_dir, user, history, history_file, users_file, k, out, device, as_json):
     """Top-k items for a user, an ad-hoc history, or a file of users (history excluded)."""
-    from .runs.retrieve import retrieve_batch, retrieve_one
+    from .runs.retrieve import parse_history, read_lines, retrieve_batch, retrieve_one
 
-    given = [x for x in (user, history, users_file) if x is not None]
+    given = [x for x in (user, history, history_file, users_file) if x is not None]
     if len(given) != 1:
-        raise PixelrecError("give exactly one of --user, --history or --users")
+        raise PixelrecError("give exactly one of --user, --history, --history-file or --users")
+    if out is not None and users_file is None:
+        raise PixelrecError("--out writes the JSONL of --users; a single query prints to stdout (use --json and a redirect)")
     if users_file is not None:
         summary = retrieve_batch(run_dir, users_file, k=k, out=out, device=device)
-        click.echo(f"retrieved for {summary['served']} users"
-                   + (f"; {len(summary['unknown'])} unknown user ids: {', '.join(summary['unknown'][:5])}"
-                      + ("..." if len(summary["unknown"]) > 5 else "") if summary["unknown"] else "")
+        unknown = summary.unknown
+        click.echo(f"retrieved for {summary.served} users"
+                   + (f"; {len(unknown)} unknown user ids: {', '.join(unknown[:5])}"
+                      + ("..." if len(unknown) > 5 else "") if unknown else "")
                    + (f"; wrote {out}" if out else ""), err=True)
         return
-    result = retrieve_one(run_dir, user=user, history=history.split(",") if history else None, k=k, device=device)
+    items = None
+    if history is not None:
+        items = parse_history(history)
+    elif history_file is not None:
+        items = read_lines(history_file, "one item id per line")
+    result = retrieve_one(run_dir, user=user, history=items, k=k, device=device)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        who = f"user {result['user_id']}" if result.get("user_id") else "history"
-        click.echo(f"top {k} for {who} ({len(result['history'])} items of history excluded):")
-        for rank, (item, score) in enumerate(zip(result["items"], result["scores"]), 1):
+        who = f"user {result.user_id}" if result.user_id else "history"
+        click.echo(f"top {k} for {who} ({len(result.history)} items of history excluded):")
+        for rank, (item, score) in enumerate(zip(result.items, result.scores), 1):
             click.echo(f"{rank:>4}  {item}  {score:.4f}")
 
 
@@ -329,21 +362,26 @@ def retrieve(run_dir, user, history, users_file, k, out, device, as_json):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--spec", default="Flat", show_default=True, help="FAISS index-factory string: Flat, IVF1024,Flat, IVF1024,PQ16, HNSW32, OPQ16,IVF1024,PQ16 ...")
 @click.option("--metric", type=click.Choice(["ip", "cosine"]), default="ip", show_default=True, help="The model scores by inner product.")
-@click.option("--nprobe", type=int, help="IVF: lists probed per query (stored with the index).")
-@click.option("--ef-search", type=int, help="HNSW: efSearch (stored with the index).")
+@click.option("--nprobe", type=click.IntRange(min=1), help="IVF: lists probed per query (stored with the index).")
+@click.option("--ef-search", type=click.IntRange(min=1), help="HNSW: efSearch (stored with the index).")
 @click.option("--add-images", type=click.Path(), help="Encode these new covers through the run's trained tower and add them.")
 @click.option("--device", default="cpu", show_default=True)
-@_friendly_errors
-def index(run_dir, spec, metric, nprobe, ef_search, add_images, device):
+@click.pass_context
+def index(ctx, run_dir, spec, metric, nprobe, ef_search, add_images, device):
     """(Re)build the run's item index, or add new items from their cover images."""
     from .runs.item_index import add_images_to_run, rebuild_run_index
 
     if add_images:
+        rebuild_only = sorted({"spec", "metric", "nprobe", "ef_search"} & _explicit(ctx))
+        if rebuild_only:
+            flag = "--" + rebuild_only[0].replace("_", "-")
+            raise PixelrecError(f"--add-images adds to the run's existing index; {flag} applies when rebuilding it "
+                                f"(run `pixelrec index RUN_DIR {flag} ...` on its own)")
         summary = add_images_to_run(run_dir, add_images, device=device)
-        ids = f" (ids {summary['first_id']}..{summary['last_id']})" if summary["added"] else ""
-        click.echo(f"added {summary['added']} items to {run_dir}/index{ids}"
-                   + (f"; {summary['skipped']} already indexed" if summary.get("skipped") else "")
-                   + (f"; {len(summary['failed'])} images failed" if summary.get("failed") else ""))
+        ids = f" (ids {summary.first_id}..{summary.last_id})" if summary.added else ""
+        click.echo(f"added {summary.added} items to {run_dir}{ids}"
+                   + (f"; {summary.skipped} already indexed" if summary.skipped else "")
+                   + (f"; {len(summary.failed)} images failed" if summary.failed else ""))
         return
     idx = rebuild_run_index(run_dir, spec=spec, metric=metric, nprobe=nprobe, ef_search=ef_search, device=device)
     click.echo(f"{run_dir}/index: {idx.describe()}")
@@ -354,24 +392,24 @@ def index(run_dir, spec, metric, nprobe, ef_search, add_images, device):
 @click.option("--workdir", default="pixelrec-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the data, cache, runs and plot go.")
 @click.option("--towers", default="id,frozen,partial,e2e", show_default=True, help="Item towers to compare.")
-@click.option("--epochs", type=int, default=30, show_default=True, help="Most epochs per tower (early stopping, patience 5).")
-@click.option("--users", type=int, default=2000, show_default=True)
-@click.option("--items", type=int, default=400, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Most epochs per tower (early stopping, patience 5).")
+@click.option("--users", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--items", type=click.IntRange(min=1), default=400, show_default=True)
+@click.option("--seed", type=_SEED, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@_friendly_errors
 def demo(workdir, towers, epochs, users, items, seed, device):
     """The embedded default: synth -> encode -> fit id/frozen/partial/e2e -> compare -> retrieve."""
     from .demo import DemoConfig, run_demo
 
     kinds = tuple(t.strip() for t in towers.split(",") if t.strip())
-    unknown = [t for t in kinds if t not in ("id", "frozen", "partial", "e2e", "hybrid")]
+    unknown = [t for t in kinds if t not in ITEM_KINDS]
     if unknown or not kinds:
         raise PixelrecError(f"--towers: unknown tower(s) {', '.join(unknown) or '(none given)'}; "
-                            f"choose from id, frozen, partial, e2e, hybrid")
+                            f"choose from {', '.join(ITEM_KINDS)}")
     r = run_demo(DemoConfig(workdir=workdir, towers=kinds, epochs=epochs, users=users, items=items,
                             cold_items=max(1, items // 10), seed=seed, device=device))
-    click.echo("\nTest split, full ranking with history excluded (SPEC §7):")
+    click.echo("\nTest split, every item ranked, each user's history excluded:")
     click.echo(r.table)
     click.echo(f"\nplot: {r.plot}")
     ret = r.retrieval

@@ -1,11 +1,16 @@
-"""The `pixelrec` command line (SPEC §4, §8): help, a full happy path in subprocesses, one-line
-errors with exit status 2 for bad input, quiet mode, and the --preset pixelrec settings."""
+"""The `pixelrec` command line: help, a full happy path in subprocesses, the error boundary every
+command runs in (one-line errors with exit status 2 for bad input, never a traceback), quiet mode,
+and the --preset pixelrec settings."""
 
 from __future__ import annotations
 
+import errno
 import json
+from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
 from fixtures_runs import (
     TINY_ARGS,
@@ -18,7 +23,8 @@ from fixtures_runs import (
     trained_run,
 )
 from pixelrec import __version__
-from pixelrec.cli import cli
+from pixelrec.cli import PixelrecGroup, cli
+from pixelrec.errors import PixelrecError
 
 
 
@@ -207,7 +213,7 @@ def test_preset_pixelrec_with_explicit_overrides(tmp_path):
     # explicit values win
     assert cfg["model"]["dim"] == 16 and cfg["model"]["max_len"] == 4 and cfg["train"]["batch_size"] == 8
     assert cfg["train"]["epochs"] == 1
-    # everything else comes from the preset (SPEC §6)
+    # everything else comes from the preset
     assert cfg["train"]["windows"] == "chunks" and cfg["loss"]["loss"] == "bpr"
     assert cfg["train"]["weight_decay"] == 0.1 and cfg["train"]["lr"] == 1e-4
     assert cfg["train"]["patience"] == 30 and cfg["train"]["encoder_lr"] == 1e-4
@@ -223,3 +229,144 @@ def test_preset_pixelrec_with_explicit_overrides(tmp_path):
     assert r.exit_code == 0
     cfg = json.loads((default / "config.json").read_text())["config"]
     assert cfg["preset"] == "default" and cfg["train"]["windows"] == "sliding" and cfg["loss"]["loss"] == "softmax"
+
+
+# ---------------------------------------------------------------------------------------- error boundary
+def toy_cli(raise_it) -> click.Group:
+    """A group like `pixelrec`'s, with one command `boom` that calls raise_it()."""
+
+    @click.group(cls=PixelrecGroup)
+    def toy() -> None:
+        pass
+
+    @toy.command()
+    def boom() -> None:
+        raise_it()
+
+    return toy
+
+
+def run_toy(raise_it, env: dict | None = None):
+    return CliRunner(env={"PIXELREC_TRACEBACK": None, **(env or {})}).invoke(toy_cli(raise_it), ["boom"])
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch's (torch.OutOfMemoryError), which the boundary recognises without importing torch."""
+
+
+def _raise(exc: BaseException):
+    def raise_it():
+        raise exc
+
+    return raise_it
+
+
+@pytest.mark.parametrize("exc, status, line", [
+    (PixelrecError("bad\nthing"), 2, "error: bad thing"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/run"), 2,
+     "error: /ro/run: read-only file system; choose a writable location"),
+    (OSError(errno.ENOSPC, "No space left on device", "/full/cache.h5"), 2,
+     "error: /full/cache.h5: no space left on device; free space and rerun"),
+    (PermissionError(errno.EACCES, "Permission denied", "/root/x"), 2, "error: /root/x: permission denied"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/no/dir/x"), 2,
+     "error: /no/dir/x: no such file or directory"),
+    (MemoryError(), 2, "error: out of memory; ask for less (smaller sizes or batches) or use a machine with more memory"),
+    (MemoryError("Unable to allocate 23.3 GiB for an array"), 2,
+     "error: out of memory (Unable to allocate 23.3 GiB for an array); ask for less (smaller sizes or batches) "
+     "or use a machine with more memory"),
+    (OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 2, "error: out of memory (CUDA out of memory."),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes"), 2,
+     "error: out of memory (DefaultCPUAllocator"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (ValueError("odd\nvalue"), 1, "error: internal error (ValueError: odd value); this is a pixelrec bug — "
+                                  "rerun with PIXELREC_TRACEBACK=1 to see the traceback"),
+    (AssertionError(), 1, "error: internal error (AssertionError: ); this is a pixelrec bug"),
+])
+def test_the_boundary_prints_one_line(exc, status, line):
+    r = run_toy(_raise(exc))
+    assert r.exit_code == status, r.output
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_an_internal_errors_message_is_kept_short():
+    r = run_toy(_raise(ValueError("x" * 5000)))
+    assert r.exit_code == 1 and len(r.stderr.splitlines()) == 1 and len(r.stderr) < 500
+
+
+def test_pixelrec_traceback_shows_the_traceback():
+    r = run_toy(_raise(ValueError("odd")), env={"PIXELREC_TRACEBACK": "1"})
+    assert r.exit_code == 1
+    assert r.stderr.startswith("Traceback (most recent call last):") and "ValueError: odd" in r.stderr
+    assert r.stderr.splitlines()[-1].startswith("error: internal error (ValueError: odd)")
+
+
+def test_click_errors_and_exits_pass_through_the_boundary():
+    def usage():
+        raise click.BadParameter("no good", param_hint="'--thing'")
+
+    r = run_toy(usage)
+    assert r.exit_code == 2 and "Usage:" in r.output and "Error: Invalid value for '--thing': no good" in r.output
+
+    def done():
+        click.get_current_context().exit(0)
+
+    assert run_toy(done).exit_code == 0
+
+
+def test_a_closed_stdout_is_left_to_click():
+    r = run_toy(_raise(BrokenPipeError(errno.EPIPE, "Broken pipe")))
+    assert "error:" not in r.output  # click exits quietly (status 1) when the reader of stdout went away
+
+
+def test_every_command_runs_inside_the_boundary():
+    assert isinstance(cli, PixelrecGroup)
+    assert set(cli.commands) == {"synth", "encode", "fit", "evaluate", "retrieve", "index", "demo"}
+
+
+def test_no_traceback_from_a_real_process(tmp_path):
+    """The installed entry point goes through the same boundary (a target nobody may write to)."""
+    r = run_cli(["synth", "/sys/pixelrec-test/data", "--users", "20", "--items", "12", "--cold-items", "2",
+                 "--styles", "2", "--min-len", "3", "--max-len", "5", "--image-size", "8"])
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert_one_line_error(r.stderr, "/sys/pixelrec-test")
+
+
+# ---------------------------------------------------------------------------------------- contradictions
+def test_resume_and_overwrite_are_refused_together(tmp_path):
+    r = invoke(_fit_args(handmade_dataset().path, tmp_path / "run") + ["--resume", "--overwrite"])
+    assert r.exit_code == 2
+    assert_one_line_error(r.stderr, "--resume", "--overwrite")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--cache", "c.h5"], ["--cache", "--items id"]),
+    (["--items", "e2e", "--images", "covers", "--cache", "c.h5"], ["--cache", "--items e2e"]),
+    (["--items", "frozen", "--cache", "c.h5", "--images", "covers"], ["--images", "--items frozen"]),
+])
+def test_inputs_the_tower_ignores_are_refused(tmp_path, extra, needles):
+    r = invoke(_fit_args(handmade_dataset().path, tmp_path / "run") + extra)
+    assert r.exit_code == 2
+    assert_one_line_error(r.stderr, *needles)
+
+
+def test_retrieve_takes_exactly_one_query():
+    run_dir, _ = trained_run()
+    user = (Path(run_dir) / "users.txt").read_text().split("\n")[0]
+    for args in (["--user", user, "--history", "i00001"], ["--user", user, "--users", "all"], []):
+        r = invoke(["retrieve", run_dir, *args])
+        assert r.exit_code == 2, args
+        assert_one_line_error(r.stderr, "exactly one of --user")
+
+
+def test_no_internal_document_is_cited_to_users():
+    import pixelrec.cli
+
+    assert "SPEC §" not in Path(pixelrec.cli.__file__).read_text()
+    for name in ("", *cli.commands):
+        r = invoke([name, "--help"] if name else ["--help"], quiet=False)
+        assert "SPEC" not in r.stdout, name

@@ -1,4 +1,5 @@
-"""FitConfig: validation, presets (SPEC §6 reference preset) and the config.json round trip."""
+"""FitConfig: defaults resolved per model, validation, presets (the PixelRec reference code's
+settings) and the config.json round trip."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ import pytest
 
 from pixelrec.errors import PixelrecError
 from pixelrec.recommend.config import (
+    CACHE_KINDS,
+    IMAGE_KINDS,
+    ITEM_KINDS,
+    NOT_OPTIONS,
     PIXELREC_PRESET,
     FitConfig,
     ItemsConfig,
+    LossConfig,
+    SequenceConfig,
     TrainConfig,
     apply_preset,
+    fit_options,
 )
-from pixelrec.recommend.model import LossConfig
-from pixelrec.recommend.sequence import SequenceConfig
 
 
 def cfg(**items) -> FitConfig:
@@ -64,9 +70,29 @@ def test_unknown_model():
         c.validate()
 
 
-@pytest.mark.parametrize("kind", ["id", "frozen", "partial", "e2e", "hybrid"])
+def inputs_of(kind: str) -> dict[str, str]:
+    """The inputs the item tower `kind` reads, and only those."""
+    return {**({"cache": "c.h5"} if kind in CACHE_KINDS else {}), **({"images": "covers"} if kind in IMAGE_KINDS else {})}
+
+
+@pytest.mark.parametrize("kind", ITEM_KINDS)
 def test_every_kind_validates_with_its_inputs(kind):
-    cfg(kind=kind, cache="c.h5", images="covers").validate()
+    cfg(kind=kind, **inputs_of(kind)).validate()
+
+
+@pytest.mark.parametrize("kind", [k for k in ITEM_KINDS if k not in CACHE_KINDS])
+def test_a_cache_the_tower_ignores_is_refused(kind):
+    with pytest.raises(PixelrecError) as err:
+        cfg(kind=kind, cache="c.h5", **inputs_of(kind)).validate()
+    msg = str(err.value)
+    assert "--cache" in msg and f"--items {kind}" in msg and "frozen, partial or hybrid" in msg
+
+
+@pytest.mark.parametrize("kind", [k for k in ITEM_KINDS if k not in IMAGE_KINDS])
+def test_images_the_tower_ignores_are_refused(kind):
+    with pytest.raises(PixelrecError) as err:
+        cfg(kind=kind, images="covers", **inputs_of(kind)).validate()
+    assert "--images" in str(err.value) and f"--items {kind}" in str(err.value)
 
 
 def test_unknown_kind():
@@ -240,7 +266,7 @@ def test_windows_default_per_model():
 
 def test_auto_stride_depends_on_the_tower_cost():
     def stride(kind, max_len=20, **items):
-        c = FitConfig(interactions="i.csv", out="o", items=ItemsConfig(kind=kind, cache="c.h5", images="d", **items))
+        c = FitConfig(interactions="i.csv", out="o", items=ItemsConfig(kind=kind, **inputs_of(kind), **items))
         c.model.max_len = max_len
         c.validate()
         return c.train.stride
@@ -276,3 +302,96 @@ def test_from_dict_tolerates_missing_and_unknown_keys():
     assert c.model.dim == 24 and c.model.max_len == SequenceConfig().max_len
     assert c.items == ItemsConfig() and c.train == TrainConfig() and c.loss == LossConfig()
     assert c.preset == "default" and c.init_from is None
+
+
+# ---- resolve_defaults / check / validate -------------------------------------------------------
+
+
+def test_resolve_defaults_fills_only_what_was_left_unset():
+    c = FitConfig(interactions="i.csv", out="o")
+    c.model.model, c.train.lr = "gru4rec", 5e-4
+    assert c.resolve_defaults() is c
+    assert (c.model.layers, c.train.lr, c.train.windows, c.train.stride) == (1, 5e-4, "overlapping", 10)
+    before = c.to_dict()
+    c.resolve_defaults()  # idempotent
+    assert c.to_dict() == before
+
+
+def test_check_changes_nothing_and_accepts_an_unresolved_config():
+    c = FitConfig(interactions="i.csv", out="o")
+    before = c.to_dict()
+    c.check()
+    assert c.to_dict() == before
+    assert c.model.layers is None and c.train.lr is None and c.train.windows is None and c.train.stride == 0
+
+
+def test_validate_is_resolve_then_check(monkeypatch):
+    calls = []
+    monkeypatch.setattr(FitConfig, "resolve_defaults", lambda self: calls.append("resolve") or self)
+    monkeypatch.setattr(FitConfig, "check", lambda self: calls.append("check"))
+    FitConfig(interactions="i.csv", out="o").validate()
+    assert calls == ["resolve", "check"]
+
+
+def test_check_sees_a_bad_value_even_when_resolve_cannot_fill_it():
+    c = FitConfig(interactions="i.csv", out="o")
+    c.model.model = "bert4rec"  # no per-model defaults: layers stay None
+    with pytest.raises(PixelrecError, match="unknown --model 'bert4rec'; expected sasrec or gru4rec"):
+        c.validate()
+
+
+FLOAT_OPTIONS = [o for o in fit_options() if o.type is float]
+
+
+@pytest.mark.parametrize("opt", FLOAT_OPTIONS, ids=lambda o: o.flag)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_floats_are_refused(opt, value):
+    c = FitConfig(interactions="i.csv", out="o")
+    c.set(opt.key, value)
+    with pytest.raises(PixelrecError, match=rf"^{opt.flag} must be a finite number \(got {value}\)$"):
+        c.check()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("items.tune_blocks", -2, "--tune-blocks must be at least -1 (got -2)"),
+    ("items.image_size", 0, "--image-size must be between 1 and 1024 (got 0)"),
+    ("items.image_size", 5000, "--image-size must be between 1 and 1024 (got 5000)"),
+    ("items.dropout", 1.0, "--item-dropout must be in [0, 1) (got 1.0)"),
+    ("model.layers", 0, "--layers must be at least 1 (got 0)"),
+    ("loss.negatives", -5, "--negatives must not be negative (got -5)"),
+    ("train.lr", -1.0, "--lr must not be negative (got -1.0)"),
+    ("train.seed", -1, "--seed must be between 0 and 4294967295 (got -1)"),
+    ("train.seed", 2**40, f"--seed must be between 0 and 4294967295 (got {2**40})"),
+    ("train.min_interactions", 2, "--min-interactions must be at least 3 (got 2)"),
+    ("train.patience", 0, "--patience must be at least 1 (got 0)"),
+    ("model.attn_dropout", 1.0, "model.attn_dropout must be in [0, 1) (got 1.0)"),
+    ("model.attn_dropout", float("nan"), "model.attn_dropout must be in [0, 1) (got nan)"),
+    ("model.inner_mult", 0, "model.inner_mult must be at least 1 (got 0)"),
+    ("model.gru_hidden", -1, "model.gru_hidden must be at least 0 (got -1)"),
+    ("loss.full_softmax_max_items", -1, "loss.full_softmax_max_items must be at least 0 (got -1)"),
+    ("train.eval_batch_size", 0, "train.eval_batch_size must be at least 1 (got 0)"),
+    ("train.cold_threshold", -1, "train.cold_threshold must be at least 0 (got -1)"),
+])
+def test_bounds(key, value, message):
+    c = FitConfig(interactions="i.csv", out="o")
+    c.set(key, value)
+    with pytest.raises(PixelrecError) as err:
+        c.check()
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("key", [k for k in sorted(NOT_OPTIONS)
+                                 if not isinstance(FitConfig(interactions="i", out="o").get(k), bool)])
+def test_settings_that_are_not_options_are_still_checked(key):
+    """Fields set only through the Python API are bounded too, and the message names them."""
+    c = FitConfig(interactions="i.csv", out="o")
+    c.set(key, -10)
+    with pytest.raises(PixelrecError, match=rf"^{key} must be "):
+        c.check()
+
+
+def test_get_and_set_by_key():
+    c = FitConfig(interactions="i.csv", out="o")
+    c.set("model.dim", 8)
+    c.set("init_from", "/runs/a")
+    assert c.get("model.dim") == 8 == c.model.dim and c.get("init_from") == "/runs/a"

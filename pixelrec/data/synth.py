@@ -1,4 +1,4 @@
-"""Synthetic PixelRec-format datasets (`pixelrec synth`, SPEC §4) for tests and the demo.
+"""Synthetic PixelRec-format datasets (`pixelrec synth`) for tests and the demo.
 
 Every item has one of `styles` visual styles: a background hue (hues evenly spread around the
 colour wheel) and a foreground motif (circle, stripes, checker, ...), drawn with per-item jitter in
@@ -49,6 +49,18 @@ _START_TIME = 1_600_000_000
 MANIFEST = "synth.json"
 _OUTPUTS = ("interactions.csv", "items.csv", "covers", "covers.lmdb", MANIFEST)
 
+# Limits that keep a synthetic dataset within a few GB of memory: covers are rendered 256 at a time
+# as float32 pixels (about 3 GB at 512 x 512), and every interaction costs a few arrays of int64.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512
+MAX_USERS = 1_000_000
+MAX_ITEMS = 1_000_000
+MAX_STYLES = 1_000
+MAX_LEN = 1_000
+MAX_USERS_X_LEN = 20_000_000
+MAX_SEED = 2**32 - 1
+MAX_PREFIX_LEN = 100
+_FORBIDDEN_IN_IDS = frozenset("/\\,\"")  # path separators, the CSV separator and quote
+
 
 @dataclass
 class SynthConfig:
@@ -75,11 +87,12 @@ class SynthConfig:
     jpeg_quality: int = 90
 
     def validate(self) -> None:
-        """Raise PixelrecError naming the first setting that cannot work."""
+        """Raise PixelrecError naming the first setting that cannot work (or would not fit in memory)."""
         checks = [
-            (self.users >= 1, "--users must be >= 1"),
-            (self.styles >= 1, "--styles must be >= 1"),
+            (1 <= self.users <= MAX_USERS, f"--users must be between 1 and {MAX_USERS:,} (got {self.users})"),
+            (1 <= self.styles <= MAX_STYLES, f"--styles must be between 1 and {MAX_STYLES} (got {self.styles})"),
             (self.items >= self.styles, f"--items {self.items} must be >= --styles {self.styles}"),
+            (self.items <= MAX_ITEMS, f"--items must be at most {MAX_ITEMS:,} (got {self.items})"),
             (0 <= self.cold_items <= self.items - self.styles,
              f"--cold-items {self.cold_items} must be between 0 and items - styles = {self.items - self.styles} "
              f"(every style keeps a warm item)"),
@@ -87,18 +100,46 @@ class SynthConfig:
              f"--items minus --cold-items must be >= --max-len {self.max_len} (users never repeat an item)"),
             (self.min_len >= 3, "--min-len must be >= 3 (train, validation and test interactions)"),
             (self.max_len >= self.min_len, f"--max-len {self.max_len} must be >= --min-len {self.min_len}"),
-            (self.image_size >= 8, "--image-size must be >= 8"),
+            (self.max_len <= MAX_LEN, f"--max-len must be at most {MAX_LEN} (got {self.max_len})"),
+            (self.users * self.max_len <= MAX_USERS_X_LEN,
+             f"--users x --max-len must be at most {MAX_USERS_X_LEN:,} (got {self.users * self.max_len:,}); "
+             f"ask for fewer users or shorter sequences"),
+            (MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE,
+             f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels (got {self.image_size})"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED} (got {self.seed})"),
+            (self.style_seed is None or 0 <= self.style_seed <= MAX_SEED,
+             f"--style-seed must be between 0 and {MAX_SEED} (got {self.style_seed})"),
             (0 <= self.p_stay and 0 <= self.p_next and self.p_stay + self.p_next <= 1,
              "p_stay and p_next must be >= 0 with p_stay + p_next <= 1"),
             (0 <= self.p_two_styles <= 1 and 0 <= self.cold_user_frac <= 1,
              "p_two_styles and cold_user_frac must be in [0, 1]"),
-            (self.zipf >= 0, "zipf exponent must be >= 0"),
+            (0 <= self.zipf < math.inf, "zipf exponent must be a finite number >= 0"),
             (0 <= self.appeal <= 1, "appeal must be in [0, 1]"),
             (1 <= self.jpeg_quality <= 100, "jpeg_quality must be in 1..100"),
         ]
         for ok, message in checks:
             if not ok:
                 raise PixelrecError(message)
+        for flag, prefix in (("--item-prefix", self.item_prefix), ("--user-prefix", self.user_prefix)):
+            problem = id_prefix_problem(prefix)
+            if problem:
+                raise PixelrecError(f"{flag} {prefix!r}: {problem}")
+
+
+def id_prefix_problem(prefix: str) -> str | None:
+    """Why `prefix` cannot start item or user ids, or None. Item ids become cover file names and
+    both kinds of ids are CSV fields, so a prefix must be a plain, non-empty piece of a file name."""
+    if not prefix:
+        return "must not be empty"
+    if len(prefix) > MAX_PREFIX_LEN:
+        return f"must be at most {MAX_PREFIX_LEN} characters (ids become file names)"
+    bad = sorted({c for c in prefix if c in _FORBIDDEN_IN_IDS or not c.isprintable()})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        return f"must not contain {shown} (ids become file names and CSV fields)"
+    if prefix.startswith(".") or prefix != prefix.strip():
+        return "must not start with a dot or start or end with whitespace (ids become file names)"
+    return None
 
 
 @dataclass

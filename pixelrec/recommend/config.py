@@ -1,42 +1,124 @@
 """Typed configuration of a `fit` run: one dataclass per concern, composed into `FitConfig`.
 
+Every setting is declared once, here. A field holds its default; its metadata (`setting(...)`)
+holds the help text, the command-line flag, the allowed values (one module-level constant per
+choice list, shared with `check`) and the numeric bounds. `pixelrec fit` builds its options from
+these fields (`fit_options`), and `FitConfig.check` refuses values outside them. The few fields
+that are deliberately not command-line options are listed in `NOT_OPTIONS` with the reason.
+
 Defaults are our own (tuned on real data, see README "Results"); `--preset pixelrec` switches to
-the PixelRec reference code's choices (SPEC §6) so its paper figures can be reproduced.
-Every setting is written to the run's config.json.
+the PixelRec reference code's choices so that its paper figures can be reproduced. Every setting
+is written to the run's config.json.
+
+This module does not import torch (the command line reads it to build `fit`'s options); the
+sequence encoders and the recommender import their configurations from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import PixelrecError
-from .model import LossConfig
-from .sequence import DEFAULT_LAYERS, SequenceConfig
 
+if TYPE_CHECKING:
+    from .towers import ItemTower
+
+# ---------------------------------------------------------------------------------- choice lists
 ITEM_KINDS = ("id", "frozen", "partial", "e2e", "hybrid")
 CACHE_KINDS = ("frozen", "partial", "hybrid")  # item towers that read an embedding cache (--cache)
+IMAGE_KINDS = ("e2e",)  # item towers that read the covers themselves (--images)
+ADAPTERS = ("auto", "linear", "mlp")
+HEADS = ("pooled", "token_relu_mean")
+HYBRID_MODES = ("sum", "concat")
+IMAGE_BRANCHES = ("frozen", "partial")
+CACHE_IN_MEMORY = ("auto", "yes", "no")
+MODELS = ("sasrec", "gru4rec")
+POSITIONS = ("relative", "absolute")
+LOSSES = ("softmax", "bpr")
+WINDOWS = ("sliding", "overlapping", "chunks")
+PRESET_NAMES = ("default", "pixelrec")
+
+# ------------------------------------------------------------------------- per-model defaults
+# Layers when none are asked for: the best on MovieLens-100K with full ranking of the leave-one-out
+# test item (benchmarks/ml100k.py); a second GRU layer cost GRU4Rec about 0.01 NDCG@10 there.
+DEFAULT_LAYERS = {"sasrec": 2, "gru4rec": 1}
+# Learning rate when none is asked for, per sequence model: the best on ML-100K under the same
+# protocol (benchmarks/ml100k.py). GRU4Rec at 1e-3 reached the same quality in about twice the epochs.
+DEFAULT_LR = {"sasrec": 1e-3, "gru4rec": 2e-3}
+# How training sequences are cut when not asked for (batches.py): on ML-100K SASRec gained about
+# 0.005 NDCG@10 and 0.01 Recall@10 from `sliding` (each target once, most context) over `overlapping`;
+# GRU4Rec did best with `overlapping` every max_len / 2 (each target twice, short and long context).
+DEFAULT_WINDOWS = {"sasrec": "sliding", "gru4rec": "overlapping"}
+
+SEED_MAX = 2**32 - 1  # numpy's seed range
+IMAGE_SIZE_MAX = 1024  # e2e encoder input side in pixels, as for `encode --image-size` (larger ones exhaust memory)
 
 
+# ------------------------------------------------------------------------------ field metadata
+OPTION = "pixelrec.option"  # the key of a field's OptionSpec in its metadata
+
+PathKind = Literal["file", "dir", "any"]
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """How a configuration field appears on the command line, and which values it accepts."""
+
+    help: str
+    flag: str | None = None  # the option's name; None = "--" + the field name with dashes
+    choices: tuple[str, ...] | None = None  # allowed values (a module-level constant)
+    default_text: str | None = None  # shown as the default when the field's default (None) is resolved later
+    path: PathKind | None = None  # a path option: to a file, a directory, or either
+    at_least: float | None = None
+    at_most: float | None = None
+    below: float | None = None  # exclusive upper bound (dropout rates)
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, **spec: Any) -> Any:
+    """A dataclass field that is also a `pixelrec fit` option (see OptionSpec for `spec`)."""
+    return field(default=default, metadata={OPTION: OptionSpec(help=help, **spec)})
+
+
+def per_model(defaults: dict[str, Any]) -> str:
+    """Help text for a default that depends on --model, e.g. '2 for sasrec, 1 for gru4rec'."""
+    return ", ".join(f"{value:g} for {model}" if isinstance(value, float) else f"{value} for {model}"
+                     for model, value in defaults.items())
+
+
+# ---------------------------------------------------------------------------------- sections
 @dataclass
 class ItemsConfig:
     """Which item tower, and where its inputs come from."""
 
-    kind: str = "id"  # id | frozen | partial | e2e | hybrid
-    cache: str | None = None  # HDF5 cache from `pixelrec encode` (frozen / partial / hybrid)
-    images: str | None = None  # covers dir or LMDB (e2e)
-    encoder: str = "ViT-B-32"  # open_clip model (e2e)
-    pretrained: str = "none"  # none | open_clip tag | local checkpoint path (e2e)
-    image_size: int | None = None  # e2e: encoder input size (None = the model's own); match the cache's to compare
-    tune_blocks: int = -1  # e2e: train only the top K encoder blocks (-1 = all)
-    adapter: str = "auto"  # auto | linear | mlp: pooled embedding -> d (auto: mlp for frozen, else linear)
-    dropout: float = 0.0  # dropout on the image features entering the adapter / token head
-    head: str = "pooled"  # pooled | token_relu_mean (PixelRec: mean over tokens of ReLU(Linear(h)))
-    hybrid: str = "sum"  # hybrid: sum | concat (id + image, concat is projected back to d)
-    image_branch: str = "frozen"  # hybrid: frozen | partial
-    grad_checkpointing: bool = False  # e2e
-    cache_in_memory: str = "auto"  # auto | yes | no: load the cache into RAM
+    kind: str = setting(
+        "id", flag="--items", choices=ITEM_KINDS,
+        help="Item tower: id (IDNet), frozen (cached embedding + adapter), partial (cached split-block tokens "
+             "+ top encoder blocks), e2e (raw images, PixelNet), hybrid (id + image).")
+    cache: str | None = setting(None, path="file", help="HDF5 cache from `pixelrec encode` (frozen/partial/hybrid).")
+    images: str | None = setting(None, path="any", help="Covers dir or LMDB (e2e).")
+    encoder: str = setting("ViT-B-32", help="open_clip model (e2e).")
+    pretrained: str = setting("none", help="none | open_clip tag | local checkpoint path (e2e).")
+    image_size: int | None = setting(
+        None, at_least=1, at_most=IMAGE_SIZE_MAX, default_text="the model's own",
+        help="e2e: encoder input size in pixels (use the cache's size to compare with frozen/partial).")
+    tune_blocks: int = setting(-1, at_least=-1, help="e2e: train only the top K encoder blocks (-1 = all).")
+    adapter: str = setting(
+        "auto", choices=ADAPTERS,
+        help="Image embedding -> recommender dim (auto: mlp for frozen, linear after trainable blocks).")
+    dropout: float = setting(
+        0.0, flag="--item-dropout", at_least=0, below=1,
+        help="Image towers: dropout on the image features before the adapter/head (helps cold items).")
+    head: str = setting(
+        "pooled", choices=HEADS,
+        help="partial/e2e pooling head: the encoder's pooled output, or PixelRec's mean over tokens of ReLU(Linear(h)).")
+    hybrid: str = setting("sum", choices=HYBRID_MODES, help="hybrid: how id and image vectors combine.")
+    image_branch: str = setting("frozen", choices=IMAGE_BRANCHES, help="hybrid: image tower kind.")
+    grad_checkpointing: bool = setting(False, help="e2e: trade compute for memory.")
+    cache_in_memory: str = setting("auto", choices=CACHE_IN_MEMORY, help="Load the cache into RAM (auto: when it is small).")
 
     @property
     def uses_cache(self) -> bool:
@@ -44,45 +126,118 @@ class ItemsConfig:
         return self.kind in CACHE_KINDS
 
 
-# Learning rate when none is asked for, per sequence model: the best on ML-100K under SPEC §7
-# (benchmarks/ml100k.py). GRU4Rec at 1e-3 reached the same quality in about twice the epochs.
-DEFAULT_LR = {"sasrec": 1e-3, "gru4rec": 2e-3}
-# How training sequences are cut when not asked for (batches.py): on ML-100K SASRec gained about
-# 0.005 NDCG@10 and 0.01 Recall@10 from `sliding` (each target once, most context) over `overlapping`;
-# GRU4Rec did best with `overlapping` every max_len / 2 (each target twice, short and long context).
-DEFAULT_WINDOWS = {"sasrec": "sliding", "gru4rec": "overlapping"}
+@dataclass
+class SequenceConfig:
+    """The sequence encoder (user tower): SASRec or GRU4Rec."""
+
+    model: str = setting("sasrec", choices=MODELS, help="Sequence model.")
+    dim: int = setting(64, at_least=1, help="Item/user vector size.")
+    max_len: int = setting(20, at_least=1, help="Items of history the model sees.")
+    layers: int | None = setting(None, at_least=1, default_text=per_model(DEFAULT_LAYERS),
+                                 help="Transformer blocks / GRU layers.")
+    heads: int = setting(2, at_least=1, help="SASRec attention heads (must divide --dim).")
+    inner_mult: int = 4  # SASRec feed-forward width = inner_mult * dim (not an option: NOT_OPTIONS)
+    dropout: float = setting(0.3, at_least=0, below=1, help="Dropout in the sequence model.")
+    attn_dropout: float = 0.3  # SASRec only (not an option: NOT_OPTIONS)
+    positions: str = setting(
+        "relative", choices=POSITIONS,
+        help="SASRec positions: relative (attention bias by distance, trains every position as it is served) "
+             "or absolute (learned embeddings, original SASRec / PixelRec).")
+    gru_hidden: int = 0  # GRU4Rec hidden size; 0 = 2 * dim (not an option: NOT_OPTIONS)
+
+
+@dataclass
+class LossConfig:
+    loss: str = setting("softmax", choices=LOSSES, help="Training loss.")
+    negatives: int = setting(
+        0, at_least=0, help="Sampled softmax: uniform negatives per batch (0 = full softmax when affordable, else 1024).")
+    full_softmax_max_items: int = 100_000  # above this many items, sampled softmax even for cheap towers
+
+    def use_full_softmax(self, tower: ItemTower) -> bool:
+        return self.negatives == 0 and tower.cheap and tower.num_items <= self.full_softmax_max_items
+
+    def uniform_negatives(self) -> int:
+        return self.negatives or 1024
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float | None = None  # None = the sequence model's default (DEFAULT_LR)
-    weight_decay: float = 0.0
-    encoder_lr: float = 1e-4  # image-encoder blocks (partial / e2e)
-    encoder_weight_decay: float = 0.0
-    patience: int = 10  # early stop after this many epochs without a better valid NDCG@10
-    windows: str | None = None  # sliding | overlapping | chunks (PixelRec); None = the model's default (DEFAULT_WINDOWS)
-    stride: int = 0  # sliding windows: a window ends every `stride` items; 0 = auto (default_stride)
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    amp: bool = True  # mixed precision on CUDA
-    eval_batch_size: int = 1024
-    min_interactions: int = 3
-    cold_threshold: int = 1  # evaluation: targets with fewer training interactions are "cold"
+    epochs: int = setting(200, at_least=1, help="Most epochs (early stopping may end sooner).")
+    batch_size: int = setting(128, at_least=1, help="Training windows per step.")
+    lr: float | None = setting(None, at_least=0, default_text=per_model(DEFAULT_LR), help="Learning rate.")
+    weight_decay: float = setting(0.0, at_least=0, help="AdamW weight decay.")
+    encoder_lr: float = setting(1e-4, at_least=0, help="Learning rate of image-encoder blocks.")
+    encoder_weight_decay: float = setting(0.0, at_least=0, help="Weight decay of image-encoder blocks.")
+    patience: int = setting(10, at_least=1, help="Early stop after this many epochs without a better valid NDCG@10.")
+    windows: str | None = setting(
+        None, choices=WINDOWS, default_text=per_model(DEFAULT_WINDOWS),
+        help="How training sequences are cut: sliding (each target once, in the window where it has the most "
+             "context), overlapping (every target of every window), chunks (PixelRec's non-overlapping chunks).")
+    stride: int = setting(
+        0, help="Sliding windows: a window ends every STRIDE items and trains its newest STRIDE targets "
+                "(1 = one sample per prefix, as RecBole). 0 = auto: max-len/6 for id/frozen, max-len/2 for "
+                "towers that run image blocks and for overlapping windows.")
+    seed: int = setting(0, at_least=0, at_most=SEED_MAX, help="Random seed.")
+    deterministic: bool = setting(False, help="Ask torch for deterministic kernels.")
+    device: str = setting("auto", help="auto | cpu | cuda[:N]")
+    amp: bool = True  # mixed precision on CUDA (not an option: NOT_OPTIONS)
+    eval_batch_size: int = 1024  # (not an option: NOT_OPTIONS)
+    min_interactions: int = setting(3, at_least=3, help="Users with fewer are dropped (counted).")
+    cold_threshold: int = 1  # evaluation: targets with fewer training interactions are "cold" (NOT_OPTIONS)
+
+
+# Fields that are deliberately not `pixelrec fit` options ("section.field" -> why). The Python API
+# (FitConfig) sets them; config.json records them like every other setting.
+NOT_OPTIONS: dict[str, str] = {
+    "model.inner_mult": "architecture detail of SASRec's feed-forward block; only --preset pixelrec changes it (to 2)",
+    "model.attn_dropout": "tuned together with --dropout (equal by default); only --preset pixelrec changes it",
+    "model.gru_hidden": "GRU4Rec's hidden size follows --dim (2 x dim); a separate knob has not been worth it",
+    "loss.full_softmax_max_items": "a memory guard, not a modelling choice; --negatives N already asks for "
+                                   "sampled softmax at any catalogue size",
+    "train.amp": "a speed switch that only acts on CUDA (bf16/fp16 autocast), on by default; a loss that stops "
+                 "being finite already fails with advice to lower --lr",
+    "train.eval_batch_size": "only trades memory for speed during validation; results do not depend on it",
+    "train.cold_threshold": "an evaluation setting: `pixelrec evaluate --cold-threshold N` reports any threshold "
+                            "from the trained run",
+}
+
+# The PixelRec reference code's choices (its published training script). Keys are "section.field".
+PIXELREC_PRESET: dict[str, Any] = {
+    "model.dim": 512,
+    "model.layers": 2,
+    "model.heads": 4,
+    "model.inner_mult": 2,
+    "model.dropout": 0.1,
+    "model.attn_dropout": 0.1,
+    "model.max_len": 10,
+    "model.positions": "absolute",
+    "train.windows": "chunks",
+    "train.lr": 1e-4,
+    "train.weight_decay": 0.1,
+    "train.encoder_lr": 1e-4,
+    "train.encoder_weight_decay": 0.0,
+    "train.patience": 30,
+    "train.batch_size": 16,
+    "loss.loss": "bpr",
+    "items.head": "token_relu_mean",
+    "items.tune_blocks": 2,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"default": {}, "pixelrec": PIXELREC_PRESET}
 
 
 @dataclass
 class FitConfig:
-    interactions: str
-    out: str
+    interactions: str = setting(path="file", help="Interaction CSV (item_id,user_id,timestamp).")
+    out: str = setting(path="dir", help="Run directory to write.")
     items: ItemsConfig = field(default_factory=ItemsConfig)
     model: SequenceConfig = field(default_factory=SequenceConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    preset: str = "default"
-    init_from: str | None = None  # transfer: start from a trained run's sequence encoder and image tower
+    preset: str = setting("default", choices=PRESET_NAMES,
+                          help="pixelrec: the PixelRec reference code's settings; options you give still win.")
+    init_from: str | None = setting(
+        None, path="dir", help="Transfer: start from a trained run's sequence encoder and image tower.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,8 +256,9 @@ class FitConfig:
             init_from=d.get("init_from"),
         )
 
-    def fill_model_defaults(self) -> "FitConfig":
-        """Settings left at None take the chosen sequence model's default (so config.json records them)."""
+    def resolve_defaults(self) -> "FitConfig":
+        """Settings left at None (or stride 0) take the chosen sequence model's default, so that
+        config.json records what was used. Settings already given are kept."""
         if self.model.layers is None:
             self.model.layers = DEFAULT_LAYERS.get(self.model.model)
         if self.train.lr is None:
@@ -113,43 +269,58 @@ class FitConfig:
             self.train.stride = default_stride(self)
         return self
 
-    def validate(self) -> None:
-        """Fill the model's defaults, then refuse impossible settings with a one-line error."""
-        if self.model.model not in DEFAULT_LAYERS:
-            raise PixelrecError(f"unknown --model {self.model.model!r}; expected one of {', '.join(DEFAULT_LAYERS)}")
-        self.fill_model_defaults()
-        if self.items.kind not in ITEM_KINDS:
-            raise PixelrecError(f"unknown --items {self.items.kind!r}; expected one of {', '.join(ITEM_KINDS)}")
-        if self.model.positions not in ("relative", "absolute"):
-            raise PixelrecError(f"unknown --positions {self.model.positions!r}; expected relative or absolute")
-        if self.loss.loss not in ("softmax", "bpr"):
-            raise PixelrecError(f"unknown --loss {self.loss.loss!r}; expected softmax or bpr")
-        if self.train.windows not in ("sliding", "overlapping", "chunks"):
-            raise PixelrecError(f"unknown --windows {self.train.windows!r}; expected sliding, overlapping or chunks")
-        if self.items.uses_cache and not self.items.cache:
-            raise PixelrecError(f"--items {self.items.kind} needs --cache CACHE.h5 (made by `pixelrec encode`)")
-        if self.items.kind == "e2e" and not self.items.images:
-            raise PixelrecError("--items e2e needs --images DIR|LMDB (the covers) and --encoder")
-        for name, value in (("--max-len", self.model.max_len), ("--dim", self.model.dim),
-                            ("--epochs", self.train.epochs), ("--batch-size", self.train.batch_size),
-                            ("--heads", self.model.heads), ("--layers", self.model.layers),
-                            ("--patience", self.train.patience),
-                            ("--image-size", 1 if self.items.image_size is None else self.items.image_size)):
-            if value < 1:
-                raise PixelrecError(f"{name} must be at least 1 (got {value})")
-        if not 1 <= self.train.stride <= self.model.max_len:
+    def validate(self) -> "FitConfig":
+        """What `fit` calls first: resolve the model's defaults, then refuse impossible settings."""
+        self.resolve_defaults()
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """Raise PixelrecError (one line, naming the option) for the first setting that cannot work.
+
+        Changes nothing; accepts a configuration before or after `resolve_defaults`.
+        """
+        options = fit_options()
+        for opt in options:
+            _check_choice(opt, self.get(opt.key))
+        self._check_inputs()
+        for opt in options:
+            _check_number(opt, self.get(opt.key))
+        if self.train.stride != 0 and not 1 <= self.train.stride <= self.model.max_len:
             raise PixelrecError(f"--stride must be between 1 and --max-len ({self.model.max_len}), or 0 for auto "
                                 f"(got {self.train.stride})")
-        for name, value in (("--dropout", self.model.dropout), ("attention dropout", self.model.attn_dropout),
-                            ("--item-dropout", self.items.dropout)):
-            if not 0 <= value < 1:
-                raise PixelrecError(f"{name} must be in [0, 1) (got {value})")
-        for name, value in (("--lr", self.train.lr), ("--encoder-lr", self.train.encoder_lr),
-                            ("--weight-decay", self.train.weight_decay),
-                            ("--encoder-weight-decay", self.train.encoder_weight_decay),
-                            ("--negatives", self.loss.negatives)):
-            if value < 0:
-                raise PixelrecError(f"{name} must not be negative (got {value})")
+        for name, value, low in (("model.inner_mult", self.model.inner_mult, 1),
+                                 ("model.gru_hidden", self.model.gru_hidden, 0),
+                                 ("loss.full_softmax_max_items", self.loss.full_softmax_max_items, 0),
+                                 ("train.eval_batch_size", self.train.eval_batch_size, 1),
+                                 ("train.cold_threshold", self.train.cold_threshold, 0)):
+            if value < low:
+                raise PixelrecError(f"{name} must be at least {low} (got {value})")
+        if not (math.isfinite(self.model.attn_dropout) and 0 <= self.model.attn_dropout < 1):
+            raise PixelrecError(f"model.attn_dropout must be in [0, 1) (got {self.model.attn_dropout})")
+
+    def _check_inputs(self) -> None:
+        """The chosen item tower has the inputs it reads, and no input it would ignore."""
+        items = self.items
+        if items.uses_cache and not items.cache:
+            raise PixelrecError(f"--items {items.kind} needs --cache CACHE.h5 (made by `pixelrec encode`)")
+        if items.kind in IMAGE_KINDS and not items.images:
+            raise PixelrecError("--items e2e needs --images DIR|LMDB (the covers) and --encoder")
+        if items.cache and not items.uses_cache:
+            raise PixelrecError(f"--cache is read only by --items {_one_of(CACHE_KINDS)}, not by --items "
+                                f"{items.kind}; drop --cache or choose one of those towers")
+        if items.images and items.kind not in IMAGE_KINDS:
+            raise PixelrecError(f"--images is read only by --items {_one_of(IMAGE_KINDS)}, not by --items "
+                                f"{items.kind}; drop --images or choose that tower")
+
+    # ---- access by "section.field" key (the keys of fit_options, NOT_OPTIONS and the presets)
+    def get(self, key: str) -> Any:
+        section, _, name = key.rpartition(".")
+        return getattr(getattr(self, section) if section else self, name)
+
+    def set(self, key: str, value: Any) -> None:
+        section, _, name = key.rpartition(".")
+        setattr(getattr(self, section) if section else self, name, value)
 
 
 def default_stride(cfg: FitConfig) -> int:
@@ -173,39 +344,99 @@ def _load(cls, d: dict[str, Any]):
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
-# The PixelRec reference code's choices (SPEC §6). Keys are "section.field".
-PIXELREC_PRESET: dict[str, Any] = {
-    "model.dim": 512,
-    "model.layers": 2,
-    "model.heads": 4,
-    "model.inner_mult": 2,
-    "model.dropout": 0.1,
-    "model.attn_dropout": 0.1,
-    "model.max_len": 10,
-    "model.positions": "absolute",
-    "train.windows": "chunks",
-    "train.lr": 1e-4,
-    "train.weight_decay": 0.1,
-    "train.encoder_lr": 1e-4,
-    "train.encoder_weight_decay": 0.0,
-    "train.patience": 30,
-    "train.batch_size": 16,
-    "loss.loss": "bpr",
-    "items.head": "token_relu_mean",
-    "items.tune_blocks": 2,
-}
-
-PRESETS = {"default": {}, "pixelrec": PIXELREC_PRESET}
-
-
 def apply_preset(cfg: FitConfig, name: str, explicit: set[str] = frozenset()) -> FitConfig:
     """Set the preset's values on cfg, except for keys the user gave explicitly ("section.field")."""
     if name not in PRESETS:
         raise PixelrecError(f"unknown --preset {name!r}; expected one of {', '.join(PRESETS)}")
     cfg.preset = name
     for key, value in PRESETS[name].items():
-        if key in explicit:
-            continue
-        section, fld = key.split(".")
-        setattr(getattr(cfg, section), fld, value)
+        if key not in explicit:
+            cfg.set(key, value)
     return cfg
+
+
+# ------------------------------------------------------------------------------- the options
+@dataclass(frozen=True)
+class FitOption:
+    """One `pixelrec fit` option: the FitConfig field it sets and how it is declared."""
+
+    key: str  # "section.field", or "field" for FitConfig's own fields
+    type: type  # int, float, str or bool (Optional removed)
+    default: Any  # dataclasses.MISSING for required options
+    spec: OptionSpec
+
+    @property
+    def flag(self) -> str:
+        return self.spec.flag or "--" + self.key.rpartition(".")[2].replace("_", "-")
+
+    @property
+    def param_name(self) -> str:
+        """The Python name click gives the option's value."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def required(self) -> bool:
+        return self.default is dataclasses.MISSING
+
+
+def fit_options() -> tuple[FitOption, ...]:
+    """Every field of FitConfig that is a command-line option, in declaration order."""
+    return _FIT_OPTIONS
+
+
+def _options_of(cls: type, prefix: str = "") -> list[FitOption]:
+    hints = typing.get_type_hints(cls)
+    out: list[FitOption] = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += _options_of(hint, f"{f.name}.")
+        elif OPTION in f.metadata:
+            out.append(FitOption(prefix + f.name, _plain_type(hint), f.default, f.metadata[OPTION]))
+    return out
+
+
+def _plain_type(hint: Any) -> type:
+    """int | None -> int."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+_FIT_OPTIONS = tuple(_options_of(FitConfig))
+
+
+# ------------------------------------------------------------------------------------- checks
+def _one_of(choices: tuple[str, ...]) -> str:
+    """'a, b or c'."""
+    return choices[0] if len(choices) == 1 else f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+
+def _check_choice(opt: FitOption, value: Any) -> None:
+    choices = opt.spec.choices
+    if choices is None or (value is None and opt.default is None) or value in choices:
+        return
+    raise PixelrecError(f"unknown {opt.flag} {value!r}; expected {_one_of(choices)}")
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _check_number(opt: FitOption, value: Any) -> None:
+    if value is None or opt.type not in (int, float):
+        return
+    spec, flag = opt.spec, opt.flag
+    if opt.type is float and not math.isfinite(value):
+        raise PixelrecError(f"{flag} must be a finite number (got {value})")
+    low, high, below = spec.at_least, spec.at_most, spec.below
+    if below is not None:
+        if not (low is None or low <= value) or not value < below:
+            raise PixelrecError(f"{flag} must be in [{_number(low or 0)}, {_number(below)}) (got {value})")
+    elif low is not None and high is not None:
+        if not low <= value <= high:
+            raise PixelrecError(f"{flag} must be between {_number(low)} and {_number(high)} (got {value})")
+    elif low is not None and value < low:
+        words = "must not be negative" if low == 0 else f"must be at least {_number(low)}"
+        raise PixelrecError(f"{flag} {words} (got {value})")
+    elif high is not None and value > high:
+        raise PixelrecError(f"{flag} must be at most {_number(high)} (got {value})")

@@ -1,4 +1,4 @@
-"""Recommender = item tower + sequence encoder + loss (SPEC §11).
+"""Recommender = item tower + sequence encoder + loss.
 
 A training step gathers the batch's unique item indices (inputs, targets and negatives), runs the
 item tower once on them, scatters the vectors back to positions, and scores every position.
@@ -7,28 +7,14 @@ Serving uses the same two pieces: all item vectors -> index; user state at the l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
 from .batches import left_pad
+from .config import LossConfig
 from .losses import bpr_loss, expected_draws_log, softmax_loss
 from .towers import ItemTower
-
-
-@dataclass
-class LossConfig:
-    loss: str = "softmax"  # softmax | bpr
-    negatives: int = 0  # uniform negatives for sampled softmax; 0 = full softmax when the tower is cheap
-    full_softmax_max_items: int = 100_000  # above this many items, sampled softmax even for cheap towers
-
-    def use_full_softmax(self, tower: ItemTower) -> bool:
-        return self.negatives == 0 and tower.cheap and tower.num_items <= self.full_softmax_max_items
-
-    def uniform_negatives(self) -> int:
-        return self.negatives or 1024
 
 
 class Recommender(nn.Module):

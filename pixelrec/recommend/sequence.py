@@ -8,32 +8,14 @@ forward pass train every next-item prediction of a window at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PixelrecError
-
-
-# Layers when none are asked for: the best on ML-100K under SPEC §7 (benchmarks/ml100k.py);
-# a second GRU layer cost GRU4Rec about 0.01 NDCG@10 there.
-DEFAULT_LAYERS = {"sasrec": 2, "gru4rec": 1}
-
-
-@dataclass
-class SequenceConfig:
-    model: str = "sasrec"  # sasrec | gru4rec
-    dim: int = 64  # item/user vector size d
-    max_len: int = 20  # L: how many recent items the model sees
-    layers: int | None = None  # None = the model's default (DEFAULT_LAYERS)
-    heads: int = 2  # SASRec only
-    inner_mult: int = 4  # SASRec feed-forward width = inner_mult * dim
-    dropout: float = 0.3
-    attn_dropout: float = 0.3  # SASRec only
-    positions: str = "relative"  # SASRec: relative | absolute (see SASRec)
-    gru_hidden: int = 0  # GRU4Rec hidden size; 0 = 2 * dim
+from .config import DEFAULT_LAYERS, SequenceConfig
 
 
 class CausalSelfAttention(nn.Module):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from ..index.evaluate import evaluate_model
-from ..runtime import resolve_device
 from .trained import load_trained
 
 
@@ -13,7 +12,7 @@ def evaluate_run(run_dir: str, split: str = "test", ks=(5, 10, 20), index_spec: 
                  index_options: dict | None = None, negatives: int = 0, cold_threshold: int = 1,
                  seed: int = 0, device: str = "cpu", batch_size: int = 1024) -> dict[str, Any]:
     """`pixelrec evaluate`: metrics of a finished run from its stored item vectors (no re-encoding)."""
-    trained = load_trained(run_dir, device=resolve_device(device) if device != "cpu" else "cpu")
+    trained = load_trained(run_dir, device=device)
     table = trained.table[: trained.data.num_items + 1]  # the run's own catalogue (not items added later)
     report = evaluate_model(trained.model, trained.data, split, ks=ks, batch_size=batch_size,
                             cold_threshold=cold_threshold, tower_kind=trained.cfg.items.kind,

@@ -20,6 +20,7 @@ from ..recommend.config import FitConfig
 from ..recommend.model import Recommender
 from ..recommend.sequence import build_sequence_encoder
 from ..recommend.towers import TableTower
+from ..runtime import resolve_device
 from .rundir import ADDED_ITEMS_FILE, Published, RunDir, strip_prefix
 
 
@@ -36,6 +37,7 @@ class TrainedRun:
 
 def load_trained(run_dir: str, device: str | torch.device = "cpu") -> TrainedRun:
     """The published model of a run (manifest): its user tower and stored item vectors, ready to serve."""
+    device = resolve_device(str(device))
     run = RunDir(run_dir)
     meta = run.read_config()
     cfg = run.fit_config(meta)
