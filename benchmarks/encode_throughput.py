@@ -1,4 +1,4 @@
-"""Encode throughput (SPEC §9): the whole pipeline vs the encoder's forward alone, side by side.
+"""Encode throughput: the whole pipeline vs the encoder's forward alone, side by side.
 
 Makes N synthetic JPEG covers, then measures images/s of
   (a) `encode_images` into a temporary cache: decoding + preprocessing in DataLoader workers,
@@ -18,7 +18,6 @@ DataLoader workers run with one torch thread each (PyTorch's default), so they o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import tempfile
 import time
@@ -30,7 +29,7 @@ from PIL import Image
 
 from pixelrec.data.images import open_image_store
 from pixelrec.encode import EncodeConfig, EncoderConfig, build_encoder, encode_images
-from pixelrec.runtime import resolve_device, set_quiet
+from pixelrec.runtime import autocast_for, resolve_device, set_quiet
 
 
 def make_covers(root: Path, n: int, side: int, seed: int = 0) -> None:
@@ -45,9 +44,7 @@ def make_covers(root: Path, n: int, side: int, seed: int = 0) -> None:
 
 def forward_alone(encoder, pixels: torch.Tensor, batch_size: int, device: torch.device) -> float:
     """images/s of the encoder on tensors already preprocessed and on the device."""
-    amp = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
-        if device.type == "cuda" else contextlib.nullcontext()
-    with torch.inference_mode(), amp:
+    with torch.inference_mode(), autocast_for(device, "auto"):  # the pipeline's autocast
         encoder(pixels[:batch_size])  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()

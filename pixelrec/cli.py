@@ -162,8 +162,8 @@ def synth(out_dir, users, items, cold_items, seed, image_size, styles, min_len, 
 
 # ---------------------------------------------------------------------------------------- encode
 @cli.command()
-@click.option("--images", required=True, type=click.Path(), help="Covers dir (<item_id>.jpg|png|jpeg|webp) or PixelRec LMDB.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="HDF5 cache to write (resumed if interrupted).")
+@click.option("--images", type=click.Path(), help="Covers dir (<item_id>.jpg|png|jpeg|webp) or PixelRec LMDB.  [required]")
+@click.option("--out", type=click.Path(dir_okay=False), help="HDF5 cache to write (resumed if interrupted).  [required]")
 @click.option("--interactions", type=click.Path(dir_okay=False), help="Encode only the items of this CSV.")
 @click.option("--model", default="ViT-B-32", show_default=True, help="open_clip model name (pixelrec-tiny-vit for tests).")
 @click.option("--pretrained", default="none", show_default=True, help="none (seeded random init) | open_clip tag | local checkpoint path.")
@@ -185,12 +185,31 @@ def synth(out_dir, users, items, cold_items, seed, image_size, styles, min_len, 
 @click.option("--no-amp", is_flag=True, help="No mixed precision on CUDA.")
 @click.option("--from-run", type=click.Path(file_okay=False),
               help="Encode with a trained run's item tower: the cache then holds the run's item vectors.")
+@click.option("--verify", type=click.Path(dir_okay=False),
+              help="Instead of encoding: re-read this cache (or its .partial) and check every block's checksum; "
+                   "exit 2 if it is damaged.")
 @click.pass_context
 def encode(ctx, images, out, interactions, model, pretrained, pooling, preset, image_size, seed, split_block, batch_size,
-           workers, device, float32, normalize, skip_missing, overwrite, no_amp, from_run):
-    """Encode covers once into an HDF5 embedding cache (resumable: rerun the same command)."""
-    from .encode import EncodeConfig, EncoderConfig, encode_images
+           workers, device, float32, normalize, skip_missing, overwrite, no_amp, from_run, verify):
+    """Encode covers once into an HDF5 embedding cache (resumable: rerun the same command).
 
+    `pixelrec encode --verify CACHE` checks an existing cache instead.
+    """
+    from .encode import EncodeConfig, EncoderConfig, encode_images, verify_cache
+
+    if verify is not None:
+        others = sorted(_explicit(ctx) - {"verify"})
+        if others:
+            raise PixelrecError(f"--verify checks an existing cache and takes no other option; "
+                                f"drop --{others[0].replace('_', '-')}")
+        report = verify_cache(verify)
+        if not report.ok:
+            raise PixelrecError(report.summary())
+        click.echo(report.summary())
+        return
+    for name, value in (("--images", images), ("--out", out)):
+        if value is None:
+            raise click.UsageError(f"Missing option '{name}' (or give --verify CACHE).")
     encoder = None
     if from_run:
         from .runs.new_items import run_item_encoder

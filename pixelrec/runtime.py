@@ -234,6 +234,11 @@ class FileLock:
     def held(self) -> bool:
         return self._fd is not None
 
+    def fileno(self) -> int | None:
+        """The descriptor holding the lock (None when not held); a forked child that must not keep
+        the lock alive after this process dies closes its inherited copy of it."""
+        return self._fd
+
     def __enter__(self) -> "FileLock":
         return self.acquire()
 

@@ -93,6 +93,8 @@ BAD: dict[str, dict[str, list]] = {
         "from_run": [Args(*FROM_RUN, "{tmp}", alone=True), Args(*FROM_RUN, "{tmp}/missing", alone=True),
                      Args(*FROM_RUN, "{run}", "--pooling", "mean", alone=True),
                      Args(*FROM_RUN, "{run}", alone=True)],  # an id run has no image tower
+        "verify": [Args("--verify", "{tmp}/missing.h5", alone=True), Args("--verify", "{file}", alone=True),
+                   Args("--verify", "{file}")],  # with the encoding options: refused
     },
     "fit": {
         "interactions": ["{tmp}/missing.csv", "{tmp}", "{bad_csv}"],

@@ -20,8 +20,10 @@ from PIL import Image
 from pixelrec.data.images import open_image_store
 from pixelrec.data.lmdb_writer import write_pixelrec_lmdb
 from pixelrec.encode import EncodeConfig, EncoderConfig, build_encoder, encode_images, open_cache, partial_path
+from pixelrec.encode.cache import CacheWriter
 from pixelrec.encode.encoder import TINY_MODEL
 from pixelrec.errors import PixelrecError
+from pixelrec.runtime import set_quiet
 
 TINY = EncoderConfig(model=TINY_MODEL)
 
@@ -205,7 +207,8 @@ def test_disk_full_then_resume(tmp_path, monkeypatch):
         real_setitem(self, key, value)
 
     monkeypatch.setattr(h5py.Dataset, "__setitem__", flaky)
-    with pytest.raises(PixelrecError, match=rf"{partial_path(out)}: cannot write the cache: no space left on device"):
+    with pytest.raises(PixelrecError, match=rf"^{partial_path(out)}: cannot write the cache: no space left on device; "
+                                            r"free space and rerun the same command to resume$"):
         encode(tmp_path, images)
     monkeypatch.undo()
     assert not out.exists()
@@ -219,6 +222,56 @@ def test_disk_full_then_resume(tmp_path, monkeypatch):
     with open_cache(out) as got, open_cache(reference) as ref:
         assert np.array_equal(got.load_embeddings(), ref.load_embeddings())
         assert list(got.item_ids) == list(ref.item_ids)
+
+
+def test_resume_reverifies_committed_blocks(tmp_path, monkeypatch):
+    """A committed block damaged on disk after the failure is encoded again, with the ones after it."""
+    images = tmp_path / "covers"
+    make_covers(images, 40)
+    reference, _ = encode(tmp_path, images, "ref.h5")
+    out = tmp_path / "c.h5"
+    real_append = CacheWriter.append
+
+    def fail_fifth(self, *args, **kwargs):
+        if self.n_blocks == 4:
+            raise PixelrecError("stop")
+        real_append(self, *args, **kwargs)
+
+    monkeypatch.setattr(CacheWriter, "append", fail_fifth)
+    with pytest.raises(PixelrecError, match="stop"):
+        encode(tmp_path, images)
+    monkeypatch.undo()
+    with h5py.File(partial_path(out), "r+") as f:
+        assert f.attrs["n_blocks"] == 4
+        f["embeddings"][12] = 0  # block 1 (rows 8-15)
+    _, summary = encode(tmp_path, images)
+    assert summary.resumed_from == 8
+    with open_cache(out) as got, open_cache(reference) as ref:
+        assert np.array_equal(got.load_embeddings(), ref.load_embeddings())
+
+
+@pytest.mark.parametrize("damage", ["garbage", "format 1"])
+def test_partial_that_cannot_be_resumed_starts_again(tmp_path, capsys, damage):
+    images = tmp_path / "covers"
+    make_covers(images, 12)
+    out = tmp_path / "c.h5"
+    if damage == "garbage":
+        partial_path(out).write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))  # e.g. cut short by a crash
+    else:  # a partial left by a pixelrec without block checksums
+        encode(tmp_path, images)
+        out.rename(partial_path(out))
+        with h5py.File(partial_path(out), "r+") as f:
+            f.attrs.update(format_version=1, complete=False, positions_done=8, n_rows=8)
+            del f["blocks"]
+    set_quiet(False)
+    try:
+        _, summary = encode(tmp_path, images)
+    finally:
+        set_quiet(True)
+    assert summary.resumed_from == 0 and summary.n_encoded == 12
+    log = capsys.readouterr().err
+    assert f"{partial_path(out)}" in log and "starting again from the first item" in log
+    assert open_cache(out).attrs["format_version"] == 2
 
 
 def test_lmdb_store_gives_the_same_embeddings(tmp_path):

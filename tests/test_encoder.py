@@ -36,7 +36,7 @@ def test_tiny_vit_shape(encoders):
 
 
 @pytest.mark.parametrize("pooling", ["model", "mean"])
-def test_rest_of_tokens_at_split_is_forward(encoders, pixels, pooling):
+def test_forward_from_split_of_tokens_at_split_is_forward(encoders, pixels, pooling):
     enc = encoders[pooling]
     with torch.no_grad():
         full = enc(pixels)
@@ -44,7 +44,7 @@ def test_rest_of_tokens_at_split_is_forward(encoders, pixels, pooling):
         for k in range(1, enc.num_blocks + 1):
             tokens = enc.tokens_at_split(pixels, k)
             assert tokens.shape == (5, enc.num_tokens, enc.width)
-            torch.testing.assert_close(enc.rest(tokens, k), full, atol=1e-5, rtol=0)
+            torch.testing.assert_close(enc.forward_from_split(tokens, k), full, atol=1e-5, rtol=0)
             pooled, tokens2 = enc.forward_split(pixels, k)
             torch.testing.assert_close(pooled, full, atol=1e-5, rtol=0)
             torch.testing.assert_close(tokens2, tokens, atol=0, rtol=0)
@@ -78,7 +78,7 @@ def test_top_blocks_reproduce_the_encoder(encoders, pixels, pooling, k):
         assert len(top.blocks) == k and top.k == k
         assert all(p.requires_grad for p in top.parameters())
         torch.testing.assert_close(top(tokens), full, atol=1e-5, rtol=0)
-        torch.testing.assert_close(top.hidden(tokens), enc.last_hidden(pixels), atol=1e-5, rtol=0)
+        torch.testing.assert_close(top.last_hidden(tokens), enc.last_hidden(pixels), atol=1e-5, rtol=0)
 
         state = {key: value.clone() for key, value in top.state_dict().items()}
         rebuilt = TopBlocks.from_state(enc.model_config_json, k, pooling, state).eval()
@@ -103,7 +103,7 @@ def test_split_needs_a_vit_tower():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert enc(x).shape == (2, 32)
-    for call in (lambda: enc.tokens_at_split(x, 1), lambda: enc.rest(x, 1), lambda: enc.top_blocks(1)):
+    for call in (lambda: enc.tokens_at_split(x, 1), lambda: enc.forward_from_split(x, 1), lambda: enc.top_blocks(1)):
         with pytest.raises(PixelrecError, match=f"--split-block needs a ViT tower; {TINY_RN} is a ModifiedResNet"):
             call()
     with pytest.raises(PixelrecError, match="last hidden state needs a ViT tower"):
@@ -166,6 +166,21 @@ def test_image_size_override():
     assert '"image_size": 48' in enc.model_config_json
     with torch.no_grad():
         assert enc(torch.zeros(2, 3, 48, 48)).shape == (2, 32)
+
+
+def test_image_size_bounds():
+    """Below one patch (or 32 px for a ResNet) the tower cannot run; above 1024 px it exhausts memory."""
+    with pytest.raises(PixelrecError,
+                       match=rf"^--image-size 3: expected at least 8 pixels \(the patch size of {TINY_MODEL}\)$"):
+        build_encoder(EncoderConfig(model=TINY_MODEL, image_size=3))
+    with pytest.raises(PixelrecError, match=r"^--image-size 5000: expected at most 1024 pixels"):
+        build_encoder(EncoderConfig(model=TINY_MODEL, image_size=5000))
+    with pytest.raises(PixelrecError, match=rf"^--image-size 16: expected at least 32 pixels \({TINY_RN} downsamples"):
+        build_encoder(EncoderConfig(model=TINY_RN, image_size=16))
+    with pytest.raises(PixelrecError, match="expected at least 8 pixels"):
+        build_encoder(EncoderConfig(model=TINY_MODEL, image_size=0))
+    assert build_encoder(EncoderConfig(model=TINY_MODEL, image_size=8)).num_tokens == 2  # one patch + class token
+    assert build_encoder(EncoderConfig(model=TINY_RN, image_size=32)).image_size == 32
 
 
 @pytest.mark.parametrize("layout", ["encoder", "visual", "clip"])

@@ -24,7 +24,7 @@ from pixelrec.errors import PixelrecError
 from pixelrec.recommend.batches import iterate_batches, sample_negatives, training_windows
 from pixelrec.recommend.build import build_optimizer, build_recommender
 from pixelrec.recommend.config import FitConfig, ItemsConfig, TrainConfig
-from pixelrec.recommend.image_towers import FrozenTower, HybridTower, PartialTower, PixelTower, build_image_tower
+from pixelrec.recommend.image_towers import FrozenTower, HybridTower, PartialTower, E2ETower, build_image_tower
 from pixelrec.recommend.model import LossConfig, Recommender
 from pixelrec.recommend.sequence import build_sequence_encoder
 from pixelrec.recommend.towers import IdTower
@@ -63,7 +63,7 @@ def twin_towers(ds, data, store, head: str, pooling: str, in_memory: str = "auto
     cache = open_cache(ds.cache(pooling))
     torch.manual_seed(0)
     partial = PartialTower(cache, data, DIM, head=head)
-    pixel = PixelTower(tiny_encoder(pooling, encoder_seed), store, data, DIM, head=head, tune_blocks=SPLIT,
+    pixel = E2ETower(tiny_encoder(pooling, encoder_seed), store, data, DIM, head=head, tune_blocks=SPLIT,
                        in_memory=in_memory)
     pixel.head.load_state_dict(partial.head.state_dict())
     return partial, pixel
@@ -345,7 +345,7 @@ def trainable(encoder) -> set[str]:
 
 @pytest.mark.parametrize("head,pooling", HEADS)
 def test_e2e_tune_blocks_freezes_all_but_the_top_blocks(ds, data, store, head, pooling):
-    tower = PixelTower(tiny_encoder(pooling), store, data, DIM, head=head, tune_blocks=SPLIT)
+    tower = E2ETower(tiny_encoder(pooling), store, data, DIM, head=head, tune_blocks=SPLIT)
     names = trainable(tower.encoder)
     blocks = {n.split(".")[2] for n in names if n.startswith("transformer.resblocks.")}
     assert blocks == {"2", "3"}
@@ -355,10 +355,10 @@ def test_e2e_tune_blocks_freezes_all_but_the_top_blocks(ds, data, store, head, p
     else:  # mean pooling uses no head weights: nothing else trains
         assert rest == set()
     assert {id(p) for p in tower.encoder_parameters()} == {id(p) for p in tower.encoder.parameters() if p.requires_grad}
-    all_tower = PixelTower(tiny_encoder(pooling), None, data, DIM, head=head, tune_blocks=-1)
+    all_tower = E2ETower(tiny_encoder(pooling), None, data, DIM, head=head, tune_blocks=-1)
     assert trainable(all_tower.encoder) >= {"conv1.weight", "class_embedding", "positional_embedding"}
     with pytest.raises(PixelrecError, match="tune-blocks 5"):
-        PixelTower(tiny_encoder(pooling), None, data, DIM, head=head, tune_blocks=5)
+        E2ETower(tiny_encoder(pooling), None, data, DIM, head=head, tune_blocks=5)
 
 
 def test_an_e2e_training_step_changes_only_the_top_blocks(ds, data, tmp_path):
@@ -390,7 +390,7 @@ def test_build_image_tower_e2e_uses_mean_pooling_for_the_token_head(ds, data, tm
                     items=ItemsConfig(kind="e2e", images=str(ds.covers), encoder=TINY_VIT, tune_blocks=SPLIT,
                                       head="token_relu_mean"), model=seq_config())
     tower = build_image_tower(cfg, data)
-    assert isinstance(tower, PixelTower) and tower.encoder.pooling == "mean"
+    assert isinstance(tower, E2ETower) and tower.encoder.pooling == "mean"
     assert tower.head.fc.in_features == 64  # the ViT width: a head over tokens, not the pooled output
 
 

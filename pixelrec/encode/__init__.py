@@ -1,11 +1,12 @@
-"""Stage one: encode cover images once into an HDF5 embedding cache (SPEC §1, §5).
+"""Stage one: encode cover images once into an HDF5 embedding cache, which the later stages read.
 
 `build_encoder` wraps an open_clip vision tower (`ImageEncoder`, splittable into `TopBlocks` for
-ViTs), `encode_images` runs it over a catalogue into a cache, `open_cache` reads one back.
+ViTs), `encode_images` runs it over a catalogue into a cache, `open_cache` reads one back and
+`verify_cache` checks one completely.
 """
 
 from .pipeline import EncodeConfig, EncodeSummary, encode_images
-from .cache import CacheWriter, EmbeddingCache, open_cache, partial_path
+from .cache import CacheVerification, CacheWriter, EmbeddingCache, open_cache, partial_path, verify_cache
 from .encoder import (
     TINY_MODEL,
     EncoderConfig,
@@ -17,6 +18,7 @@ from .encoder import (
 
 __all__ = [
     "TINY_MODEL",
+    "CacheVerification",
     "CacheWriter",
     "EmbeddingCache",
     "EncodeConfig",
@@ -29,4 +31,5 @@ __all__ = [
     "encode_images",
     "open_cache",
     "partial_path",
+    "verify_cache",
 ]

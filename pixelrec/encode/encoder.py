@@ -1,4 +1,4 @@
-"""The image encoder: an open_clip vision tower that can be cut at any transformer block (SPEC §1, §6).
+"""The image encoder: an open_clip vision tower that can be cut at any transformer block.
 
 `build_encoder(EncoderConfig)` creates an open_clip model, keeps only its vision tower (`.visual`)
 and wraps it in `ImageEncoder`, which adds what the two-stage system needs on top of open_clip:
@@ -9,9 +9,10 @@ and wraps it in `ImageEncoder`, which adds what the two-stage system needs on to
 - two preprocessing presets: ``default`` (the model's own open_clip eval transform) and
   ``pixelrec`` (the reference code: squash to image_size x image_size, no crop, mean = std = 0.5);
 - a split at block K for ViT towers: ``tokens_at_split(x, K)`` are the activations entering the last
-  K blocks and ``rest(tokens, K)`` finishes the forward pass, so ``rest(tokens_at_split(x, K), K)``
-  is ``forward(x)``. `TopBlocks` is that last part as a standalone module (the `partial` item tower
-  trains it on cached tokens), built without the lower blocks.
+  K blocks and ``forward_from_split(tokens, K)`` finishes the forward pass, so
+  ``forward_from_split(tokens_at_split(x, K), K)`` is ``forward(x)``. `TopBlocks` is that last part
+  as a standalone module (the `partial` item tower trains it on cached tokens), built without the
+  lower blocks; it and the encoder both give the last block's output as ``last_hidden``.
 
 Random initialisation ('none') is seeded, so one config always gives the same weights. Weights come
 from a local checkpoint file (full open_clip CLIP, an `ImageEncoder`, or a bare vision tower state
@@ -52,6 +53,11 @@ POOLINGS = ("model", "mean")
 PRESETS = ("default", "pixelrec")
 PIXELREC_MEAN_STD = (0.5, 0.5, 0.5)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt")
+# Bounds of --image-size. A ViT needs at least one patch; other towers (ModifiedResNet, timm
+# convnets) downsample by 32. Above 1024 px a ViT's attention memory grows out of reach (no open_clip
+# model is trained that large), so bigger sizes are refused instead of exhausting memory.
+MIN_IMAGE_SIZE = 32
+MAX_IMAGE_SIZE = 1024
 
 
 @dataclass
@@ -62,7 +68,7 @@ class EncoderConfig:
     pretrained: str = "none"  # none (seeded random init) | open_clip tag | local checkpoint path
     pooling: str = "model"  # model: open_clip pooled output (dim embed_dim) | mean: mean of last hidden tokens (dim width)
     preset: str = "default"  # default: the model's open_clip eval transform | pixelrec: squash, mean = std = 0.5
-    image_size: Optional[int] = None  # override the model's input size
+    image_size: Optional[int] = None  # override the model's input size (patch size or 32 .. MAX_IMAGE_SIZE)
     seed: int = 0  # random-init seed (pretrained='none')
 
 
@@ -110,7 +116,7 @@ class PoolHead(nn.Module):
 class TopBlocks(nn.Module):
     """The last K transformer blocks of a ViT tower plus its pooling: cached tokens -> item embedding.
 
-    `forward(tokens)` equals `ImageEncoder.rest(tokens, K)` for the encoder it came from.
+    `forward(tokens)` equals `ImageEncoder.forward_from_split(tokens, K)` for the encoder it came from.
     """
 
     def __init__(self, blocks: nn.ModuleList, head: Optional[PoolHead], pooling: str, config_json: str):
@@ -153,12 +159,12 @@ class TopBlocks(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+    def last_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final block output before ln_post: [B, T, W] -> [B, T, W] (for token-wise heads)."""
         return _run_blocks(self.blocks, tokens, self.grad_checkpointing)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.hidden(tokens)  # [B, T, W]
+        x = self.last_hidden(tokens)  # [B, T, W]
         if self.head is None:
             return x.mean(dim=1)  # [B, W]
         return self.head(x)  # [B, E]
@@ -289,8 +295,8 @@ class ImageEncoder(nn.Module):
         x = self.visual._embeds(pixels)  # [B, T, W]
         return _run_blocks(self._blocks()[: self.num_blocks - k], x, self.grad_checkpointing)
 
-    def rest(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
-        """The last k blocks and the pooling: [B, T, W] -> [B, E]."""
+    def forward_from_split(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """Finish the forward pass from the tokens entering the last k blocks: [B, T, W] -> pooled [B, E]."""
         self.check_split(k)
         x = _run_blocks(self._blocks()[self.num_blocks - k :], tokens, self.grad_checkpointing)
         return self._pool(x)
@@ -298,7 +304,7 @@ class ImageEncoder(nn.Module):
     def forward_split(self, pixels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass giving both the pooled output [B, E] and the tokens entering the last k blocks [B, T, W]."""
         tokens = self.tokens_at_split(pixels, k)
-        return self.rest(tokens, k), tokens
+        return self.forward_from_split(tokens, k), tokens
 
     # ---- training support ------------------------------------------------------------------------
 
@@ -421,6 +427,20 @@ def _preprocess_cfg(visual: nn.Module, cfg: EncoderConfig) -> dict:
     return out
 
 
+def _check_image_size(size: int, model: str, vision_cfg: dict) -> None:
+    """Refuse an --image-size the tower cannot run (below one patch) or that would exhaust memory."""
+    patch = None if vision_cfg.get("timm_model_name") else vision_cfg.get("patch_size")
+    if patch:
+        minimum, why = int(patch), f"the patch size of {model}"
+    else:
+        minimum, why = MIN_IMAGE_SIZE, f"{model} downsamples by a factor of 32"
+    if size < minimum:
+        raise PixelrecError(f"--image-size {size}: expected at least {minimum} pixels ({why})")
+    if size > MAX_IMAGE_SIZE:
+        raise PixelrecError(f"--image-size {size}: expected at most {MAX_IMAGE_SIZE} pixels "
+                            f"(the largest input pixelrec accepts; larger ones exhaust memory)")
+
+
 def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> ImageEncoder:
     """Create the encoder described by `cfg` (eval mode) on `device`. Never downloads unless
     `cfg.pretrained` is an open_clip tag."""
@@ -432,8 +452,7 @@ def build_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Ima
     if model_config is None:
         raise _unknown_model(cfg.model)
     if cfg.image_size is not None:
-        if cfg.image_size <= 0:
-            raise PixelrecError(f"--image-size {cfg.image_size}: expected a positive integer")
+        _check_image_size(cfg.image_size, cfg.model, model_config["vision_cfg"])
         model_config["vision_cfg"]["image_size"] = cfg.image_size
     tag, path = _resolve_pretrained(cfg.model, cfg.pretrained)
 

@@ -1,17 +1,23 @@
-"""Batch encoding of the catalogue's cover images into the HDF5 cache (SPEC §4 `encode`, §5, §9).
+"""Batch encoding of the catalogue's cover images into the HDF5 cache (`pixelrec encode`).
 
 `encode_images(EncodeConfig)` encodes every item of an image store (or only the items of an
 interaction CSV) in sorted id order. DataLoader worker processes decode and preprocess images while
 the main process runs the encoder (GPU with pinned memory, non-blocking copies and autocast when
-CUDA is there), so decoding hides behind the model. Each batch is appended to `<out>.partial` and
-flushed; a killed run resumes at the first unfinished batch, with the same batch boundaries, and
-ends with the same content as an uninterrupted run. Images that cannot be loaded are recorded with
-their reason in the cache, never dropped silently and never fatal.
+CUDA is there), so decoding hides behind the model. Each batch is appended to `<out>.partial` as
+one checksummed block and flushed; a run killed or stopped by a write error (disk full) resumes
+after its last intact block, with the same batch boundaries, and ends with the same content as an
+uninterrupted run. Images that cannot be loaded are recorded with their reason in the cache, never
+dropped silently and never fatal.
+
+A lock file beside the cache (`runtime.lock_path_for(out)`) is held from before the partial file is
+read or created until the cache is published, so two processes never write the same cache, even
+where HDF5's own file locking is off (HDF5_USE_FILE_LOCKING=FALSE, common on network file systems).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -19,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -30,8 +36,16 @@ from .. import __version__
 from ..data.images import ImageLoadError, ImageStore, open_image_store
 from ..data.interactions import load_interactions
 from ..errors import PixelrecError
-from ..runtime import log, progress, resolve_device
-from .cache import CacheWriter, open_cache, partial_path, read_cache_attrs, settings_mismatch
+from ..runtime import FileLock, autocast_for, describe_os_error, lock_path_for, log, progress, resolve_device
+from .cache import (
+    CacheWriter,
+    HeldByFailedWriter,
+    UnusablePartial,
+    open_cache,
+    partial_path,
+    read_cache_attrs,
+    settings_mismatch,
+)
 from .encoder import EncoderConfig, ImageEncoder, PixelLoader, build_encoder
 
 MISSING = "missing"
@@ -57,9 +71,10 @@ class EncodeConfig:
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EncodeSummary:
-    """What an encode run did. Counts are for the whole cache; timing is for this run only."""
+    """What an encode run did (built with keywords only). Counts are for the whole cache; timing is
+    for this run only."""
 
     out: str
     n_items: int  # catalogue size (encoded + failed)
@@ -167,6 +182,55 @@ def _cache_attrs(cfg: EncodeConfig, encoder: ImageEncoder, item_ids: list[str]) 
     )
 
 
+def _validate(cfg: EncodeConfig) -> None:
+    if cfg.batch_size < 1:
+        raise PixelrecError(f"--batch-size {cfg.batch_size}: expected a positive integer")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise PixelrecError(f"--workers {cfg.num_workers}: expected 0 or more")
+    if cfg.split_block is not None and cfg.split_block < 1:
+        raise PixelrecError(f"--split-block {cfg.split_block}: expected a positive number of blocks")
+
+
+@contextlib.contextmanager
+def _cache_lock(out: Path) -> Iterator[FileLock]:
+    """Hold the lock file of `out` for the whole encode; fails at once while another process holds it."""
+    lock = FileLock(lock_path_for(out), f"the cache {out}")
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise PixelrecError(f"cannot lock the cache {out}: {describe_os_error(exc)}") from None
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+@dataclass
+class _Plan:
+    """What one encode run does, decided under the cache lock."""
+
+    cfg: EncodeConfig
+    store: ImageStore
+    encoder: ImageEncoder
+    device: torch.device
+    item_ids: list[str]  # the catalogue, sorted
+    missing: frozenset[int]  # catalogue positions without an image
+    attrs: dict  # the cache's header
+    start: Optional[int]  # first catalogue position to encode; None: `out` is already complete
+
+
+def _plan(cfg: EncodeConfig, encoder: Optional[ImageEncoder]) -> _Plan:
+    """Read the catalogue, build the encoder and find where to start (see `_resume_point`)."""
+    store = open_image_store(cfg.images)
+    item_ids, missing = _catalogue(cfg, store)
+    device = resolve_device(cfg.device)
+    encoder = build_encoder(cfg.encoder, device) if encoder is None else encoder.to(device).eval()
+    if cfg.split_block is not None:
+        encoder.check_split(cfg.split_block)
+    attrs = _cache_attrs(cfg, encoder, item_ids)
+    return _Plan(cfg, store, encoder, device, item_ids, missing, attrs, start=_resume_point(cfg, attrs))
+
+
 def _resume_point(cfg: EncodeConfig, attrs: dict) -> Optional[int]:
     """Catalogue position to start from (0 = a fresh cache); None when `out` is already complete.
 
@@ -186,42 +250,173 @@ def _resume_point(cfg: EncodeConfig, attrs: dict) -> Optional[int]:
             raise PixelrecError(problem + advice)
         return None
     if partial.exists():
-        have = read_cache_attrs(partial, advice)
-        problem = settings_mismatch(partial, have, attrs)
-        if problem:
-            raise PixelrecError(problem + advice)
-        return int(have["positions_done"])
+        return _resume_partial(cfg, attrs, advice)
     return 0
 
 
-def _open_writer(cfg: EncodeConfig, attrs: dict, encoder: ImageEncoder, start: int) -> CacheWriter:
-    if start:
-        return CacheWriter.resume(cfg.out)
-    k = cfg.split_block
+def _resume_partial(cfg: EncodeConfig, attrs: dict, advice: str) -> int:
+    """Where to continue `<out>.partial`: after its last committed block that passes its checksum.
+
+    A partial file that cannot be resumed (unreadable, or from a pixelrec without block checksums)
+    is started again from the first item, with a log line.
+    """
+    partial = partial_path(cfg.out)
+    try:
+        have = read_cache_attrs(partial)
+    except HeldByFailedWriter:
+        raise
+    except PixelrecError as exc:
+        log(f"cannot resume: {exc}; starting again from the first item")
+        return 0
+    problem = settings_mismatch(partial, have, attrs)
+    if problem:
+        raise PixelrecError(problem + advice)
+    try:
+        writer = CacheWriter.resume(cfg.out)
+    except UnusablePartial as exc:
+        log(f"{partial}: cannot resume ({exc.reason}); starting again from the first item")
+        return 0
+    start = writer.positions_done
+    writer.close()
+    return start
+
+
+def _open_writer(plan: _Plan) -> CacheWriter:
+    if plan.start:
+        return CacheWriter.resume(plan.cfg.out, verify=False)  # verified under this lock moments ago
+    k = plan.cfg.split_block
     return CacheWriter.create(
-        cfg.out,
-        attrs,
-        dim=encoder.dim,
-        embedding_dtype=np.dtype(np.float32 if cfg.float32 else np.float16),
-        token_shape=(encoder.num_tokens, encoder.width) if k else None,
-        top_blocks=encoder.top_blocks(k) if k else None,
+        plan.cfg.out,
+        plan.attrs,
+        dim=plan.encoder.dim,
+        embedding_dtype=np.dtype(np.float32 if plan.cfg.float32 else np.float16),
+        token_shape=(plan.encoder.num_tokens, plan.encoder.width) if k else None,
+        top_blocks=plan.encoder.top_blocks(k) if k else None,
     )
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if device.type != "cuda" or not amp:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+def _forget_inherited_lock(lock_file: tuple[int, int, int], worker_id: int) -> None:
+    """DataLoader worker init: close the inherited descriptor of the cache lock, so that a worker
+    outliving a killed main process does not keep the lock held. The lock stays with the main process."""
+    fd, device, inode = lock_file
+    with contextlib.suppress(OSError):
+        found = os.fstat(fd)
+        if (found.st_dev, found.st_ino) == (device, inode):  # the same file, not a reused number
+            os.close(fd)
 
 
-def _validate(cfg: EncodeConfig) -> None:
-    if cfg.batch_size < 1:
-        raise PixelrecError(f"--batch-size {cfg.batch_size}: expected a positive integer")
-    if cfg.num_workers is not None and cfg.num_workers < 0:
-        raise PixelrecError(f"--workers {cfg.num_workers}: expected 0 or more")
-    if cfg.split_block is not None and cfg.split_block < 1:
-        raise PixelrecError(f"--split-block {cfg.split_block}: expected a positive number of blocks")
+def _loader(plan: _Plan, lock: FileLock) -> DataLoader:
+    """Batches of (positions, pixels, failures, batch end) from plan.start on, decoded in workers."""
+    cfg = plan.cfg
+    workers = min(4, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
+    init = None
+    fd = lock.fileno()
+    if workers and fd is not None:
+        found = os.fstat(fd)
+        init = functools.partial(_forget_inherited_lock, (fd, found.st_dev, found.st_ino))
+    return DataLoader(
+        _CoverDataset(plan.encoder.pixel_loader(plan.store), plan.item_ids, plan.missing, plan.start or 0),
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=plan.device.type == "cuda",
+        worker_init_fn=init,
+    )
+
+
+def _encode_batch(plan: _Plan, pixels: torch.Tensor) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Pixels [b, 3, H, W] -> (embeddings [b, E], tokens [b, T, W] or None) in the cache's dtype."""
+    cfg, encoder = plan.cfg, plan.encoder
+    embedding_dtype = np.float32 if cfg.float32 else np.float16
+    if pixels.numel() == 0:  # every image of the batch failed
+        return np.empty((0, encoder.dim), dtype=embedding_dtype), None
+    with torch.inference_mode(), autocast_for(plan.device, "auto" if cfg.amp else "fp32"):
+        x = pixels.to(plan.device, non_blocking=True)
+        if cfg.split_block:
+            pooled, tokens = encoder.forward_split(x, cfg.split_block)  # [b, E], [b, T, W]
+        else:
+            pooled, tokens = encoder(x), None  # [b, E]
+    pooled = pooled.float()
+    if cfg.normalize:
+        pooled = F.normalize(pooled, dim=-1)
+    if tokens is not None:
+        tokens = tokens.to(torch.float32 if cfg.float32 else torch.float16).cpu().numpy()
+    return pooled.cpu().numpy().astype(embedding_dtype), tokens
+
+
+def _encode_batches(plan: _Plan, batches: Iterable, writer: CacheWriter) -> None:
+    """The batch loop: encode each batch the loader yields and commit it as one block, in order."""
+    ids = plan.item_ids
+    done = plan.start or 0
+    with progress(total=len(ids), initial=done, unit="img", desc=f"encode {Path(plan.cfg.out).name}") as bar:
+        for positions, pixels, failures, end in batches:
+            embeddings, tokens = _encode_batch(plan, pixels)
+            writer.append(
+                [ids[p] for p in positions.tolist()],
+                embeddings,
+                tokens,
+                [(ids[p], reason) for p, reason in failures],
+                positions_done=end,
+            )
+            bar.update(end - done)
+            done = end
+
+
+@dataclass
+class _Written:
+    seconds: float  # the batch loop's time
+    n_encoded: int
+    failed: dict[str, str]
+
+
+def _write_cache(plan: _Plan, lock: FileLock) -> _Written:
+    """Encode from plan.start to the end into `<out>.partial`, then publish it as `out`."""
+    if plan.start:
+        log(f"resuming {partial_path(plan.cfg.out)}: {plan.start} of {len(plan.item_ids)} items already done")
+    started = time.perf_counter()
+    # Fork the workers before the cache file is opened: a worker holding its descriptor would keep
+    # HDF5's file lock alive after the main process is killed and block the rerun that resumes it.
+    batches = iter(_loader(plan, lock))
+    writer: Optional[CacheWriter] = None
+    try:
+        writer = _open_writer(plan)
+        _encode_batches(plan, batches, writer)
+        seconds = time.perf_counter() - started
+        written = _Written(seconds=seconds, n_encoded=writer.n_rows, failed=writer.failed())
+        writer.finish()
+    finally:
+        del batches  # shuts the workers down
+        if writer is not None:
+            writer.close()
+    return written
+
+
+def _already_complete(out: Path) -> EncodeSummary:
+    with open_cache(out) as cache:
+        failed, n_encoded = cache.failed, len(cache)
+    log(f"{out} is already complete ({n_encoded} items encoded, {len(failed)} failed); nothing to do")
+    n_items = n_encoded + len(failed)
+    return EncodeSummary(out=str(out), n_items=n_items, n_encoded=n_encoded, n_failed=len(failed), failed=failed,
+                         seconds=0.0, images_per_s=0.0, resumed_from=n_items, already_complete=True)
+
+
+def _summary(plan: _Plan, written: _Written) -> EncodeSummary:
+    n, start, failed = len(plan.item_ids), plan.start or 0, written.failed
+    if failed:
+        example = next(iter(failed.items()))
+        log(f"{len(failed)} of {n} items could not be encoded (listed in {plan.cfg.out}), "
+            f"e.g. {example[0]}: {example[1]}")
+    return EncodeSummary(
+        out=str(plan.cfg.out),
+        n_items=n,
+        n_encoded=written.n_encoded,
+        n_failed=len(failed),
+        failed=failed,
+        seconds=written.seconds,
+        images_per_s=(n - start) / written.seconds if written.seconds > 0 else 0.0,
+        resumed_from=start,
+    )
 
 
 def encode_images(cfg: EncodeConfig, encoder: Optional[ImageEncoder] = None) -> EncodeSummary:
@@ -229,92 +424,12 @@ def encode_images(cfg: EncodeConfig, encoder: Optional[ImageEncoder] = None) -> 
 
     `encoder` replaces the one `cfg.encoder` describes (e.g. a tuned encoder; it is moved to the
     device and put in eval mode); the cache records its config and weight fingerprint either way.
+    Holds the lock file of `cfg.out` throughout; a second encode of the same cache fails at once.
     """
     _validate(cfg)
-    out = Path(cfg.out)
-    store = open_image_store(cfg.images)
-    item_ids, missing = _catalogue(cfg, store)
-    device = resolve_device(cfg.device)
-    encoder = build_encoder(cfg.encoder, device) if encoder is None else encoder.to(device).eval()
-    if cfg.split_block is not None:
-        encoder.check_split(cfg.split_block)
-    attrs = _cache_attrs(cfg, encoder, item_ids)
-    start = _resume_point(cfg, attrs)
-    if start is None:
-        with open_cache(out) as cache:
-            failed = cache.failed
-            log(f"{out} is already complete ({len(cache)} items encoded, {len(failed)} failed); nothing to do")
-            return EncodeSummary(str(out), len(cache) + len(failed), len(cache), len(failed), failed, 0.0, 0.0,
-                                 len(cache) + len(failed), already_complete=True)
-
-    n = len(item_ids)
-    if start:
-        log(f"resuming {partial_path(out)}: {start} of {n} items already done")
-    workers = min(4, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
-    loader = DataLoader(
-        _CoverDataset(encoder.pixel_loader(store), item_ids, missing, start),
-        batch_size=cfg.batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-    )
-    # Fork the workers before the cache file is opened: a worker holding its descriptor would keep
-    # HDF5's file lock alive after the main process is killed and block the rerun that resumes it.
-    embedding_dtype = np.float32 if cfg.float32 else np.float16
-    token_dtype = torch.float32 if cfg.float32 else torch.float16
-    started = time.perf_counter()
-    batches = iter(loader)
-    writer: Optional[CacheWriter] = None
-    done = start
-    try:
-        writer = _open_writer(cfg, attrs, encoder, start)
-        with progress(total=n, initial=start, unit="img", desc=f"encode {out.name}") as bar:
-            for positions, pixels, failures, end in batches:
-                tokens = None
-                if len(positions):
-                    with torch.inference_mode(), _autocast(device, cfg.amp):
-                        x = pixels.to(device, non_blocking=True)  # [b, 3, H, W]
-                        if cfg.split_block:
-                            pooled, tokens = encoder.forward_split(x, cfg.split_block)  # [b, E], [b, T, W]
-                        else:
-                            pooled = encoder(x)  # [b, E]
-                    pooled = pooled.float()
-                    if cfg.normalize:
-                        pooled = F.normalize(pooled, dim=-1)
-                    embeddings = pooled.cpu().numpy().astype(embedding_dtype)
-                    if tokens is not None:
-                        tokens = tokens.to(token_dtype).cpu().numpy()
-                else:
-                    embeddings = np.empty((0, encoder.dim), dtype=embedding_dtype)
-                writer.append(
-                    [item_ids[p] for p in positions.tolist()],
-                    embeddings,
-                    tokens,
-                    [(item_ids[p], reason) for p, reason in failures],
-                    positions_done=end,
-                )
-                bar.update(end - done)
-                done = end
-        seconds = time.perf_counter() - started
-        failed = writer.failed()
-        n_encoded = writer.n_rows
-        writer.finish()
-    finally:
-        del batches  # shuts the workers down
-        if writer is not None:
-            writer.close()
-
-    if failed:
-        example = next(iter(failed.items()))
-        log(f"{len(failed)} of {n} items could not be encoded (listed in {out}), e.g. {example[0]}: {example[1]}")
-    return EncodeSummary(
-        out=str(out),
-        n_items=n,
-        n_encoded=n_encoded,
-        n_failed=len(failed),
-        failed=failed,
-        seconds=seconds,
-        images_per_s=(n - start) / seconds if seconds > 0 else 0.0,
-        resumed_from=start,
-    )
+    with _cache_lock(Path(cfg.out)) as lock:
+        plan = _plan(cfg, encoder)
+        if plan.start is None:
+            return _already_complete(Path(cfg.out))
+        written = _write_cache(plan, lock)
+    return _summary(plan, written)

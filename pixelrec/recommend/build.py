@@ -7,6 +7,7 @@ from torch import nn
 
 from ..data.sequences import SequenceData
 from .config import FitConfig
+from .image_towers import build_image_tower
 from .model import Recommender
 from .sequence import build_sequence_encoder
 from .towers import IdTower, ItemTower
@@ -16,8 +17,6 @@ def build_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
     kind = cfg.items.kind
     if kind == "id":
         return IdTower(data.num_items, cfg.model.dim)
-    from .image_towers import build_image_tower  # image towers pull in open_clip / h5py
-
     return build_image_tower(cfg, data)
 
 

@@ -1,8 +1,8 @@
-"""Image item towers (SPEC §6, §11): PixelNet and its cheap cached forms.
+"""Image item towers: PixelNet and its cheap cached forms.
 
 - FrozenTower   cached pooled embedding [E] -> adapter -> [d]
 - PartialTower  cached split-block tokens [T, W] -> last K encoder blocks (trainable) -> head -> [d]
-- PixelTower    raw covers -> open_clip tower (top K blocks trainable) -> head -> [d]   (e2e, the paper's PixelNet)
+- E2ETower    raw covers -> open_clip tower (top K blocks trainable) -> head -> [d]   (e2e, the paper's PixelNet)
 - HybridTower   IdTower + one image tower, summed or concatenated and projected
 
 Heads turn the encoder's output into the recommender's dimension d:
@@ -10,7 +10,7 @@ Heads turn the encoder's output into the recommender's dimension d:
 - ``token_relu_mean`` (PixelRec's ViT PixelNet): mean over tokens of ReLU(Linear(h_t)) on the
   last block's hidden states, no final LayerNorm.
 
-PartialTower and PixelTower with the same frozen lower blocks compute the same function; the cache
+PartialTower and E2ETower with the same frozen lower blocks compute the same function; the cache
 holds the exact weights of the top blocks, so a partial tower starts where the encoder was.
 Each training step encodes each unique item of the batch once (ItemTower.forward gets unique ids).
 """
@@ -24,7 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.images import ImageLoadError, open_image_store
 from ..data.sequences import SequenceData
+from ..encode.cache import open_cache
+from ..encode.encoder import EncoderConfig, build_encoder
 from ..errors import PixelrecError
 from ..runtime import log, progress
 from .config import FitConfig
@@ -160,7 +163,7 @@ class PartialTower(ItemTower):
         return _apply_head(self.head_kind, self.head, self.top, tokens)
 
 
-class PixelTower(ItemTower):
+class E2ETower(ItemTower):
     """End-to-end PixelNet: covers -> open_clip image tower (top K blocks trainable) -> head -> [d]."""
 
     vector_batch_size = 256
@@ -230,11 +233,13 @@ def _make_head(head: str, pooled_dim: int, width: int, dim: int, adapter: str, d
     raise PixelrecError(f"unknown --head {head!r}; expected pooled or token_relu_mean")
 
 
-def _apply_head(head_kind: str, head: nn.Module, encoder, x: torch.Tensor) -> torch.Tensor:
-    """x: cached tokens (for TopBlocks) or pixels (for ImageEncoder) -> item vectors [U, d]."""
+def _apply_head(head_kind: str, head: nn.Module, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x: cached tokens (encoder a TopBlocks) or pixels (an ImageEncoder) -> item vectors [U, d].
+
+    Both encoders have `last_hidden(x)`, the last block's output [U, T, W] that token-wise heads read.
+    """
     if head_kind == "token_relu_mean":
-        hidden = encoder.hidden(x) if hasattr(encoder, "hidden") else encoder.last_hidden(x)  # [U, T, W]
-        return head(hidden)
+        return head(encoder.last_hidden(x))  # [U, T, W] -> [U, d]
     return head(encoder(x))  # pooled [U, E] -> [U, d]
 
 
@@ -263,8 +268,6 @@ class PixelSource:
             log(f"{len(self.failed)} covers could not be loaded (e.g. {first[0]}: {first[1]}); they get zero pixels")
 
     def _load_one(self, i: int) -> torch.Tensor:
-        from ..data.images import ImageLoadError
-
         name = str(self.names[i])
         try:
             return self.loader(name)
@@ -294,8 +297,6 @@ def resolve_adapter(adapter: str, kind: str) -> str:
 
 def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
     """The image (or hybrid) tower a FitConfig describes."""
-    from ..encode.cache import open_cache
-
     it, d = cfg.items, cfg.model.dim
     kind = it.image_branch if it.kind == "hybrid" else it.kind
     adapter = resolve_adapter(it.adapter, kind)
@@ -308,9 +309,6 @@ def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
             if it.grad_checkpointing:
                 tower.top.set_grad_checkpointing(True)
     elif kind == "e2e":
-        from ..data.images import open_image_store
-        from ..encode.encoder import EncoderConfig, build_encoder
-
         encoder = build_encoder(EncoderConfig(model=it.encoder, pretrained=it.pretrained, image_size=it.image_size,
                                               pooling="mean" if it.head == "token_relu_mean" else "model",
                                               preset=cfg.preset if cfg.preset in ("default", "pixelrec") else "default"))
@@ -318,8 +316,8 @@ def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
         if it.grad_checkpointing:
             encoder.set_grad_checkpointing(True)
         store = open_image_store(it.images) if it.images else None
-        tower = PixelTower(encoder, store, data, d, adapter, it.head, it.tune_blocks, it.cache_in_memory,
-                           dropout=it.dropout)
+        tower = E2ETower(encoder, store, data, d, adapter, it.head, it.tune_blocks, it.cache_in_memory,
+                         dropout=it.dropout)
     else:
         raise PixelrecError(f"--items {it.kind}: no image tower {kind!r}")
     if it.kind == "hybrid":

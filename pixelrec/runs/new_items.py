@@ -21,7 +21,7 @@ from ..encode.encoder import EncoderConfig, ImageEncoder, build_encoder
 from ..errors import PixelrecError
 from ..recommend.build import build_recommender
 from ..recommend.config import FitConfig
-from ..recommend.image_towers import FrozenTower, HybridTower, PartialTower, PixelTower
+from ..recommend.image_towers import E2ETower, FrozenTower, HybridTower, PartialTower
 from ..recommend.model import Recommender
 from .rundir import RunDir
 
@@ -104,7 +104,7 @@ def item_encoder_for(model: Recommender, cfg: FitConfig, cache: dict | None, lab
     tower = model.tower.image if isinstance(model.tower, HybridTower) else model.tower
     kind = cfg.items.image_branch if cfg.items.kind == "hybrid" else cfg.items.kind
     cache_attrs = None
-    if isinstance(tower, PixelTower):
+    if isinstance(tower, E2ETower):
         base = tower.encoder
     elif isinstance(tower, (FrozenTower, PartialTower)):
         with open_cache(cfg.items.cache) as opened:
