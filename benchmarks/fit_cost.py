@@ -1,4 +1,4 @@
-"""Cost of the image towers (SPEC §9): seconds/epoch and peak memory of frozen, partial and e2e.
+"""Cost of the image towers: seconds/epoch and peak memory of frozen, partial and e2e.
 
 All three train the same SASRec on the same synthetic data with the same encoder; `partial` uses
 the cache's split-block tokens and trains the top K blocks, `e2e` runs the whole encoder on the

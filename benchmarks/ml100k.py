@@ -1,4 +1,4 @@
-"""pixelrec's default SASRec / GRU4Rec vs RecBole 1.2.1 on MovieLens-100K (SPEC §7 protocol).
+"""pixelrec's default SASRec / GRU4Rec vs RecBole 1.2.1 on MovieLens-100K (PixelRec's protocol, docs/protocol.md).
 
 Runs `pixelrec fit --items id --model M` with DEFAULT settings on a PixelRec-format ML-100K CSV
 (leave-one-out by time, full ranking over all items, the user's history excluded, test metrics at

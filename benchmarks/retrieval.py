@@ -1,11 +1,11 @@
-"""Retrieval benchmark (SPEC §9): FAISS indexes vs torch brute-force full ranking.
+"""Retrieval benchmark: FAISS indexes vs torch brute-force full ranking.
 
 For each catalogue size N (and dimension d) it builds synthetic clustered item and user vectors,
 gives every user a history of items from their own cluster (excluded from the results, as in
 evaluation), and measures queries/s, build time, serialized index size and recall@k against the
 exact Flat top-k for:
 
-- torch brute force, full stable sort (`brute_force_search`, the reference of SPEC §7);
+- torch brute force, full stable sort (`brute_force_search`, the exact reference);
 - torch brute force with topk instead of a full sort (what PixelRec-style evaluation loops do);
 - FAISS Flat through `ItemIndex.search` (exact) and each approximate spec of `--specs`.
 

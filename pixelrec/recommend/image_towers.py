@@ -30,7 +30,7 @@ from ..encode.cache import open_cache
 from ..encode.encoder import EncoderConfig, build_encoder
 from ..errors import PixelrecError
 from ..runtime import log, progress
-from .config import FitConfig
+from .config import ADAPTERS, HEADS, HYBRID_MODES, FitConfig
 from .towers import IdTower, ItemTower
 
 # Load the cache (or pre-decode images) into RAM when it takes less than this share of memory.
@@ -52,7 +52,7 @@ class Adapter(nn.Module):
         elif kind == "mlp":
             self.net = nn.Sequential(nn.Linear(in_dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         else:
-            raise PixelrecError(f"unknown --adapter {kind!r}; expected linear or mlp")
+            raise PixelrecError(f"unknown --adapter {kind!r}; expected one of {', '.join(ADAPTERS)}")
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
@@ -213,7 +213,7 @@ class HybridTower(ItemTower):
         if mode == "concat":
             self.proj = nn.Linear(2 * self.dim, self.dim)
         elif mode != "sum":
-            raise PixelrecError(f"unknown --hybrid {mode!r}; expected sum or concat")
+            raise PixelrecError(f"unknown --hybrid {mode!r}; expected one of {', '.join(HYBRID_MODES)}")
 
     def encoder_parameters(self):
         get = getattr(self.image, "encoder_parameters", None)
@@ -230,7 +230,7 @@ def _make_head(head: str, pooled_dim: int, width: int, dim: int, adapter: str, d
         return Adapter(pooled_dim, dim, adapter, dropout)
     if head == "token_relu_mean":
         return TokenReluMean(width, dim, dropout)
-    raise PixelrecError(f"unknown --head {head!r}; expected pooled or token_relu_mean")
+    raise PixelrecError(f"unknown --head {head!r}; expected one of {', '.join(HEADS)}")
 
 
 def _apply_head(head_kind: str, head: nn.Module, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:

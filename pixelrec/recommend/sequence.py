@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PixelrecError
-from .config import DEFAULT_LAYERS, SequenceConfig
+from .config import DEFAULT_LAYERS, MODELS, POSITIONS, SequenceConfig
 
 
 class CausalSelfAttention(nn.Module):
@@ -78,8 +78,8 @@ class SASRec(nn.Module):
 
     def __init__(self, cfg: SequenceConfig):
         super().__init__()
-        if cfg.positions not in ("relative", "absolute"):
-            raise PixelrecError(f"unknown positions {cfg.positions!r}; expected relative or absolute")
+        if cfg.positions not in POSITIONS:
+            raise PixelrecError(f"unknown positions {cfg.positions!r}; expected one of {', '.join(POSITIONS)}")
         self.relative = cfg.positions == "relative"
         if self.relative:
             self.rel_bias = nn.Parameter(torch.zeros(cfg.heads, cfg.max_len))  # [h, distance]
@@ -152,4 +152,4 @@ def build_sequence_encoder(cfg: SequenceConfig) -> nn.Module:
         return SASRec(cfg)
     if cfg.model == "gru4rec":
         return GRU4Rec(cfg)
-    raise PixelrecError(f"unknown --model {cfg.model!r}; expected sasrec or gru4rec")
+    raise PixelrecError(f"unknown --model {cfg.model!r}; expected one of {', '.join(MODELS)}")
