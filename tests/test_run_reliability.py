@@ -324,7 +324,7 @@ def _other_shapes(run: Path) -> None:
     state["model"] = {k: torch.cat([v, v]) if v.ndim else v for k, v in state["model"].items()}
     torch.save(state, path)
     manifest = json.loads((run / "manifest.json").read_text())
-    from pixelrec.runs.rundir import file_sha256
+    from pixelrec.runtime import file_sha256
     manifest["checkpoint_sha256"] = file_sha256(path)  # a consistent manifest: the shapes are what is wrong
     (run / "manifest.json").write_text(json.dumps(manifest))
 

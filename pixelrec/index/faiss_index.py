@@ -23,7 +23,6 @@ only then (exact index) is the row searched again, twice as wide, to order the t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import PixelrecError
-from ..runtime import atomic_path, log, progress, resolve_device, write_json
+from ..runtime import atomic_path, file_sha256, log, progress, resolve_device, write_json
 
 METRICS = ("ip", "cosine")
 EXAMPLE_SPECS = ("Flat", "IVF1024,Flat", "IVF1024,PQ16", "HNSW32", "OPQ16,IVF1024,PQ16", "PQ16", "SQ8")
@@ -237,7 +236,7 @@ class ItemIndex:
         directory = Path(directory)
         with atomic_path(directory / INDEX_FILE) as tmp:
             faiss.write_index(self._cpu_index(), str(tmp))
-            digest, size = _sha256(tmp), tmp.stat().st_size
+            digest, size = file_sha256(tmp), tmp.stat().st_size
         _save_npy(directory / VECTORS_FILE, self._vectors)
         _save_npy(directory / IDS_FILE, self._ids)
         write_json(directory / META_FILE, {
@@ -554,14 +553,6 @@ def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.
 
 
 # --------------------------------------------------------------------------------- files
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, np.asarray(array))
@@ -586,7 +577,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def _read_index(path: Path, meta: dict[str, Any]) -> faiss.Index:
-    if _sha256(path) != meta["index_sha256"]:
+    if file_sha256(path) != meta["index_sha256"]:
         raise PixelrecError(f"{path}: corrupt or truncated (checksum differs from index.json); {_REBUILD_HINT}")
     try:
         index = faiss.read_index(str(path))

@@ -27,7 +27,6 @@ Every file is written atomically (temporary name, fsync, rename), so none is eve
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -46,7 +45,7 @@ from ..data.sequences import SequenceData
 from ..encode.cache import cache_identity
 from ..errors import PixelrecError
 from ..recommend.config import FitConfig
-from ..runtime import FileLock, atomic_path, fsync_path, lock_path_for, log, write_json
+from ..runtime import FileLock, atomic_path, file_sha256, fsync_path, lock_path_for, log, write_json
 
 RUN_FORMAT = 2
 ADDED_ITEMS_FILE = "added_items.txt"  # inside an index version: names of ids after the vocabulary
@@ -308,14 +307,6 @@ class RunDir:
 def run_cache_identity(cfg: FitConfig) -> dict | None:
     """Identity of the cache the item tower reads (recorded in config.json), None without a cache."""
     return cache_identity(cfg.items.cache) if cfg.items.uses_cache else None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
