@@ -71,7 +71,18 @@ class Recommender(nn.Module):
     def training_loss(self, seq: torch.Tensor, neg: torch.Tensor | None = None,
                       generator: torch.Generator | None = None, trained: torch.Tensor | None = None) -> torch.Tensor:
         """seq [B, L + 1] left-padded windows; neg [B, L] BPR negatives (loss bpr only);
-        trained [B]: how many of each window's newest targets to train (None = all)."""
+        trained [B]: how many of each window's newest targets to train (None = all).
+
+        The recommendation loss plus the item tower's own auxiliary loss, if it has one
+        (`ItemTower.auxiliary_loss`, computed over the items of this step)."""
+        loss = self.recommendation_loss(seq, neg, generator, trained)
+        aux = self.tower.auxiliary_loss()
+        return loss if aux is None else loss + aux
+
+    def recommendation_loss(self, seq: torch.Tensor, neg: torch.Tensor | None = None,
+                            generator: torch.Generator | None = None,
+                            trained: torch.Tensor | None = None) -> torch.Tensor:
+        """The next-item loss of `training_loss` alone (bpr or softmax, see LossConfig)."""
         inputs, targets = seq[:, :-1], seq[:, 1:]
         mask = (inputs != 0) & (targets != 0)  # positions with context and a real target
         if trained is not None:

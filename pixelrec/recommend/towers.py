@@ -23,6 +23,12 @@ class ItemTower(nn.Module):
     def encode(self, idx: torch.Tensor) -> torch.Tensor:  # [U] -> [U, d]
         raise NotImplementedError
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A loss of the tower itself over the items its last training-mode calls encoded (e.g. a
+        regulariser tying image vectors to id vectors), added to the recommendation loss; None = none.
+        Towers that have one collect what they need in `encode` and reset it here."""
+        return None
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [U] (0 = padding) -> [U, d]; only real items reach `encode`, padding gives zeros."""
         real = idx != 0
