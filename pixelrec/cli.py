@@ -14,6 +14,7 @@ default, choice list and help text is written once.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import sys
@@ -25,6 +26,8 @@ import click
 from . import __version__
 from .errors import PixelrecError
 from .recommend.config import ITEM_KINDS, SEED_MAX, FitOption, fit_options
+
+GPU_LAYOUTS = ("shard", "replicate")  # = pixelrec.index.faiss_index.GPU_LAYOUTS (importing FAISS here is slow)
 
 TRACEBACK_ENV = "PIXELREC_TRACEBACK"  # set to 1 to see the traceback of a failed command
 EXIT_ERROR = 2  # bad input, refused settings, operating-system errors, out of memory
@@ -87,10 +90,32 @@ class PixelrecGroup(click.Group):
             if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
                 raise  # stdout closed by the reader (`| head`): click exits quietly
             line, status = describe_failure(exc)
+            rank = _rank()
+            if rank and isinstance(exc, PixelrecError) and not _wants_traceback():
+                sys.exit(status)  # under torchrun, rank 0 reports bad input; the other ranks stop quietly
             if _wants_traceback():
                 click.echo("".join(traceback.format_exception(exc)), err=True, nl=False)
-            click.echo(line, err=True)
+            click.echo(line.replace("error: ", f"error: rank {rank}: ", 1) if rank else line, err=True)
             sys.exit(status)
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def rank_zero_only(command: Callable) -> Callable:
+    """For a command that does not run distributed: under torchrun rank 0 runs it, the others exit."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        if _rank() > 0:
+            return None
+        return command(*args, **kwargs)
+
+    return wrapper
 
 
 _SEED = click.IntRange(0, SEED_MAX)
@@ -125,7 +150,9 @@ def cli(quiet: bool) -> None:
     """
     from .runtime import set_quiet
 
-    set_quiet(quiet or os.environ.get("PIXELREC_QUIET", "") not in ("", "0"))
+    set_quiet(quiet or _rank() > 0 or os.environ.get("PIXELREC_QUIET", "") not in ("", "0"))
+    if _rank() > 0:  # under torchrun, rank 0 alone prints summaries; the others only report failures
+        sys.stdout = open(os.devnull, "w")
 
 
 # ----------------------------------------------------------------------------------------- synth
@@ -143,6 +170,7 @@ def cli(quiet: bool) -> None:
 @click.option("--item-prefix", default="i", show_default=True, help="Item ids are PREFIX + number.")
 @click.option("--user-prefix", default="u", show_default=True, help="User ids are PREFIX + number.")
 @click.option("--lmdb", is_flag=True, help="Also write covers.lmdb in PixelRec's LMDB format.")
+@rank_zero_only
 def synth(out_dir, users, items, cold_items, seed, image_size, styles, min_len, max_len, style_seed, item_prefix,
           user_prefix, lmdb):
     """Write a synthetic PixelRec-format dataset: interactions.csv, covers/, items.csv.
@@ -317,8 +345,14 @@ def fit(ctx: click.Context, resume: bool, overwrite: bool, as_json: bool, **sett
               help="Targets with fewer training interactions count as cold.")
 @click.option("--seed", type=_SEED, default=0, show_default=True, help="Seed of the sampled protocol.")
 @click.option("--device", default="cpu", show_default=True, help="Where users are encoded and FAISS searches (cuda needs pixelrec[gpu]).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Users encoded and searched at once (under torchrun, each rank takes whole batches).")
+@click.option("--gpu-shards", type=click.Choice(GPU_LAYOUTS), default="shard", show_default=True,
+              help="With --device cuda and several GPUs (faiss-gpu): split the index over them (shard) or copy it "
+                   "to each (replicate).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def evaluate(run_dir, split, ks, index_spec, nprobe, ef_search, negatives, cold_threshold, seed, device, as_json):
+def evaluate(run_dir, split, ks, index_spec, nprobe, ef_search, negatives, cold_threshold, seed, device, batch_size,
+             gpu_shards, as_json):
     """Recall@k / NDCG@k of a trained run (every item ranked, the user's history excluded)."""
     from .runs.evaluate import evaluate_run
     from .index.report import format_report
@@ -327,7 +361,8 @@ def evaluate(run_dir, split, ks, index_spec, nprobe, ef_search, negatives, cold_
     if options and not index_spec:
         raise PixelrecError("--nprobe/--ef-search apply to an approximate index: add one, e.g. --index IVF256,Flat")
     report = evaluate_run(run_dir, split=split, ks=_ks(ks), index_spec=index_spec, index_options=options,
-                          negatives=negatives, cold_threshold=cold_threshold, seed=seed, device=device)
+                          negatives=negatives, cold_threshold=cold_threshold, seed=seed, device=device,
+                          batch_size=batch_size, gpu_layout=gpu_shards)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -343,8 +378,10 @@ def evaluate(run_dir, split, ks, index_spec, nprobe, ef_search, negatives, cold_
 @click.option("--k", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="With --users: write the JSONL here (atomically) instead of stdout.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="With --users: users encoded and searched at once (under torchrun, each rank takes whole batches).")
 @click.option("--json", "as_json", is_flag=True, help="JSON output (single queries).")
-def retrieve(run_dir, user, history, history_file, users_file, k, out, device, as_json):
+def retrieve(run_dir, user, history, history_file, users_file, k, out, device, batch_size, as_json):
     """Top-k items for a user, an ad-hoc history, or a file of users (history excluded)."""
     from .runs.retrieve import parse_history, read_lines, retrieve_batch, retrieve_one
 
@@ -354,12 +391,15 @@ def retrieve(run_dir, user, history, history_file, users_file, k, out, device, a
     if out is not None and users_file is None:
         raise PixelrecError("--out writes the JSONL of --users; a single query prints to stdout (use --json and a redirect)")
     if users_file is not None:
-        summary = retrieve_batch(run_dir, users_file, k=k, out=out, device=device)
+        summary = retrieve_batch(run_dir, users_file, k=k, out=out, device=device, batch_size=batch_size)
         unknown = summary.unknown
-        click.echo(f"retrieved for {summary.served} users"
-                   + (f"; {len(unknown)} unknown user ids: {', '.join(unknown[:5])}"
-                      + ("..." if len(unknown) > 5 else "") if unknown else "")
-                   + (f"; wrote {out}" if out else ""), err=True)
+        if _rank() == 0:
+            click.echo(f"retrieved for {summary.served} users"
+                       + (f"; {len(unknown)} unknown user ids: {', '.join(unknown[:5])}"
+                          + ("..." if len(unknown) > 5 else "") if unknown else "")
+                       + (f"; wrote {out}" if out else ""), err=True)
+        return
+    if _rank() > 0:  # a single query is answered once, by rank 0
         return
     items = None
     if history is not None:
@@ -386,6 +426,7 @@ def retrieve(run_dir, user, history, history_file, users_file, k, out, device, a
 @click.option("--add-images", type=click.Path(), help="Encode these new covers through the run's trained tower and add them.")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
+@rank_zero_only
 def index(ctx, run_dir, spec, metric, nprobe, ef_search, add_images, device):
     """(Re)build the run's item index, or add new items from their cover images."""
     from .runs.item_index import add_images_to_run, rebuild_run_index
@@ -406,6 +447,39 @@ def index(ctx, run_dir, spec, metric, nprobe, ef_search, add_images, device):
     click.echo(f"{run_dir}/index: {idx.describe()}")
 
 
+# ----------------------------------------------------------------------------------------- serve
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 = any free port.")
+@click.option("--device", default="cpu", show_default=True, help="Where the user tower runs and covers are encoded.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Server processes; each loads the run and picks up the others' additions within a second.")
+@click.option("--batch-window-ms", type=float, default=2.0, show_default=True,
+              help="Gather concurrent queries this long into one batch (one forward, one search); 0 = off.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Most queries in one micro-batch.")
+@click.option("--max-upload-mb", type=float, default=20.0, show_default=True,
+              help="Largest request body (POST /items covers); larger ones get 413.")
+@click.option("--check", "check_only", is_flag=True, help="Load the run and bind the address, then exit without serving.")
+@click.pass_context
+@rank_zero_only
+def serve(ctx, run_dir, host, port, device, workers, batch_window_ms, max_batch, max_upload_mb, check_only):
+    """Serve a run over HTTP (FastAPI): /recommend, /items/{id}/similar, POST /items; API docs at /docs."""
+    from .runs.serving import ServeConfig, serve as run_server
+
+    quiet = ctx.find_root().params.get("quiet", False)
+    cfg = ServeConfig(run_dir=run_dir, host=host, port=port, device=device, workers=workers,
+                      batch_window_ms=batch_window_ms, max_batch=max_batch, max_upload_mb=max_upload_mb)
+
+    def announce(started) -> None:
+        verb = "ready to serve" if check_only else "serving"
+        click.echo(f"{verb} {run_dir} ({started.items} items, {started.users} users, index version "
+                   f"{started.index_version}) on {started.url}; API docs at {started.url}/docs", err=True)
+
+    run_server(cfg, check_only=check_only, quiet=quiet, announce=announce)
+
+
 # ------------------------------------------------------------------------------------------ demo
 @cli.command()
 @click.option("--workdir", default="pixelrec-demo", show_default=True, type=click.Path(file_okay=False),
@@ -417,6 +491,7 @@ def index(ctx, run_dir, spec, metric, nprobe, ef_search, add_images, device):
 @click.option("--items", type=click.IntRange(min=1), default=400, show_default=True)
 @click.option("--seed", type=_SEED, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@rank_zero_only
 def demo(workdir, towers, epochs, users, items, seed, device):
     """The embedded default: synth -> encode -> fit id/frozen/partial/e2e -> compare -> retrieve."""
     from .demo import DemoConfig, run_demo

@@ -1,10 +1,10 @@
 """`pixelrec demo`: the whole system on a small synthetic catalogue, in a few minutes on a CPU.
 
 synthesise covers + interactions -> encode once with a tiny random-init ViT (pooled embeddings and
-split-block tokens) -> fit SASRec with the id, frozen, partial and e2e item towers -> evaluate the
-test split (overall and cold items) -> print one comparison table, plot the training curves and
-recall by popularity bucket, and retrieve for one user. Everything goes through the public API;
-the same steps are `pixelrec synth / encode / fit / evaluate / retrieve` on the command line.
+split-block tokens) -> fit SASRec with the id, frozen, partial, e2e and hybrid item towers -> evaluate
+the test split (overall, warm and cold items) -> print one comparison table, plot the training
+curves, recall by popularity bucket and the warm/cold trade-off, and retrieve for one user.
+Everything goes through the public API; the same steps are `pixelrec synth / encode / fit / evaluate / retrieve` on the command line.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class DemoConfig:
     image_size: int = 32
     encoder: str = "pixelrec-tiny-vit"
     split_block: int = 2
-    towers: tuple[str, ...] = ("id", "frozen", "partial", "e2e")
+    towers: tuple[str, ...] = ("id", "frozen", "partial", "e2e", "hybrid")
     epochs: int = 30
     patience: int = 5
     lr: float = 2e-3
@@ -85,6 +85,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         test = res.test
         result.rows.append({
             "tower": kind, "recall@10": test["overall"]["recall@10"], "ndcg@10": test["overall"]["ndcg@10"],
+            "warm_recall@10": test["warm"]["recall@10"], "warm_ndcg@10": test["warm"]["ndcg@10"],
             "cold_recall@10": test["cold"]["recall@10"], "cold_ndcg@10": test["cold"]["ndcg@10"],
             "cold_users": test["cold"]["users"], "s_per_epoch": res.seconds_per_epoch, "best_epoch": res.best_epoch,
             "run_dir": str(res.run_dir), "buckets": test["buckets"],
@@ -103,14 +104,31 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
 def format_table(rows: list[dict], cfg: DemoConfig) -> str:
     chance = 10 / max(cfg.items, 1)
-    lines = [f"{'tower':<9}{'Recall@10':>11}{'NDCG@10':>10}{'cold R@10':>11}{'cold N@10':>11}{'s/epoch':>9}{'best ep':>9}",
-             "-" * 70]
+    lines = [f"{'tower':<9}{'Recall@10':>11}{'NDCG@10':>10}{'warm N@10':>11}{'cold R@10':>11}{'cold N@10':>11}"
+             f"{'s/epoch':>9}{'best ep':>9}", "-" * 81]
     for r in rows:
-        lines.append(f"{r['tower']:<9}{r['recall@10']:>11.4f}{r['ndcg@10']:>10.4f}{_f(r['cold_recall@10']):>11}"
-                     f"{_f(r['cold_ndcg@10']):>11}{r['s_per_epoch']:>9.2f}{r['best_epoch']:>9}")
+        lines.append(f"{r['tower']:<9}{r['recall@10']:>11.4f}{r['ndcg@10']:>10.4f}{_f(r.get('warm_ndcg@10')):>11}"
+                     f"{_f(r['cold_recall@10']):>11}{_f(r['cold_ndcg@10']):>11}{r['s_per_epoch']:>9.2f}{r['best_epoch']:>9}")
     lines.append(f"cold = {rows[0]['cold_users'] if rows else 0} test users whose target item never appears in "
                  f"training; chance Recall@10 over the whole catalogue = {chance:.3f}")
+    lines += tradeoff_lines(rows)
     return "\n".join(lines)
+
+
+IMAGE_ONLY = ("frozen", "partial", "e2e")
+
+
+def tradeoff_lines(rows: list[dict]) -> list[str]:
+    """The hybrid against the cold-start bars: warm NDCG@10 vs id's, cold Recall@10 vs the best image-only tower's."""
+    by = {r["tower"]: r for r in rows}
+    images = [by[k]["cold_recall@10"] or 0.0 for k in IMAGE_ONLY if k in by]
+    if "hybrid" not in by or "id" not in by or not images or not by["id"].get("warm_ndcg@10"):
+        return []
+    h = by["hybrid"]
+    warm = (h["warm_ndcg@10"] or 0.0) / by["id"]["warm_ndcg@10"]
+    cold = (h["cold_recall@10"] or 0.0) / max(max(images), 1e-12)
+    return [f"hybrid: warm NDCG@10 {warm:.3f} x id's (bar 0.98), cold Recall@10 {cold:.3f} x the best image-only "
+            f"tower's (bar 0.9)"]
 
 
 def _f(v: float | None) -> str:
@@ -123,7 +141,7 @@ def plot_runs(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4))
     for r in rows:
         hist = RunDir(r["run_dir"]).read_metrics()
         # e2e computes the same function as partial, so their curves coincide: draw e2e dashed
@@ -140,6 +158,27 @@ def plot_runs(rows: list[dict], path: str) -> None:
     ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels)
     ax2.set(xlabel="target's training interactions", ylabel="test Recall@10", title="Recall@10 by item popularity")
     ax2.legend()
+    plot_tradeoff(ax3, rows)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_tradeoff(ax, rows: list[dict]) -> None:
+    """Warm NDCG@10 against cold Recall@10 per tower, with the cold-start bars (0.98 x id's warm
+    NDCG@10, 0.9 x the best image-only tower's cold Recall@10): the hybrid belongs in the top right."""
+    for r in rows:
+        if r.get("warm_ndcg@10") is None:
+            continue
+        marker = "*" if r["tower"] == "hybrid" else "o"
+        ax.scatter(r["warm_ndcg@10"], r["cold_recall@10"] or 0.0, marker=marker, s=160 if marker == "*" else 50,
+                   label=r["tower"])
+    by = {r["tower"]: r for r in rows}
+    if by.get("id", {}).get("warm_ndcg@10"):
+        ax.axvline(0.98 * by["id"]["warm_ndcg@10"], color="grey", linestyle=":", linewidth=1)
+    images = [by[k]["cold_recall@10"] or 0.0 for k in IMAGE_ONLY if k in by]
+    if images:
+        ax.axhline(0.9 * max(images), color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="warm test NDCG@10", ylabel="cold test Recall@10",
+           title="Warm / cold trade-off (dotted: the bars)")
+    ax.legend()

@@ -52,6 +52,7 @@ BASE: dict[str, list[str]] = {
     "evaluate": ["{run}"],
     "retrieve": ["{run}", "--user", "{user}"],
     "index": ["{run}"],
+    "serve": ["{run}", "--port", "0", "--check"],  # --check: loads and binds, then exits without serving
     "demo": ["--workdir", "{tmp}/demo", "--towers", "id", "--epochs", "1", "--users", "30", "--items", "50",
              "--device", "cpu"],
 }
@@ -112,6 +113,10 @@ BAD: dict[str, dict[str, list]] = {
         "head": ["max"],
         "hybrid": ["product"],
         "image_branch": ["e2e"],
+        "id_dropout": ["1", "-0.1", "nan"],
+        "hybrid_gate": ["sigmoid"],
+        "feature_norm": ["zscore"],
+        "image_to_id": ["-1", "nan", "inf"],
         "cache_in_memory": ["maybe"],
         "model": ["bert4rec"],
         "dim": ["0", "-4", Args("--dim", "15", "--heads", "2")],
@@ -119,6 +124,7 @@ BAD: dict[str, dict[str, list]] = {
         "layers": ["0"],
         "heads": ["0", "3"],
         "dropout": ["1.5", "nan", "-inf"],
+        "attn_dropout": ["1.5", "nan", "-inf"],
         "positions": ["rotary"],
         "loss": ["hinge"],
         "negatives": ["-5"],
@@ -149,6 +155,8 @@ BAD: dict[str, dict[str, list]] = {
         "cold_threshold": ["-1"],
         "seed": ["-1"],
         "device": ["tpu"],
+        "batch_size": ["0", "-3"],
+        "gpu_shards": ["mirror"],
     },
     "retrieve": {
         "run_dir": ["{tmp}", "{tmp}/missing", "{file}"],
@@ -163,6 +171,7 @@ BAD: dict[str, dict[str, list]] = {
                 Args("{run}", "--users", "{users_txt}", "--out", "{file}/top.jsonl", alone=True),
                 Args("{run}", "--users", "{users_txt}", "--out", "{tmp}", alone=True)],
         "device": ["tpu"],
+        "batch_size": ["0", "-3"],
     },
     "index": {
         "run_dir": ["{tmp}", "{tmp}/missing", "{file}"],
@@ -173,6 +182,16 @@ BAD: dict[str, dict[str, list]] = {
         "add_images": ["{tmp}/missing", "{file}", "{new_covers}",  # an id run has no image tower
                        Args("--add-images", "{new_covers}", "--spec", "HNSW32")],
         "device": ["tpu"],
+    },
+    "serve": {
+        "run_dir": ["{tmp}", "{tmp}/missing", "{file}"],
+        "host": ["", "192.0.2.1"],  # 192.0.2.1 (TEST-NET-1) is no address of this machine: bind fails at once
+        "port": ["-1", "65536", "http"],
+        "device": ["tpu"],
+        "workers": ["0", "many"],
+        "batch_window_ms": ["-1", "nan", "inf", "5000"],
+        "max_batch": ["0"],
+        "max_upload_mb": ["0", "-5", "nan"],
     },
     "demo": {
         "workdir": ["{file}", f"{UNWRITABLE}/demo"],
@@ -196,6 +215,7 @@ NO_BAD_VALUE: dict[str, dict[str, str]] = {
     "evaluate": {"as_json": FLAG},
     "retrieve": {"as_json": FLAG},
     "index": {},
+    "serve": {"check_only": FLAG},
     "demo": {},
 }
 

@@ -323,7 +323,7 @@ def test_a_closed_stdout_is_left_to_click():
 
 def test_every_command_runs_inside_the_boundary():
     assert isinstance(cli, PixelrecGroup)
-    assert set(cli.commands) == {"synth", "encode", "fit", "evaluate", "retrieve", "index", "demo"}
+    assert set(cli.commands) == {"synth", "encode", "fit", "evaluate", "retrieve", "index", "serve", "demo"}
 
 
 def test_no_traceback_from_a_real_process(tmp_path):

@@ -133,8 +133,8 @@ def test_retrieve_batch_all_users_and_empty_file(tmp_path, run_dir, trained):
 def test_retrieve_batch_writes_atomically(tmp_path, run_dir, trained, monkeypatch):
     real_stream = retrieve_mod._stream
 
-    def failing_stream(trained_run, users, index, k, batch_size, f):
-        real_stream(trained_run, users[:3], index, k, batch_size, f)  # some lines are written...
+    def failing_stream(trained_run, batches, index, k, f):
+        real_stream(trained_run, [batches[0][:3]], index, k, f)  # some lines are written...
         raise RuntimeError("disk full")  # ...then the write fails
 
     monkeypatch.setattr(retrieve_mod, "_stream", failing_stream)

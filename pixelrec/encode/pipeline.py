@@ -17,6 +17,7 @@ where HDF5's own file locking is off (HDF5_USE_FILE_LOCKING=FALSE, common on net
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -32,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .. import __version__
+from .. import __version__, distributed
 from ..data.images import ImageLoadError, ImageStore, open_image_store
 from ..data.interactions import load_interactions
+from ..distributed import World
 from ..errors import PixelrecError
 from ..runtime import FileLock, autocast_for, describe_os_error, lock_path_for, log, progress, resolve_device
 from .cache import (
@@ -47,6 +49,7 @@ from .cache import (
     settings_mismatch,
 )
 from .encoder import EncoderConfig, ImageEncoder, PixelLoader, build_encoder
+from .shards import check_no_foreign_shards, merge_shards, remove_shards, shard_path, shard_span
 
 MISSING = "missing"
 
@@ -219,8 +222,9 @@ class _Plan:
     start: Optional[int]  # first catalogue position to encode; None: `out` is already complete
 
 
-def _plan(cfg: EncodeConfig, encoder: Optional[ImageEncoder]) -> _Plan:
-    """Read the catalogue, build the encoder and find where to start (see `_resume_point`)."""
+def _plan(cfg: EncodeConfig, encoder: Optional[ImageEncoder], resume: bool = True) -> _Plan:
+    """Read the catalogue, build the encoder and find where to start (see `_resume_point`; with
+    resume=False the plan starts at 0 and `out` is not looked at)."""
     store = open_image_store(cfg.images)
     item_ids, missing = _catalogue(cfg, store)
     device = resolve_device(cfg.device)
@@ -228,7 +232,8 @@ def _plan(cfg: EncodeConfig, encoder: Optional[ImageEncoder]) -> _Plan:
     if cfg.split_block is not None:
         encoder.check_split(cfg.split_block)
     attrs = _cache_attrs(cfg, encoder, item_ids)
-    return _Plan(cfg, store, encoder, device, item_ids, missing, attrs, start=_resume_point(cfg, attrs))
+    start = _resume_point(cfg, attrs) if resume else 0
+    return _Plan(cfg, store, encoder, device, item_ids, missing, attrs, start=start)
 
 
 def _resume_point(cfg: EncodeConfig, attrs: dict) -> Optional[int]:
@@ -419,17 +424,72 @@ def _summary(plan: _Plan, written: _Written) -> EncodeSummary:
     )
 
 
-def encode_images(cfg: EncodeConfig, encoder: Optional[ImageEncoder] = None) -> EncodeSummary:
+def encode_images(cfg: EncodeConfig, encoder: Optional[ImageEncoder] = None,
+                  world: Optional[World] = None) -> EncodeSummary:
     """Encode the catalogue's covers into `cfg.out` (resuming an interrupted run); see the module doc.
 
     `encoder` replaces the one `cfg.encoder` describes (e.g. a tuned encoder; it is moved to the
     device and put in eval mode); the cache records its config and weight fingerprint either way.
     Holds the lock file of `cfg.out` throughout; a second encode of the same cache fails at once.
+    Under torchrun (`world` None: read from the environment) the ranks encode shards of the
+    catalogue and rank 0 merges them into the same cache one process writes (`encode.shards`).
     """
     _validate(cfg)
+    world = distributed.init(cfg.device) if world is None else world
+    if world.is_distributed:
+        return _encode_sharded(cfg, encoder, world)
     with _cache_lock(Path(cfg.out)) as lock:
         plan = _plan(cfg, encoder)
         if plan.start is None:
             return _already_complete(Path(cfg.out))
         written = _write_cache(plan, lock)
     return _summary(plan, written)
+
+
+def _encode_sharded(cfg: EncodeConfig, encoder: Optional[ImageEncoder], world: World) -> EncodeSummary:
+    """Every rank encodes its shard (resumable), then rank 0 merges them into `cfg.out`."""
+    out = Path(cfg.out)
+    world.check_same("encode settings", dataclasses.asdict(cfg))
+    lock = FileLock(lock_path_for(out), f"the cache {out}")
+    world.on_main(lambda: _claim_output(lock, out, world.size))
+    try:
+        device = world.device(cfg.device)
+        plan = world.agree(lambda: _plan(dataclasses.replace(cfg, device=str(device)), encoder, resume=False))
+        complete = world.on_main(lambda: out.exists() and _resume_point(cfg, plan.attrs) is None)
+        if complete:
+            return world.on_main(lambda: _already_complete(out))
+        spans = [shard_span(len(plan.item_ids), cfg.batch_size, r, world.size) for r in range(world.size)]
+        shards = [shard_path(out, r, world.size) for r, (lo, hi) in enumerate(spans) if hi > lo]
+        lo, hi = spans[world.rank]
+        mine = dataclasses.replace(cfg, out=str(shard_path(out, world.rank, world.size)), interactions=None,
+                                   item_ids=plan.item_ids[lo:hi], skip_missing=True, device=str(device))
+        started = time.perf_counter()
+        parts = world.gather(world.agree(lambda: _encode_shard(mine, plan.encoder, hi - lo)))
+        seconds = time.perf_counter() - started
+        world.on_main(lambda: merge_shards(out, shards, plan.item_ids, plan.attrs, cfg.batch_size))
+        world.on_main(lambda: remove_shards(shards))
+    finally:
+        if world.is_main:
+            lock.release()
+    failed = {item: reason for part in parts for item, reason in part.failed.items()}
+    resumed = sum(part.resumed_from for part in parts)
+    n = len(plan.item_ids)
+    return EncodeSummary(out=str(out), n_items=n, n_encoded=sum(part.n_encoded for part in parts),
+                         n_failed=len(failed), failed=failed, seconds=seconds,
+                         images_per_s=(n - resumed) / seconds if seconds > 0 else 0.0, resumed_from=resumed)
+
+
+def _claim_output(lock: FileLock, out: Path, size: int) -> None:
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise PixelrecError(f"cannot lock the cache {out}: {describe_os_error(exc)}") from None
+    check_no_foreign_shards(out, size)
+
+
+def _encode_shard(cfg: EncodeConfig, encoder: ImageEncoder, n: int) -> EncodeSummary:
+    """One rank's shard, encoded like any cache (a rank with no items has an empty summary)."""
+    if n == 0:
+        return EncodeSummary(out=cfg.out, n_items=0, n_encoded=0, n_failed=0, failed={}, seconds=0.0,
+                             images_per_s=0.0, resumed_from=0)
+    return encode_images(cfg, encoder, world=World())

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..data.sequences import SequenceData
+from ..distributed import World
 from ..errors import PixelrecError
 from .faiss_index import ItemIndex
 from .metrics import POPULARITY_BUCKETS, sampled_ranks, summarize, summarize_groups, target_buckets, target_ranks
@@ -30,6 +31,7 @@ def item_table(model) -> torch.Tensor:
 
 
 def build_item_index(table: torch.Tensor, spec: str = EXACT_SPEC, device: str = "cpu", **kw) -> ItemIndex:
+    """The index of an item table [N + 1, d] (row 0 = padding) under ids 1..N."""
     vectors = table[1:].float().cpu().numpy()
     ids = np.arange(1, len(table), dtype=np.int64)
     return ItemIndex.build(vectors, ids, spec=spec, metric="ip", device=device, **kw)
@@ -50,38 +52,49 @@ def evaluate_model(
     seed: int = 0,
     table: torch.Tensor | None = None,
     device: str = "cpu",
+    world: World = World(),
+    gpu_layout: str = "shard",
 ) -> dict[str, Any]:
-    """Metrics of `split` ('valid' | 'test'); see the module doc. Returns a JSON-ready report."""
+    """Metrics of `split` ('valid' | 'test'); see the module doc. Returns a JSON-ready report.
+
+    Users are encoded and searched `batch_size` at a time; with several processes (`world`) each
+    takes a contiguous run of those batches and the per-user ranks are gathered in user order, so
+    the report equals the one-process report exactly (every process returns it).
+    """
     if split not in ("valid", "test"):
         raise PixelrecError(f"unknown --split {split!r}; expected test or valid")
     if negatives < 0:
         raise PixelrecError(f"--negatives {negatives}: expected 0 (full ranking) or a positive number of negatives")
     model.eval()
     table = item_table(model) if table is None else table
-    users = np.arange(data.num_users)
-    histories = [data.history(u, split) for u in users]
     targets = data.targets(split)
-    queries = model.encode_histories(histories, item_table=table, batch_size=batch_size)
     counts = data.train_counts
-    report: dict[str, Any] = {"split": split, "users": int(len(users)), "items": data.num_items}
+    report: dict[str, Any] = {"split": split, "users": int(data.num_users), "items": data.num_items}
 
-    if negatives:
+    if negatives:  # cheap, and its negatives come from one random stream: every process computes it whole
+        histories = [data.history(u, split) for u in range(data.num_users)]
+        queries = model.encode_histories(histories, item_table=table, batch_size=batch_size)
         ranks = _sampled_protocol(queries, table, data, split, targets, negatives, seed)
         report["protocol"] = f"sampled: target vs {negatives} random non-interacted items per user"
     else:
         k_max = max(ks)
-        exact = build_item_index(table, EXACT_SPEC, device=device)
-        _, exact_ids = exact.search(queries, k_max, exclude=histories)
-        report["protocol"] = f"full ranking over all {data.num_items} items, the user's history excluded"
-        ranked_ids = exact_ids
+        exact = build_item_index(table, EXACT_SPEC, device=device, gpu_layout=gpu_layout)
+        approx = None
         if index_spec and index_spec != EXACT_SPEC:
-            approx = build_item_index(table, index_spec, device=device, **(index_options or {}))
-            _, ranked_ids = approx.search(queries, k_max, exclude=histories)
-            report["index"] = {"spec": approx.spec, "exact": False, "nprobe": approx.nprobe, "ef_search": approx.ef_search,
-                               **{f"recall_vs_exact@{k}": _overlap(ranked_ids, exact_ids, k) for k in ks}}
+            approx = build_item_index(table, index_spec, device=device, gpu_layout=gpu_layout, **(index_options or {}))
+        batches = [np.arange(i, min(i + batch_size, data.num_users)) for i in range(0, data.num_users, batch_size)]
+        mine = [_rank_batch(model, data, split, users, table, exact, approx, targets, k_max, ks)
+                for users in world.share(batches)]
+        parts = [part for rank_parts in world.gather(mine) for part in rank_parts]  # user order
+        ranks = np.concatenate([r for r, _ in parts]) if parts else np.zeros(0, dtype=np.int64)
+        report["protocol"] = f"full ranking over all {data.num_items} items, the user's history excluded"
+        if approx is not None:
+            hits = {k: np.concatenate([h[k] for _, h in parts]) for k in ks}
+            report["index"] = {"spec": approx.spec, "exact": False, "nprobe": approx.nprobe,
+                               "ef_search": approx.ef_search,
+                               **{f"recall_vs_exact@{k}": float(hits[k].mean()) if len(hits[k]) else 0.0 for k in ks}}
         else:
             report["index"] = {"spec": EXACT_SPEC, "exact": True}
-        ranks = target_ranks(ranked_ids, targets)
 
     report["overall"] = summarize(ranks, ks)
     target_counts = counts[targets]
@@ -97,11 +110,22 @@ def evaluate_model(
     return report
 
 
-def _overlap(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
-    """Mean fraction of the exact top-k that the approximate top-k finds."""
-    hits = [len(np.intersect1d(a[:k][a[:k] >= 0], e[:k][e[:k] >= 0])) / max((e[:k] >= 0).sum(), 1)
-            for a, e in zip(approx_ids, exact_ids)]
-    return float(np.mean(hits)) if hits else 0.0
+def _rank_batch(model, data: SequenceData, split: str, users: np.ndarray, table: torch.Tensor, exact: ItemIndex,
+                approx: ItemIndex | None, targets: np.ndarray, k_max: int, ks) -> tuple[np.ndarray, dict]:
+    """(rank of each user's target [u], per k the share of the exact top-k the approximate index found)."""
+    histories = [data.history(u, split) for u in users]
+    queries = model.encode_histories(histories, item_table=table, batch_size=len(users))
+    _, exact_ids = exact.search(queries, k_max, exclude=histories)
+    if approx is None:
+        return target_ranks(exact_ids, targets[users]), {}
+    _, approx_ids = approx.search(queries, k_max, exclude=histories)
+    return target_ranks(approx_ids, targets[users]), {k: _overlap(approx_ids, exact_ids, k) for k in ks}
+
+
+def _overlap(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> np.ndarray:
+    """Per user, the fraction of the exact top-k that the approximate top-k finds."""
+    return np.array([len(np.intersect1d(a[:k][a[:k] >= 0], e[:k][e[:k] >= 0])) / max((e[:k] >= 0).sum(), 1)
+                     for a, e in zip(approx_ids, exact_ids)], dtype=np.float64)
 
 
 def _sampled_protocol(queries, table, data: SequenceData, split, targets, n: int, seed: int) -> np.ndarray:

@@ -39,6 +39,7 @@ from ..runtime import atomic_path, file_sha256, log, progress, resolve_device, w
 METRICS = ("ip", "cosine")
 EXAMPLE_SPECS = ("Flat", "IVF1024,Flat", "IVF1024,PQ16", "HNSW32", "OPQ16,IVF1024,PQ16", "PQ16", "SQ8")
 INDEX_FILE, META_FILE, VECTORS_FILE, IDS_FILE = "index.faiss", "index.json", "item_vectors.npy", "item_ids.npy"
+GPU_LAYOUTS = ("shard", "replicate")  # how an index spreads over several GPUs
 GPU_MAX_K = 2048  # largest k FAISS GPU indexes can return; larger over-fetches search a CPU copy
 _CHUNK_ENTRIES = 1 << 22  # queries x candidates handled per FAISS call (bounds result memory)
 _REBUILD_HINT = "rebuild it with `pixelrec index RUN_DIR`"
@@ -53,7 +54,7 @@ class ItemIndex:
     """
 
     def __init__(self, index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, *, spec: str, metric: str,
-                 device: str = "cpu"):
+                 device: str = "cpu", gpu_layout: str = "shard"):
         """Wrap a trained CPU `faiss.IndexIDMap` holding `vectors` under `ids` (use build/load)."""
         self._spec = spec
         self._metric = metric
@@ -62,19 +63,22 @@ class ItemIndex:
         self._order = np.argsort(ids, kind="stable")
         self._is_exact = isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
         self._params = _read_params(index)
-        self._index, self._device, self._gpu_resources = _place(index, device, spec)
+        self._index, self._device, self._gpu_resources = _place(index, device, spec, gpu_layout)
         self._cpu_copy: faiss.Index | None = None
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
     def build(cls, vectors: np.ndarray, ids: np.ndarray, spec: str = "Flat", metric: str = "ip",
-              nprobe: int | None = None, ef_search: int | None = None, device: str = "cpu") -> "ItemIndex":
+              nprobe: int | None = None, ef_search: int | None = None, device: str = "cpu",
+              gpu_layout: str = "shard") -> "ItemIndex":
         """Index `vectors` [N, d] under vocabulary `ids` [N] (int64, unique, >= 1).
 
         `spec` is any FAISS index-factory string; a bare "IVF<n>" means "IVF<n>,Flat". Indexes that
         need training are trained on `vectors`. `nprobe` (IVF) and `ef_search` (HNSW) set the search
         breadth; when left None, nprobe = min(nlist, 16) and efSearch = 64 (see DEFAULT_NPROBE).
-        `device`: "cpu", "cuda[:N]" (needs faiss-gpu: pixelrec[gpu]) or "auto" (GPU when usable).
+        `device`: "cpu", "cuda[:N]" (needs faiss-gpu: pixelrec[gpu]) or "auto" (GPU when usable);
+        "cuda" without N on a machine with several GPUs spreads the index over all of them,
+        `gpu_layout` "shard" (each GPU holds a part) or "replicate" (each holds all of it).
         """
         _check_metric(metric)
         vectors, ids = _check_items(vectors, ids)
@@ -87,7 +91,7 @@ class ItemIndex:
         index.add_with_ids(data, ids)
         nprobe, ef_search = _default_params(index, nprobe, ef_search)
         _set_params(index, spec, nprobe, ef_search)
-        return cls(index, vectors, ids, spec=spec, metric=metric, device=device)
+        return cls(index, vectors, ids, spec=spec, metric=metric, device=device, gpu_layout=gpu_layout)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu") -> "ItemIndex":
@@ -469,8 +473,10 @@ def _faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def _place(index: faiss.Index, device: str, spec: str) -> tuple[faiss.Index, str, Any]:
+def _place(index: faiss.Index, device: str, spec: str, gpu_layout: str = "shard") -> tuple[faiss.Index, str, Any]:
     """(index to search, device name, GPU resources to keep alive) for the requested device."""
+    if gpu_layout not in GPU_LAYOUTS:
+        raise PixelrecError(f"unknown GPU layout {gpu_layout!r}; expected one of {', '.join(GPU_LAYOUTS)}")
     target = resolve_device(device)
     if target.type != "cuda":
         return index, "cpu", None
@@ -479,6 +485,8 @@ def _place(index: faiss.Index, device: str, spec: str) -> tuple[faiss.Index, str
             return index, "cpu", None
         raise PixelrecError(f"--device {device}: this FAISS build has no GPU support; "
                             f"install pixelrec[gpu] (faiss-gpu) or use --device cpu")
+    if target.index is None and faiss.get_num_gpus() > 1:
+        return _place_on_all_gpus(index, spec, gpu_layout)
     gpu = target.index or 0
     resources = faiss.StandardGpuResources()
     try:
@@ -486,6 +494,20 @@ def _place(index: faiss.Index, device: str, spec: str) -> tuple[faiss.Index, str
     except RuntimeError as error:
         log(f"index {spec} cannot run on the GPU ({_faiss_message(error)}); searching on the CPU")
         return index, "cpu", None
+
+
+def _place_on_all_gpus(index: faiss.Index, spec: str, gpu_layout: str) -> tuple[faiss.Index, str, Any]:
+    """The index over every visible GPU with FAISS's own multi-GPU cloning: split into one shard per
+    GPU (the catalogue may be larger than one GPU) or one copy per GPU (more queries per second).
+    Exact (Flat) results equal the CPU index's. Not exercised without several GPUs."""
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = gpu_layout == "shard"
+    try:
+        placed = faiss.index_cpu_to_all_gpus(index, co=options)
+    except RuntimeError as error:
+        log(f"index {spec} cannot run on the GPUs ({_faiss_message(error)}); searching on the CPU")
+        return index, "cpu", None
+    return placed, f"cuda:all ({faiss.get_num_gpus()} GPUs, {gpu_layout})", None
 
 
 # --------------------------------------------------------------------------------- search helpers

@@ -33,7 +33,9 @@ CACHE_KINDS = ("frozen", "partial", "hybrid")  # item towers that read an embedd
 IMAGE_KINDS = ("e2e",)  # item towers that read the covers themselves (--images)
 ADAPTERS = ("auto", "linear", "mlp")
 HEADS = ("pooled", "token_relu_mean")
-HYBRID_MODES = ("sum", "concat")
+HYBRID_MODES = ("sum", "concat", "switch")
+HYBRID_GATES = ("none", "count")
+FEATURE_NORMS = ("none", "standardize", "whiten")
 IMAGE_BRANCHES = ("frozen", "partial")
 CACHE_IN_MEMORY = ("auto", "yes", "no")
 MODELS = ("sasrec", "gru4rec")
@@ -112,11 +114,30 @@ class ItemsConfig:
     dropout: float = setting(
         0.0, flag="--item-dropout", at_least=0, below=1,
         help="Image towers: dropout on the image features before the adapter/head (helps cold items).")
+    feature_norm: str = setting(
+        "none", choices=FEATURE_NORMS,
+        help="frozen (and hybrid over frozen): centre the cached embeddings and scale them per feature "
+             "(standardize) or decorrelate them (whiten), with the training items' statistics, before the adapter.")
     head: str = setting(
         "pooled", choices=HEADS,
         help="partial/e2e pooling head: the encoder's pooled output, or PixelRec's mean over tokens of ReLU(Linear(h)).")
-    hybrid: str = setting("sum", choices=HYBRID_MODES, help="hybrid: how id and image vectors combine.")
+    hybrid: str = setting(
+        "sum", choices=HYBRID_MODES,
+        help="hybrid: how id and image vectors combine: sum, concat (projected to --dim), or switch (the id "
+             "embedding for items with training interactions, the image path for items without).")
     image_branch: str = setting("frozen", choices=IMAGE_BRANCHES, help="hybrid: image tower kind.")
+    id_dropout: float = setting(
+        0.0, at_least=0, below=1,
+        help="hybrid: in training, drop a warm item's id part with this probability, so its image part must "
+             "stand alone as a cold item's does (DropoutNet).")
+    hybrid_gate: str = setting(
+        "none", choices=HYBRID_GATES,
+        help="hybrid: count = a learned gate on the item's training-interaction count weighs its id part "
+             "against its image part (warm items lean on the id, cold ones on the image).")
+    image_to_id: float = setting(
+        0.0, at_least=0,
+        help="hybrid: weight of an auxiliary loss that trains a map from the image part to the item's trained "
+             "id embedding; items without an id (cold, new) use the predicted one. 0 = off.")
     grad_checkpointing: bool = setting(False, help="e2e: trade compute for memory.")
     cache_in_memory: str = setting("auto", choices=CACHE_IN_MEMORY, help="Load the cache into RAM (auto: when it is small).")
 
@@ -138,7 +159,9 @@ class SequenceConfig:
     heads: int = setting(2, at_least=1, help="SASRec attention heads (must divide --dim).")
     inner_mult: int = 4  # SASRec feed-forward width = inner_mult * dim (not an option: NOT_OPTIONS)
     dropout: float = setting(0.3, at_least=0, below=1, help="Dropout in the sequence model.")
-    attn_dropout: float = 0.3  # SASRec only (not an option: NOT_OPTIONS)
+    attn_dropout: float = setting(0.3, at_least=0, below=1,
+                                  help="SASRec: dropout on the attention weights (0 with --dropout 0 makes "
+                                       "training free of dropout, e.g. to compare runs exactly).")
     positions: str = setting(
         "relative", choices=POSITIONS,
         help="SASRec positions: relative (attention bias by distance, trains every position as it is served) "
@@ -190,7 +213,6 @@ class TrainConfig:
 # (FitConfig) sets them; config.json records them like every other setting.
 NOT_OPTIONS: dict[str, str] = {
     "model.inner_mult": "architecture detail of SASRec's feed-forward block; only --preset pixelrec changes it (to 2)",
-    "model.attn_dropout": "tuned together with --dropout (equal by default); only --preset pixelrec changes it",
     "model.gru_hidden": "GRU4Rec's hidden size follows --dim (2 x dim); a separate knob has not been worth it",
     "loss.full_softmax_max_items": "a memory guard, not a modelling choice; --negatives N already asks for "
                                    "sampled softmax at any catalogue size",

@@ -3,7 +3,8 @@
 - FrozenTower   cached pooled embedding [E] -> adapter -> [d]
 - PartialTower  cached split-block tokens [T, W] -> last K encoder blocks (trainable) -> head -> [d]
 - E2ETower    raw covers -> open_clip tower (top K blocks trainable) -> head -> [d]   (e2e, the paper's PixelNet)
-- HybridTower   IdTower + one image tower, summed or concatenated and projected
+- HybridTower   IdTower + one image tower, summed or concatenated and projected; cold items (no id)
+                take its image-only `cold_from_image` path (id dropout, count gate, image -> id map)
 
 Heads turn the encoder's output into the recommender's dimension d:
 - ``pooled``: the encoder's pooled output -> adapter (linear, or a small MLP);
@@ -17,11 +18,13 @@ Each training step encodes each unique item of the batch once (ItemTower.forward
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.images import ImageLoadError, open_image_store
@@ -30,22 +33,82 @@ from ..encode.cache import open_cache
 from ..encode.encoder import EncoderConfig, build_encoder
 from ..errors import PixelrecError
 from ..runtime import log, progress
-from .config import ADAPTERS, HEADS, HYBRID_MODES, FitConfig
+from .config import ADAPTERS, FEATURE_NORMS, HEADS, HYBRID_GATES, HYBRID_MODES, FitConfig
 from .towers import IdTower, ItemTower
 
 # Load the cache (or pre-decode images) into RAM when it takes less than this share of memory.
 IN_MEMORY_SHARE = 0.25
+# --feature-norm whiten: eigenvalues of the feature covariance are raised by this share of their mean
+# before the inverse square root, so directions with almost no variance are not blown up into noise.
+WHITEN_SHRINK = 0.05
+
+
+class FeatureNorm(nn.Module):
+    """A fixed affine map of cached image features, fitted once to the training catalogue:
+    x -> (x - shift) @ transform.
+
+    ``standardize``: shift = mean, transform = diag(1 / sd) per feature. ``whiten``: shift = mean,
+    transform = the (shrunk) inverse square root of the covariance (ZCA). A random-init encoder's
+    pooled outputs share one large common direction (on the ML-100K covers: mean cosine similarity 0.9
+    between items), so the adapter sees nearly equal inputs; centring and scaling gives it the
+    differences between covers at unit scale.
+
+    The buffers are saved with the model, so new covers are normalised with the training statistics;
+    a checkpoint written before this existed (no such entries) loads as the identity, which is what
+    its adapter was trained with.
+    """
+
+    def __init__(self, in_dim: int, kind: str):
+        super().__init__()
+        if kind not in ("standardize", "whiten"):
+            raise PixelrecError(f"unknown --feature-norm {kind!r}; expected one of {', '.join(FEATURE_NORMS)}")
+        self.kind = kind
+        self.register_buffer("shift", torch.zeros(in_dim))
+        self.register_buffer("transform", torch.eye(in_dim))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> "FeatureNorm":
+        """Set the statistics from features x [n, E] (float64 is used inside)."""
+        x = x.double()
+        if len(x) < 2:
+            return self
+        mean = x.mean(0)
+        centred = x - mean
+        if self.kind == "standardize":
+            sd = centred.square().mean(0).sqrt()
+            transform = torch.diag(1 / sd.clamp(min=1e-6 * float(sd.max()) + 1e-12))
+        else:
+            cov = centred.T @ centred / len(x)
+            values, vectors = torch.linalg.eigh(cov)
+            values = values.clamp(min=0) + WHITEN_SHRINK * float(values.clamp(min=0).mean()) + 1e-12
+            transform = vectors @ torch.diag(values.rsqrt()) @ vectors.T
+        self.shift.copy_(mean.float())
+        self.transform.copy_(transform.float())
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift) @ self.transform
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if prefix + "shift" not in state_dict and prefix + "transform" not in state_dict:  # an older checkpoint
+            state_dict = {**state_dict, prefix + "shift": torch.zeros_like(self.shift),
+                          prefix + "transform": torch.eye(len(self.shift))}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class Adapter(nn.Module):
     """Image embedding [.., E] -> recommender space [.., d]: linear, or Linear-GELU-Linear.
 
     `dropout` on the image features regularises towards what covers share, which is what carries
-    over to unseen (cold) covers.
+    over to unseen (cold) covers. `feature_norm` (frozen features only) puts a `FeatureNorm` first;
+    its owner fits it.
     """
 
-    def __init__(self, in_dim: int, dim: int, kind: str = "linear", dropout: float = 0.0):
+    def __init__(self, in_dim: int, dim: int, kind: str = "linear", dropout: float = 0.0, feature_norm: str = "none"):
         super().__init__()
+        self.norm = None if feature_norm == "none" else FeatureNorm(in_dim, feature_norm)
         self.drop = nn.Dropout(dropout)
         if kind == "linear":
             self.net = nn.Linear(in_dim, dim)
@@ -59,6 +122,8 @@ class Adapter(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
         return self.net(self.drop(x))
 
 
@@ -103,7 +168,8 @@ class FrozenTower(ItemTower):
 
     cheap = True
 
-    def __init__(self, cache, data: SequenceData, dim: int, adapter: str = "linear", dropout: float = 0.0):
+    def __init__(self, cache, data: SequenceData, dim: int, adapter: str = "linear", dropout: float = 0.0,
+                 feature_norm: str = "none"):
         super().__init__()
         self.num_items, self.dim = data.num_items, dim
         rows, self.missing = _row_map(cache, data)
@@ -111,7 +177,12 @@ class FrozenTower(ItemTower):
         have = rows >= 0
         emb[have.numpy()] = cache.read_embeddings(rows[have].numpy())
         self.register_buffer("embeddings", torch.from_numpy(emb), persistent=False)  # [N + 1, E], from the cache
-        self.adapter = Adapter(cache.dim, dim, adapter, dropout)
+        self.adapter = Adapter(cache.dim, dim, adapter, dropout, feature_norm)
+        if self.adapter.norm is not None:
+            # statistics of the items the run trains on (with an image and training interactions):
+            # cold items' covers stay unseen until they are served
+            fit_on = have.numpy() & (data.train_counts > 0)
+            self.adapter.norm.fit(torch.from_numpy(emb[fit_on]).float())
 
     def encode(self, idx: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.embeddings[idx].float())
@@ -194,35 +265,143 @@ class E2ETower(ItemTower):
         return _apply_head(self.head_kind, self.head, self.encoder, pixels)
 
 
-class HybridTower(ItemTower):
-    """IDNet + an image tower: sum, or concatenation projected back to d.
+class CountGate(nn.Module):
+    """How much an item leans on its id: g(c) = sigmoid(w * log(1 + c) + b) per dimension, c = the item's
+    training interactions, w = softplus(.) >= 0, so g never decreases with c (more evidence, more id).
 
-    Items without training interactions (cold items) have no learned id, so their id part is zero
-    and their vector comes from the image alone.
+    [U] counts -> [U, d] in (0, 1). Cold items (c = 0) get sigmoid(b): the gate extrapolates to them
+    from the low-count warm items it trained on.
     """
 
-    def __init__(self, ids: IdTower, image: ItemTower, mode: str = "sum", known: torch.Tensor | None = None):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.slope = nn.Parameter(torch.full((dim,), math.log(math.e - 1)))  # softplus(slope) = 1 at init
+        self.bias = nn.Parameter(torch.zeros(dim))  # g(0) = 0.5 at init
+
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+        x = torch.log1p(counts.float().clamp(min=0)).unsqueeze(-1)
+        return torch.sigmoid(x * F.softplus(self.slope) + self.bias)
+
+
+class HybridTower(ItemTower):
+    """IDNet + an image tower (``--hybrid sum``: added; ``concat``: concatenated and projected to d).
+
+    An item's vector combines an id part and its image part b. Items with training interactions use
+    their learned id embedding; items without (cold items, and items added after training) have no
+    learned id, so they take the **cold path**: `cold_from_image(b)`, the same function for cold
+    vocabulary items, for `index --add-images` and for items whose id is dropped in training.
+    Three recipes shape it (all off = the plain hybrid; `build_image_tower` applies the configured ones):
+
+    - ``id_dropout`` p (DropoutNet): in training, each warm item's id part is dropped with probability
+      p, so the item takes the cold path and the image part must stand alone (as cold items do when
+      served). The id tower is not run for dropped items, so their embeddings get no gradient.
+    - ``gate="count"`` (`CountGate`): vector = g(c) * id part + (1 - g(c)) * image part, where c is the
+      item's training-interaction count (0 on the cold path): warm items lean on the id, cold ones
+      on the image.
+    - ``image_to_id`` lambda > 0: a linear map `to_id` predicts the item's id embedding from its image
+      part, trained by an auxiliary loss (relative squared error to the detached id embeddings of the
+      warm items of each training step, times lambda; `auxiliary_loss`). The cold path uses the
+      predicted id where a warm item uses its learned one.
+    """
+
+    def __init__(self, ids: IdTower, image: ItemTower, mode: str = "sum", known: torch.Tensor | None = None, *,
+                 counts: torch.Tensor | None = None, id_dropout: float = 0.0, gate: str = "none",
+                 image_to_id: float = 0.0):
         super().__init__()
         self.num_items, self.dim = ids.num_items, ids.dim
         self.cheap = image.cheap
         self.vector_batch_size = image.vector_batch_size
         self.ids, self.image, self.mode = ids, image, mode
+        if counts is None:
+            counts = torch.ones(ids.num_items + 1) if known is None else known.float()
+        counts = counts.float().clone()
+        counts[0] = 0
         if known is None:
-            known = torch.ones(ids.num_items + 1, dtype=torch.bool)
-        self.register_buffer("known", known.bool(), persistent=False)  # [N + 1] has training interactions
+            known = counts > 0
+        self.register_buffer("counts", counts, persistent=False)  # [N + 1] training interactions per item
+        self.register_buffer("known", known.bool(), persistent=False)  # [N + 1] has a learned id
         if mode == "concat":
             self.proj = nn.Linear(2 * self.dim, self.dim)
-        elif mode != "sum":
+        elif mode not in ("sum", "switch"):
             raise PixelrecError(f"unknown --hybrid {mode!r}; expected one of {', '.join(HYBRID_MODES)}")
+        if not 0 <= id_dropout < 1:
+            raise PixelrecError(f"--id-dropout must be in [0, 1) (got {id_dropout})")
+        self.id_dropout = float(id_dropout)
+        if gate == "count" and mode == "switch":
+            raise PixelrecError("--hybrid-gate count weighs the id and image parts of --hybrid sum or concat; "
+                                "--hybrid switch uses one or the other (give --hybrid-gate none)")
+        if gate == "count":
+            self.gate: CountGate | None = CountGate(self.dim)
+        elif gate == "none":
+            self.gate = None
+        else:
+            raise PixelrecError(f"unknown --hybrid-gate {gate!r}; expected one of {', '.join(HYBRID_GATES)}")
+        if not image_to_id >= 0:
+            raise PixelrecError(f"--image-to-id must not be negative (got {image_to_id})")
+        self.image_to_id = float(image_to_id)
+        self.to_id: nn.Linear | None = None
+        if image_to_id > 0:
+            self.to_id = nn.Linear(self.dim, self.dim)
+            nn.init.zeros_(self.to_id.weight)  # predicts 0 at init: the cold path starts as image-only
+            nn.init.zeros_(self.to_id.bias)
+        self._aux: list[torch.Tensor] = []  # [squared error, squared target norm] summed over training calls
 
     def encoder_parameters(self):
         get = getattr(self.image, "encoder_parameters", None)
         return get() if get else iter(())
 
+    def combine(self, id_part: torch.Tensor, image_part: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """sum / concat: [U, d] id part, [U, d] image part, [U] counts (0 on the cold path) -> item vectors [U, d]."""
+        if self.gate is not None:
+            g = self.gate(counts)
+            id_part, image_part = g * id_part, (1 - g) * image_part
+        if self.mode == "sum":
+            return id_part + image_part
+        return self.proj(torch.cat([id_part, image_part], dim=-1))
+
+    def cold_from_image(self, image_part: torch.Tensor) -> torch.Tensor:
+        """The cold path: vectors [U, d] of items without a learned id, from their image parts [U, d]."""
+        predicted = self.to_id(image_part) if self.to_id is not None else None
+        if self.mode == "switch":
+            return image_part if predicted is None else predicted
+        id_part = torch.zeros_like(image_part) if predicted is None else predicted
+        return self.combine(id_part, image_part, image_part.new_zeros(len(image_part)))
+
     def encode(self, idx: torch.Tensor) -> torch.Tensor:
-        a = self.ids.encode(idx) * self.known[idx].unsqueeze(-1)  # [U, d]; zero for cold items
-        b = self.image.encode(idx)
-        return a + b if self.mode == "sum" else self.proj(torch.cat([a, b], dim=-1))
+        b = self.image.encode(idx)  # [U, d]
+        known = self.known[idx]
+        has_id = known
+        if self.training and self.id_dropout > 0:
+            has_id = known & (torch.rand(len(idx), device=idx.device) >= self.id_dropout)
+        id_part = b.new_zeros(b.shape)
+        if bool(has_id.any()):
+            id_part[has_id] = self.ids.encode(idx[has_id]).to(b.dtype)
+        predicted = None
+        if self.to_id is not None:
+            predicted = self.to_id(b)
+            if self.training and torch.is_grad_enabled() and bool(known.any()):
+                self._collect_aux(predicted[known], idx[known])
+        if self.mode == "switch":  # the id where there is one, else the cold path (= cold_from_image(b))
+            return torch.where(has_id.unsqueeze(-1), id_part, b if predicted is None else predicted)
+        if predicted is not None:
+            id_part = torch.where(has_id.unsqueeze(-1), id_part, predicted)
+        counts = torch.where(has_id, self.counts[idx], torch.zeros_like(self.counts[idx]))
+        return self.combine(id_part, b, counts)
+
+    def _collect_aux(self, predicted: torch.Tensor, idx: torch.Tensor) -> None:
+        target = self.ids.embedding.weight.detach()[idx].to(predicted.dtype)  # the trained ids, no gradient
+        err, norm = (predicted - target).square().sum(), target.square().sum()
+        if self._aux:
+            err, norm = err + self._aux[0], norm + self._aux[1]
+        self._aux = [err, norm]
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """image_to_id: lambda * |predicted - id|^2 / |id|^2 over the warm items encoded since the last call."""
+        if not self._aux:
+            return None
+        err, norm = self._aux
+        self._aux = []
+        return self.image_to_id * err / norm.clamp(min=1e-12)
 
 
 def _make_head(head: str, pooled_dim: int, width: int, dim: int, adapter: str, dropout: float = 0.0) -> nn.Module:
@@ -303,7 +482,7 @@ def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
     if kind in ("frozen", "partial"):
         cache = open_cache(it.cache)
         if kind == "frozen":
-            tower: ItemTower = FrozenTower(cache, data, d, adapter, it.dropout)
+            tower: ItemTower = FrozenTower(cache, data, d, adapter, it.dropout, it.feature_norm)
         else:
             tower = PartialTower(cache, data, d, adapter, it.head, it.cache_in_memory, it.dropout)
             if it.grad_checkpointing:
@@ -321,5 +500,6 @@ def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
     else:
         raise PixelrecError(f"--items {it.kind}: no image tower {kind!r}")
     if it.kind == "hybrid":
-        return HybridTower(IdTower(data.num_items, d), tower, it.hybrid, torch.from_numpy(data.train_counts > 0))
+        return HybridTower(IdTower(data.num_items, d), tower, it.hybrid, counts=torch.from_numpy(data.train_counts),
+                           id_dropout=it.id_dropout, gate=it.hybrid_gate, image_to_id=it.image_to_id)
     return tower

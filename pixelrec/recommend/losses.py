@@ -13,19 +13,22 @@ import torch
 import torch.nn.functional as F
 
 
-def bpr_loss(states: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """states, pos, neg: [P, d] for P target positions."""
-    return -F.logsigmoid((states * pos).sum(-1) - (states * neg).sum(-1)).mean()
+def bpr_loss(states: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """states, pos, neg: [P, d] for P target positions; reduction "mean" or "sum" over them."""
+    losses = -F.logsigmoid((states * pos).sum(-1) - (states * neg).sum(-1))
+    return losses.mean() if reduction == "mean" else losses.sum()
 
 
 def softmax_loss(
-    states: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, logq: torch.Tensor | None = None
+    states: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, logq: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """states [P, d], candidates [C, d], labels [P] (index into candidates), logq [C] or None."""
+    """states [P, d], candidates [C, d], labels [P] (index into candidates), logq [C] or None;
+    reduction "mean" or "sum" over the P positions."""
     logits = states @ candidates.T  # [P, C]
     if logq is not None:
         logits = logits - logq
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 def expected_draws_log(

@@ -7,10 +7,13 @@ Serving uses the same two pieces: all item vectors -> index; user state at the l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import World
 from .batches import left_pad
 from .config import LossConfig
 from .losses import bpr_loss, expected_draws_log, softmax_loss
@@ -68,52 +71,133 @@ class Recommender(nn.Module):
         return torch.cat(out).numpy() if out else np.zeros((0, self.tower.dim), np.float32)
 
     # ---- training ----------------------------------------------------------------------------
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """The training loss (`training_loss`), so DistributedDataParallel can wrap the model."""
+        return self.training_loss(*args, **kwargs)
+
     def training_loss(self, seq: torch.Tensor, neg: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None, trained: torch.Tensor | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, trained: torch.Tensor | None = None, *,
+                      uniform: torch.Tensor | None = None, share: "BatchShare | None" = None) -> torch.Tensor:
         """seq [B, L + 1] left-padded windows; neg [B, L] BPR negatives (loss bpr only);
-        trained [B]: how many of each window's newest targets to train (None = all).
+        trained [B]: how many of each window's newest targets to train (None = all); uniform: the
+        sampled softmax's uniform negatives (drawn from `generator` when not given);
+        share: this process's part of a larger global batch (distributed training), None = all of it.
 
         The recommendation loss plus the item tower's own auxiliary loss, if it has one
         (`ItemTower.auxiliary_loss`, computed over the items of this step)."""
-        loss = self.recommendation_loss(seq, neg, generator, trained)
+        loss = self.recommendation_loss(seq, neg, generator, trained, uniform=uniform, share=share)
         aux = self.tower.auxiliary_loss()
         return loss if aux is None else loss + aux
 
-    def recommendation_loss(self, seq: torch.Tensor, neg: torch.Tensor | None = None,
-                            generator: torch.Generator | None = None,
-                            trained: torch.Tensor | None = None) -> torch.Tensor:
-        """The next-item loss of `training_loss` alone (bpr or softmax, see LossConfig)."""
-        inputs, targets = seq[:, :-1], seq[:, 1:]
-        mask = (inputs != 0) & (targets != 0)  # positions with context and a real target
-        if trained is not None:
-            L = inputs.shape[1]
-            mask &= torch.arange(L, device=seq.device)[None] >= L - trained.to(seq.device)[:, None]
+    def draw_uniform_negatives(self, generator: torch.Generator | None) -> torch.Tensor | None:
+        """The sampled softmax's uniform negatives for one step (None for bpr and full softmax)."""
         cfg = self.loss_cfg
+        if cfg.loss == "bpr" or cfg.use_full_softmax(self.tower):
+            return None
+        known = self.known_items
+        pick = torch.randint(0, len(known), (cfg.uniform_negatives(),), generator=generator).to(known.device)
+        return known[pick]
+
+    def recommendation_loss(self, seq: torch.Tensor, neg: torch.Tensor | None = None,
+                            generator: torch.Generator | None = None, trained: torch.Tensor | None = None, *,
+                            uniform: torch.Tensor | None = None, share: "BatchShare | None" = None) -> torch.Tensor:
+        """The next-item loss of `training_loss` alone (bpr or softmax, see LossConfig).
+
+        Averaged over the trained positions. With `share` (distributed training) this process holds
+        part of a global batch: its positions are summed and divided by the global batch's count
+        (times the world size, as DDP averages gradients), and the item tower, unless cheap, encodes
+        each unique item of the whole batch once, in shares (`BatchShare.vectors`), so W processes
+        compute one process's gradient with 1/W of its item-encoding work each."""
+        inputs, targets = seq[:, :-1], seq[:, 1:]
+        mask = trained_positions(seq, trained)  # [B, L]
+        cfg = self.loss_cfg
+        reduction = "mean" if share is None else "sum"
         if cfg.loss == "bpr":
             neg = neg.masked_fill(~mask, 0)  # no need to encode negatives of positions without a target
-            uniq, inv = torch.unique(torch.cat([seq, neg], 1), return_inverse=True)
-            vecs = self.tower(uniq)[inv]  # [B, 2L + 1, d]
+            vecs = self._vectors(torch.cat([seq, neg], 1), share, share and share.bpr_items())  # [B, 2L + 1, d]
             L = inputs.shape[1]
             states = self.states(vecs[:, :L], inputs)
-            return bpr_loss(states[mask], vecs[:, 1 : L + 1][mask], vecs[:, L + 1 :][mask])
-
-        if cfg.use_full_softmax(self.tower):
+            loss = bpr_loss(states[mask], vecs[:, 1 : L + 1][mask], vecs[:, L + 1 :][mask], reduction)
+        elif cfg.use_full_softmax(self.tower):
             all_vecs = self.tower(torch.arange(self.tower.num_items + 1, device=seq.device))  # [N + 1, d]
             states = self.states(all_vecs[inputs], inputs)
             # candidates: every item with training interactions (not padding, not cold items)
-            return softmax_loss(states[mask], all_vecs[self.known_items], self.known_position[targets[mask]])
+            loss = softmax_loss(states[mask], all_vecs[self.known_items], self.known_position[targets[mask]],
+                                reduction=reduction)
+        else:
+            loss = self._sampled_softmax(inputs, targets, mask, generator, uniform, share, reduction)
+        return loss if share is None else loss * share.world.size / max(share.positions, 1)
 
-        # sampled softmax: candidates = this batch's targets + uniform negatives, log-q corrected
-        n_uni = cfg.uniform_negatives()
-        known = self.known_items
-        pick = torch.randint(0, len(known), (n_uni,), generator=generator).to(known.device)
-        uniform = known[pick].to(seq.device)
-        pos = targets[mask]
-        cand, cand_inv = torch.unique(torch.cat([pos, uniform]), return_inverse=True)
-        uniq, inv = torch.unique(torch.cat([inputs.flatten(), cand]), return_inverse=True)
-        vecs = self.tower(uniq)
+    def _vectors(self, items: torch.Tensor, share: "BatchShare | None", batch_items: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """Item vectors of `items` [...] (any shape): the tower on their unique items, or, for a costly
+        tower in distributed training, rows of the whole batch's `batch_items` encoded in shares."""
+        if share is None or self.tower.cheap:
+            uniq, inv = torch.unique(items, return_inverse=True)
+            return self.tower(uniq)[inv]
+        batch_items = batch_items.to(items.device)
+        return share.vectors(batch_items, self.tower)[torch.searchsorted(batch_items, items)]
+
+    def _sampled_softmax(self, inputs, targets, mask, generator, uniform, share, reduction) -> torch.Tensor:
+        """Candidates = the (global) batch's targets + uniform negatives, logits log-q corrected."""
+        if uniform is None:
+            uniform = self.draw_uniform_negatives(generator)
+        uniform = uniform.to(inputs.device)
+        pos = targets[mask]  # [P] this process's positives
+        batch_pos = pos if share is None else share.targets.to(inputs.device)  # the whole batch's
+        cand = torch.unique(torch.cat([batch_pos, uniform]))  # [C] sorted
+        labels = torch.searchsorted(cand, pos)  # this process's positives among the candidates
+        batch_items = None if share is None else torch.unique(torch.cat([share.seq[:, :-1].flatten().to(cand.device),
+                                                                        cand]))
+        vecs = self._vectors(torch.cat([inputs.flatten(), cand]), share, batch_items)
         n_in = inputs.numel()
-        states = self.states(vecs[inv[:n_in]].view(*inputs.shape, -1), inputs)
-        cand_vecs = vecs[inv[n_in:]]  # [C, d]
-        logq = expected_draws_log(cand, self.popularity, len(pos), n_uni, len(known))
-        return softmax_loss(states[mask], cand_vecs, cand_inv[: len(pos)], logq)
+        item_vecs, cand_vecs = vecs[:n_in].view(*inputs.shape, -1), vecs[n_in:]  # [B, L, d], [C, d]
+        states = self.states(item_vecs, inputs)
+        logq = expected_draws_log(cand, self.popularity, len(batch_pos), len(uniform), len(self.known_items))
+        return softmax_loss(states[mask], cand_vecs, labels, logq, reduction=reduction)
+
+
+def trained_positions(seq: torch.Tensor, trained: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L] the positions of windows seq [B, L + 1] that train a target: those with context and a real
+    target, and among them only the newest `trained` [B] of each window (None = all)."""
+    inputs, targets = seq[:, :-1], seq[:, 1:]
+    mask = (inputs != 0) & (targets != 0)
+    if trained is not None:
+        L = inputs.shape[1]
+        mask &= torch.arange(L, device=seq.device)[None] >= L - trained.to(seq.device)[:, None]
+    return mask
+
+
+@dataclass
+class BatchShare:
+    """One process's part of a global training batch (distributed data parallel training).
+
+    seq [B, L + 1], trained [B], neg [B, L] or None: the whole global batch, which every process
+    holds (its own part is a slice of it); world: the processes sharing it.
+    """
+
+    seq: torch.Tensor
+    trained: torch.Tensor
+    neg: torch.Tensor | None
+    world: World
+
+    def __post_init__(self) -> None:
+        self.mask = trained_positions(self.seq, self.trained)  # [B, L] the whole batch's trained positions
+        self.positions = int(self.mask.sum())  # the loss's normaliser
+        self.targets = self.seq[:, 1:][self.mask]  # the sampled softmax's in-batch candidates, batch order
+
+    def bpr_items(self) -> torch.Tensor:
+        """The unique items a bpr step of the whole batch encodes (windows + negatives of trained positions)."""
+        neg = self.neg.masked_fill(~self.mask, 0)
+        return torch.unique(torch.cat([self.seq, neg], 1))
+
+    def vectors(self, items: torch.Tensor, tower: ItemTower) -> torch.Tensor:
+        """tower(items) [C, d], each process encoding its contiguous share and all of them gathered
+        with autograd, so the gradient of every row flows back to the process that encoded it."""
+        spans = [self.world.span_of(len(items), r) for r in range(self.world.size)]
+        lo, hi = spans[self.world.rank]
+        mine = tower(items[lo:hi])  # [hi - lo, d]
+        width = max(b - a for a, b in spans)
+        padding = mine.new_zeros(width - len(mine), mine.shape[-1])
+        parts = self.world.gather_with_grad(torch.cat([mine, padding]))  # every process's rows, padded alike
+        return torch.cat([part[: b - a] for part, (a, b) in zip(parts, spans)])

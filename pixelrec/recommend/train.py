@@ -3,7 +3,13 @@
 Every epoch draws its randomness (batch order, sampled negatives, dropout) from generators seeded
 by (seed, epoch) alone, so an epoch computes the same thing whether or not the process was
 restarted before it: the basis of `fit --resume`'s "resumed equals uninterrupted" guarantee.
-The run-level loop around it (validation, early stopping, checkpoints) is `pixelrec.runs.fit`.
+
+Distributed (several processes, `World`): every process draws the same global batches and
+negatives from the same generator and trains its contiguous share of each batch's windows through
+DistributedDataParallel; the loss is normalised by the global batch's trained positions, so W
+processes compute the gradient one process computes with the same global batch. Dropout is seeded
+per process. The run-level loop around this (validation, early stopping, checkpoints) is
+`pixelrec.runs.fit`.
 """
 
 from __future__ import annotations
@@ -13,15 +19,17 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from ..runtime import autocast_for, grad_scaler_for, progress
+from ..distributed import World
+from ..runtime import autocast_for, progress
 from .batches import Windows, iterate_batches, sample_negatives
-from .model import Recommender
+from .model import BatchShare, Recommender
 
 
 @dataclass
 class EpochStats:
-    loss: float  # mean training loss over the epoch's steps
+    loss: float  # mean training loss over the epoch's steps (of the whole global batches)
     steps: int
     seconds: float
 
@@ -34,28 +42,36 @@ class TrainingDiverged(ArithmeticError):
         super().__init__(f"training diverged at epoch {epoch}, step {step} (loss {loss})")
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Seed torch's global RNG (dropout) and return the generator of batch order and negatives for one epoch."""
-    torch.manual_seed(seed * 100_003 + epoch)
+def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """Seed torch's global RNG (dropout; per process) and return the generator of batch order and
+    negatives for one epoch (the same in every process)."""
+    torch.manual_seed(seed * 100_003 + epoch + rank * 7_919_317)
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
 def train_one_epoch(model: Recommender, windows: Windows, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, *, epoch: int, seed: int, batch_size: int,
-                    device: torch.device, precision: str = "auto") -> EpochStats:
-    """One pass over `windows` in a seeded shuffled order; raises TrainingDiverged on a NaN/inf loss."""
+                    device: torch.device, precision: str = "auto", world: World = World(),
+                    step_model: nn.Module | None = None) -> EpochStats:
+    """One pass over `windows` in a seeded shuffled order; raises TrainingDiverged on a NaN/inf loss.
+
+    `batch_size` is the global batch; `step_model` is what computes a step's loss (the model, or
+    its DistributedDataParallel wrapper when `world` has several processes).
+    """
     started = time.time()
-    gen = epoch_generator(seed, epoch)
+    gen = epoch_generator(seed, epoch, world.rank)
     model.train()
+    step_model = model if step_model is None else step_model
     bpr = model.loss_cfg.loss == "bpr"
     total, steps = 0.0, 0
     bar = progress(iterate_batches(windows, batch_size, gen), total=math.ceil(len(windows) / batch_size),
                    desc=f"epoch {epoch}")
     for seq, trained in bar:
-        neg = sample_negatives(seq, model.known_items.cpu(), gen) if bpr else None
+        neg = sample_negatives(seq, model.known_items.cpu(), gen) if bpr else None  # [B, L], the global batch's
+        uniform = model.draw_uniform_negatives(gen)
         with autocast_for(device, precision):
-            loss = model.training_loss(seq.to(device), None if neg is None else neg.to(device), gen, trained)
-        value = loss.item()
+            loss = _step_loss(model, step_model, seq, neg, uniform, trained, device, world)
+        value = _global_value(loss, world)
         if not math.isfinite(value):
             raise TrainingDiverged(epoch, steps, value)
         optimizer.zero_grad(set_to_none=True)
@@ -66,3 +82,25 @@ def train_one_epoch(model: Recommender, windows: Windows, optimizer: torch.optim
         bar.set_postfix(loss=f"{total / steps:.4f}")
     return EpochStats(loss=total / max(steps, 1), steps=steps, seconds=time.time() - started)
 
+
+def _step_loss(model: Recommender, step_model: nn.Module, seq: torch.Tensor, neg: torch.Tensor | None,
+               uniform: torch.Tensor | None, trained: torch.Tensor, device: torch.device, world: World
+               ) -> torch.Tensor:
+    """This process's loss of one global batch (the whole batch in a single process)."""
+    if not world.is_distributed:
+        return step_model(seq.to(device), None if neg is None else neg.to(device), None, trained, uniform=uniform)
+    share = BatchShare(seq=seq, trained=trained, neg=neg, world=world)
+    lo, hi = world.span(len(seq))
+    trained = trained.clone()
+    if hi == lo:  # more processes than windows in this (last) batch: take part with one window that trains nothing
+        lo, hi = 0, 1
+        trained[0] = 0
+    part = lambda t: None if t is None else t[lo:hi].to(device)  # noqa: E731
+    return step_model(part(seq), part(neg), None, part(trained), uniform=uniform, share=share)
+
+
+def _global_value(loss: torch.Tensor, world: World) -> float:
+    """The step's loss of the whole global batch (each process holds W x its part; DDP averages)."""
+    if not world.is_distributed:
+        return loss.item()
+    return world.all_reduce_sum(loss.detach().float().reshape(1)).item() / world.size

@@ -29,8 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from .. import distributed
 from ..data.sequences import SequenceData, load_sequences
+from ..distributed import World
 from ..errors import PixelrecError
 from ..index.evaluate import evaluate_model
 from ..recommend.batches import training_windows
@@ -38,7 +41,7 @@ from ..recommend.build import build_optimizer, build_recommender
 from ..recommend.config import FitConfig
 from ..recommend.model import Recommender
 from ..recommend.train import TrainingDiverged, train_one_epoch
-from ..runtime import grad_scaler_for, log, resolve_device, seed_everything
+from ..runtime import FileLock, grad_scaler_for, log, seed_everything
 from .item_index import publish_model
 from .rundir import RunDir, run_cache_identity
 from .transfer import init_from_run
@@ -86,48 +89,59 @@ class _Progress:
 
 
 def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitResult:
-    """Train the model `cfg` describes into the run directory `cfg.out` (see the module doc)."""
+    """Train the model `cfg` describes into the run directory `cfg.out` (see the module doc).
+
+    Under torchrun every rank calls this: rank 0 alone holds the lock and writes the run directory
+    (which must be on storage every rank can read), every rank trains its share of each batch.
+    """
     cfg.validate()
     if resume and overwrite:
         raise PixelrecError("--resume continues the run in --out and --overwrite replaces it: give only one")
     t0 = time.time()
     out = Path(cfg.out)
-    device = resolve_device(cfg.train.device)
-    with RunDir(out).lock():
-        _recover_interrupted_replace(out)
+    world = distributed.init(cfg.train.device)
+    world.check_same("fit settings", {"config": cfg.to_dict(), "resume": resume, "overwrite": overwrite})
+    device = world.device(cfg.train.device)
+    lock = RunDir(out).lock()
+    world.on_main(lambda: _claim(lock, out))
+    try:
         seed_everything(cfg.train.seed, cfg.train.deterministic)
-        data = load_sequences(cfg.interactions, cfg.train.min_interactions)
+        data = world.agree(lambda: load_sequences(cfg.interactions, cfg.train.min_interactions))
         log(f"data: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
             f" ({data.dropped_users} users with < {cfg.train.min_interactions} interactions dropped,"
             f" {data.dropped_interactions} rows)")
-        model = build_recommender(cfg, data).to(device)
-        state = _resume_state(RunDir(out), cfg, data) if resume else None
-        if state is None:
-            _check_new_target(out, overwrite, resume)
-            if cfg.init_from:
-                init_from_run(model, cfg)
-            staging = out.parent / f".{out.name}.staging-{os.getpid()}"
-            try:
-                return _train(cfg, data, model, RunDir(staging), None, device, t0, target=out)
-            finally:
+        model = world.agree(lambda: build_recommender(cfg, data).to(device))
+        resuming = resume and world.on_main(lambda: _check_resume(RunDir(out), cfg, data))
+        if resuming:
+            state = world.agree(lambda: RunDir(out).load_checkpoint(RunDir(out).last, device))
+            return _train(cfg, data, model, RunDir(out), state, device, t0, out, world)
+        world.on_main(lambda: _check_new_target(out, overwrite, resume))
+        if cfg.init_from:
+            world.agree(lambda: init_from_run(model, cfg))
+        staging = out.parent / f".{out.name}.staging-{world.on_main(os.getpid)}"
+        try:
+            return _train(cfg, data, model, RunDir(staging), None, device, t0, out, world)
+        finally:
+            if world.is_main:
                 shutil.rmtree(staging, ignore_errors=True)  # gone already once promoted
-        return _train(cfg, data, model, RunDir(out), state, device, t0, target=out)
+    finally:
+        if world.is_main:
+            lock.release()
 
 
 def _train(cfg: FitConfig, data: SequenceData, model: Recommender, run: RunDir, state: dict | None,
-           device: torch.device, t0: float, target: Path) -> FitResult:
+           device: torch.device, t0: float, target: Path, world: World) -> FitResult:
     optimizer = build_optimizer(model, cfg)
     progress = _Progress()
     if state is None:
-        run.path.mkdir(parents=True)
-        run.write_config(cfg.to_dict(), data, run_cache_identity(cfg))
-        run.write_data(data)
+        world.on_main(lambda: _start_run_dir(run, cfg, data))
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         progress = _Progress.from_state(state)
         log(f"resuming {run.path} after epoch {progress.next_epoch - 1} (best valid {VALID_METRIC} "
             f"{progress.best_score:.4f} at epoch {progress.best_epoch})")
+    step_model = _data_parallel(model, device, world)
 
     windows = training_windows(data, cfg.model.max_len, cfg.train.windows, cfg.train.stride)
     if len(windows) == 0:
@@ -136,25 +150,26 @@ def _train(cfg: FitConfig, data: SequenceData, model: Recommender, run: RunDir, 
     scaler = grad_scaler_for(device, precision)
     trained_now = 0
     while progress.next_epoch < cfg.train.epochs and progress.bad_epochs < cfg.train.patience:
-        _train_epoch(cfg, data, model, optimizer, scaler, windows, run, progress, device, precision)
+        _train_epoch(cfg, data, model, step_model, optimizer, scaler, windows, run, progress, device, precision, world)
         trained_now += 1
         if run.path != target:  # a new run: in place as soon as it has a first finished epoch
-            run = _promote(run.path, target)
+            world.on_main(lambda: _promote(run.path, target))
+            run = RunDir(target)
 
-    run.write_metrics(progress.history)  # also after a resume that had nothing left to train
+    world.on_main(lambda: run.write_metrics(progress.history))  # also after a resume that had nothing left
     if progress.best_epoch < 0:
         raise PixelrecError(f"{target}: no epoch finished (--epochs {cfg.train.epochs})")
     best_path = run.path / progress.best_path
-    model.load_state_dict(run.load_checkpoint(best_path, device)["model"])
-    manifest = run.read_manifest()
-    if trained_now == 0 and manifest and run.path / manifest["checkpoint"] == best_path:
+    model.load_state_dict(world.agree(lambda: run.load_checkpoint(best_path, device))["model"])
+    published = world.on_main(lambda: _published_results(run, best_path)) if trained_now == 0 else None
+    if published is not None:
         log(f"{run.path}: already finished and published (best epoch {progress.best_epoch}); nothing to do")
-        test = {k: v for k, v in run.read_results().items() if k != "published"}
+        test = published
     else:
         model.eval()
         test = evaluate_model(model, data, "test", ks=(5, 10, 20), batch_size=cfg.train.eval_batch_size,
-                              cold_threshold=cfg.train.cold_threshold, tower_kind=cfg.items.kind)
-        publish_model(run, model, cfg, run.read_config().get("cache"), best_path, progress.best_epoch, test)
+                              cold_threshold=cfg.train.cold_threshold, tower_kind=cfg.items.kind, world=world)
+        world.on_main(lambda: _publish(run, model, cfg, best_path, progress.best_epoch, test))
     train_times = [h["train_seconds"] for h in progress.history]
     best_row = progress.history[progress.best_epoch]
     result = FitResult(run.path, progress.best_epoch, len(progress.history),
@@ -165,22 +180,60 @@ def _train(cfg: FitConfig, data: SequenceData, model: Recommender, run: RunDir, 
     return result
 
 
-def _train_epoch(cfg: FitConfig, data: SequenceData, model: Recommender, optimizer, scaler, windows,
-                 run: RunDir, progress: _Progress, device: torch.device, precision: str) -> None:
+def _claim(lock: FileLock, out: Path) -> None:
+    """Take the run's lock (refused at once while another process holds it) and repair what a killed
+    fit left beside the run."""
+    lock.acquire()
+    _recover_interrupted_replace(out)
+
+
+def _publish(run: RunDir, model: Recommender, cfg: FitConfig, best_path: Path, best_epoch: int, test: dict) -> None:
+    publish_model(run, model, cfg, run.read_config().get("cache"), best_path, best_epoch, test)
+
+
+def _start_run_dir(run: RunDir, cfg: FitConfig, data: SequenceData) -> None:
+    run.path.mkdir(parents=True)
+    run.write_config(cfg.to_dict(), data, run_cache_identity(cfg))
+    run.write_data(data)
+
+
+def _data_parallel(model: Recommender, device: torch.device, world: World) -> torch.nn.Module:
+    """What computes a step's loss: the model, or with several processes its DDP wrapper (gradients
+    all-reduced; frozen encoder blocks, which need no gradient, take no part)."""
+    if not world.is_distributed:
+        return model
+    # forward_sync_buffers=False: buffers (cached embeddings, popularity) are the same on every rank
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False)
+
+
+def _published_results(run: RunDir, best_path: Path) -> dict | None:
+    """The test results of `best_path` when the manifest already publishes it, else None."""
+    manifest = run.read_manifest()
+    if not manifest or run.path / manifest["checkpoint"] != best_path:
+        return None
+    return {k: v for k, v in run.read_results().items() if k != "published"}
+
+
+def _train_epoch(cfg: FitConfig, data: SequenceData, model: Recommender, step_model: torch.nn.Module, optimizer,
+                 scaler, windows, run: RunDir, progress: _Progress, device: torch.device, precision: str,
+                 world: World) -> None:
     """Train and validate one epoch, then checkpoint (best weights when improved, last.pt always)."""
     epoch, t_epoch = progress.next_epoch, time.time()
     try:
         stats = train_one_epoch(model, windows, optimizer, scaler, epoch=epoch, seed=cfg.train.seed,
-                                batch_size=cfg.train.batch_size, device=device, precision=precision)
+                                batch_size=cfg.train.batch_size, device=device, precision=precision,
+                                world=world, step_model=step_model)
     except TrainingDiverged as exc:
         raise PixelrecError(f"{cfg.out}: {exc}; try a lower --lr (now {cfg.train.lr:g})") from None
-    valid = evaluate_model(model, data, "valid", ks=(10, 20), batch_size=cfg.train.eval_batch_size)["overall"]
+    valid = evaluate_model(model, data, "valid", ks=(10, 20), batch_size=cfg.train.eval_batch_size,
+                           world=world)["overall"]
     score = valid[VALID_METRIC]
     improved = score > progress.best_score
     previous_best = run.path / progress.best_path if progress.best_path else None
     if improved:
         best_path = run.best_checkpoint(epoch)
-        run.save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch})
+        world.on_main(lambda: run.save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch}))
         progress.best_epoch, progress.best_score, progress.bad_epochs = epoch, score, 0
         progress.best_path = str(best_path.relative_to(run.path))
     else:
@@ -188,23 +241,29 @@ def _train_epoch(cfg: FitConfig, data: SequenceData, model: Recommender, optimiz
     progress.history.append({"epoch": epoch, "train_loss": stats.loss, "train_seconds": round(stats.seconds, 3),
                              "seconds": round(time.time() - t_epoch, 3),
                              **{f"valid_{k}": v for k, v in valid.items() if k != "users"}})
-    run.save_checkpoint(run.last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "epoch": epoch, **progress.state()})
-    run.write_metrics(progress.history)
-    if improved and previous_best is not None:
-        manifest = run.read_manifest()
-        if not manifest or run.path / manifest["checkpoint"] != previous_best:  # the published one stays
-            previous_best.unlink(missing_ok=True)
+    world.on_main(lambda: _checkpoint(run, model, optimizer, epoch, progress, previous_best if improved else None))
     log(f"epoch {epoch}: loss {stats.loss:.4f}  valid {VALID_METRIC} {score:.4f}"
         f"  recall@10 {valid['recall@10']:.4f}  ({stats.seconds:.1f}s train){'  *' if improved else ''}")
 
 
-def _resume_state(run: RunDir, cfg: FitConfig, data: SequenceData) -> dict | None:
-    """The last checkpoint of the run to continue, checked against `cfg` and `data`; None when the
-    run has no finished epoch (it then starts from the beginning)."""
+def _checkpoint(run: RunDir, model: Recommender, optimizer, epoch: int, progress: _Progress,
+                replaced_best: Path | None) -> None:
+    """last.pt and metrics.jsonl after an epoch; a best checkpoint it replaced goes unless published."""
+    run.save_checkpoint(run.last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "epoch": epoch, **progress.state()})
+    run.write_metrics(progress.history)
+    if replaced_best is not None:
+        manifest = run.read_manifest()
+        if not manifest or run.path / manifest["checkpoint"] != replaced_best:  # the published one stays
+            replaced_best.unlink(missing_ok=True)
+
+
+def _check_resume(run: RunDir, cfg: FitConfig, data: SequenceData) -> bool:
+    """Whether the run has a finished epoch to continue (False: it starts from the beginning), after
+    checking it against `cfg` and `data`; records a changed --epochs / --patience / --device."""
     if not run.last.is_file():
         log(f"{run.path}: no finished epoch to resume from; starting from the beginning")
-        return None
+        return False
     meta = run.read_config()
     if meta["data"]["fingerprint"] != data.fingerprint:
         raise PixelrecError(f"{run.path}: --resume with different data than the run was started on "
@@ -216,13 +275,12 @@ def _resume_state(run: RunDir, cfg: FitConfig, data: SequenceData) -> dict | Non
     if meta.get("cache") != run_cache_identity(cfg):
         raise PixelrecError(f"{run.path}: --resume with a cache ({cfg.items.cache}) whose content is not the one "
                             f"the run started on")
-    state = run.load_checkpoint(run.last)
-    done = int(state["epoch"]) + 1
+    done = int(run.load_checkpoint(run.last)["epoch"]) + 1
     if cfg.train.epochs < done:
         raise PixelrecError(f"{run.path}: --epochs {cfg.train.epochs} but the run has already trained {done} "
                             f"epochs; give --epochs {done} or more to continue it")
-    run.write_config(cfg.to_dict(), data, meta.get("cache"))  # records a changed --epochs / --patience / --device
-    return state
+    run.write_config(cfg.to_dict(), data, meta.get("cache"))
+    return True
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 Cold items need no retraining: their vectors come from their images through the same function the
 run learned. For `frozen` and `partial` runs that is the cache's encoder (rebuilt from the cache's
 attributes and checked against its weight fingerprint) followed by the run's trained adapter / top
-blocks; for `e2e` runs, the run's tuned encoder. `hybrid` runs give new items the image part alone
-(they have no id embedding). The result is an `ImageEncoder`-compatible module, so the ordinary
+blocks; for `e2e` runs, the run's tuned encoder. New items of `hybrid` runs have no id embedding: their image
+part goes through the hybrid's cold path (`HybridTower.cold_from_image`), the same rule that gives
+the run's cold vocabulary items their vectors (and, with `--image-to-id`, a predicted id). The result is an `ImageEncoder`-compatible module, so the ordinary
 resumable `encode_images` pipeline writes the vectors into an HDF5 cache.
 """
 
@@ -30,12 +31,14 @@ class RunItemEncoder(nn.Module):
     """pixels [B, 3, H, W] -> a trained run's item vectors [B, d], with ImageEncoder's interface.
 
     Wraps `base` (the encoder whose preprocessing and weights the run's inputs came from) and the
-    run's trained image tower; `dim` is the recommender's d.
+    run's trained image tower; `dim` is the recommender's d. For a hybrid run, `hybrid` is the run's
+    HybridTower: the image tower's output then takes its cold path (new items have no id).
     """
 
-    def __init__(self, base: ImageEncoder, tower: nn.Module, kind: str, cache_attrs: dict | None, run_dir: str):
+    def __init__(self, base: ImageEncoder, tower: nn.Module, kind: str, cache_attrs: dict | None, run_dir: str,
+                 hybrid: HybridTower | None = None):
         super().__init__()
-        self.base, self.tower, self.kind = base, tower, kind
+        self.base, self.tower, self.kind, self.hybrid = base, tower, kind, hybrid
         self.cache_attrs = cache_attrs or {}
         self.run_dir = str(run_dir)
         # what encode_images reads from an encoder (cache attributes, preprocessing, loader)
@@ -62,6 +65,11 @@ class RunItemEncoder(nn.Module):
         return digest.hexdigest()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        vectors = self.image_part(pixels)
+        return vectors if self.hybrid is None else self.hybrid.cold_from_image(vectors)
+
+    def image_part(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels -> the run's image tower output [B, d] (for a hybrid run, before its cold path)."""
         if self.kind == "e2e":
             return self.tower.from_pixels(pixels)
         if self.kind == "partial":
@@ -101,7 +109,8 @@ def item_encoder_for(model: Recommender, cfg: FitConfig, cache: dict | None, lab
     `cache`: the identity of the cache the run trained on (config.json), checked against the cache
     file whose encoder is rebuilt for frozen/partial towers.
     """
-    tower = model.tower.image if isinstance(model.tower, HybridTower) else model.tower
+    hybrid = model.tower if isinstance(model.tower, HybridTower) else None
+    tower = model.tower.image if hybrid is not None else model.tower
     kind = cfg.items.image_branch if cfg.items.kind == "hybrid" else cfg.items.kind
     cache_attrs = None
     if isinstance(tower, E2ETower):
@@ -120,7 +129,7 @@ def item_encoder_for(model: Recommender, cfg: FitConfig, cache: dict | None, lab
     else:
         raise PixelrecError(f"{label}: the {cfg.items.kind} item tower cannot encode new covers")
     device = next(model.parameters()).device
-    return RunItemEncoder(base.to(device), tower, kind, cache_attrs, label)
+    return RunItemEncoder(base.to(device), tower, kind, cache_attrs, label, hybrid)
 
 
 def load_model_state(model: torch.nn.Module, state: dict, path) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, TextIO
+from typing import Callable, Iterable, TextIO
 
 import numpy as np
 
+from .. import distributed
 from ..errors import PixelrecError
 from ..runtime import atomic_path, progress
 from .trained import TrainedRun, load_trained
@@ -110,32 +111,56 @@ def read_user_ids(source: str, all_users: Iterable[str]) -> list[str]:
 
 def retrieve_batch(run_dir: str, users: str, k: int = 10, out: str | None = None, device: str = "cpu",
                    batch_size: int = 1024) -> BatchRetrieval:
-    """Stream JSONL {user_id, items, scores} for every known user; unknown ids are reported, not fatal."""
-    trained = load_trained(run_dir, device=device)
-    wanted = read_user_ids(users, trained.data.user_ids)
+    """Stream JSONL {user_id, items, scores} for every known user; unknown ids are reported, not fatal.
+
+    Under torchrun each rank answers a contiguous run of `batch_size` batches of users; rank 0
+    writes the lines in the order of the users file, the same bytes as one process writes.
+    """
+    world = distributed.init(device)
+    trained = world.agree(lambda: load_trained(run_dir, device=world.device(device)))
+    wanted = world.agree(lambda: read_user_ids(users, trained.data.user_ids)) if users != "-" else \
+        world.broadcast(read_user_ids(users, trained.data.user_ids) if world.is_main else None)
     index = trained.data.user_index
     known = [u for u in wanted if u in index]
     unknown = [u for u in wanted if u not in index]
-    if out is None:
-        _stream(trained, known, index, k, batch_size, sys.stdout)
+    batches = [known[i : i + batch_size] for i in range(0, len(known), batch_size)]
+    if not world.is_distributed:
+        _write(out, lambda f: _stream(trained, batches, index, k, f))
     else:
-        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            _stream(trained, known, index, k, batch_size, f)
+        lines = world.agree(lambda: _lines(trained, world.share(batches), index, k))
+        parts = world.gather(lines)  # rank order = user order
+        if world.is_main:
+            _write(out, lambda f: f.writelines(line for part in parts for line in part))
+        world.barrier()
     return BatchRetrieval(served=len(known), unknown=unknown, out=out)
 
 
-def _stream(trained: TrainedRun, users: list[str], index: dict[str, int], k: int, batch_size: int,
-            f: TextIO) -> None:
-    names = trained.item_names
-    bar = progress(total=len(users), desc="retrieve", unit="user")
-    for i in range(0, len(users), batch_size):
-        chunk = users[i : i + batch_size]
+def _write(out: str | None, write: Callable[[TextIO], None]) -> None:
+    """Run `write` on stdout, or on `out` written atomically."""
+    if out is None:
+        write(sys.stdout)
+        return
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        write(f)
+
+
+def _stream(trained: TrainedRun, batches: list[list[str]], index: dict[str, int], k: int, f: TextIO) -> None:
+    bar = progress(total=sum(map(len, batches)), desc="retrieve", unit="user")
+    for chunk in batches:
+        f.writelines(_lines(trained, [chunk], index, k))
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _lines(trained: TrainedRun, batches: list[list[str]], index: dict[str, int], k: int) -> list[str]:
+    """The JSONL lines of the users in `batches`, each batch encoded and searched at once."""
+    names, out = trained.item_names, []
+    for chunk in batches:
         hists = [trained.data.history(index[u], "all") for u in chunk]
-        vecs = trained.model.encode_histories(hists, item_table=trained.table, batch_size=batch_size)
+        vecs = trained.model.encode_histories(hists, item_table=trained.table, batch_size=len(chunk))
         scores, ids = trained.index.search(vecs, k, exclude=hists)
         for u, s_row, i_row in zip(chunk, scores, ids):
             keep = i_row >= 0
-            f.write(json.dumps({"user_id": u, "items": [str(names[j]) for j in i_row[keep]],
-                                "scores": [round(float(s), 6) for s in s_row[keep]]}) + "\n")
-        bar.update(len(chunk))
-    bar.close()
+            out.append(json.dumps({"user_id": u, "items": [str(names[j]) for j in i_row[keep]],
+                                   "scores": [round(float(s), 6) for s in s_row[keep]]}) + "\n")
+    return out
