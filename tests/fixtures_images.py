@@ -128,10 +128,6 @@ def image_config(data: ImageData, out: Path, kind: str, *, epochs: int, seed: in
                      init_from=None if init_from is None else str(init_from))
 
 
-# Old name, still imported by tests/test_transfer.py: it is `pixelrec.runs.fit.fit` itself (conftest.py
-# already makes the session quiet and single-threaded). Delete once that test imports `fit`.
-fit_quiet = fit
-
 
 @functools.lru_cache(maxsize=None)
 def cold_run(kind: str):

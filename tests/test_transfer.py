@@ -12,7 +12,6 @@ import torch
 
 from fixtures_images import (
     DIM,
-    fit_quiet,
     image_config,
     image_root,
     transfer_datasets,
@@ -22,6 +21,7 @@ from pixelrec.data.sequences import load_sequences
 from pixelrec.errors import PixelrecError
 from pixelrec.recommend.build import build_recommender
 from pixelrec.runs.rundir import RunDir
+from pixelrec.runs.fit import fit
 from pixelrec.runs.transfer import init_from_run
 from pixelrec.runtime import set_quiet
 
@@ -57,8 +57,8 @@ def test_transferred_partial_run_beats_training_from_scratch():
     a_run, a_result = transfer_source_run("partial")
     _, b = transfer_datasets()
     root = image_root() / "runs"
-    transferred = fit_quiet(image_config(b, root / "transfer_b_init", "partial", epochs=1, init_from=a_run))
-    scratch = fit_quiet(image_config(b, root / "transfer_b_scratch", "partial", epochs=1))
+    transferred = fit(image_config(b, root / "transfer_b_init", "partial", epochs=1, init_from=a_run))
+    scratch = fit(image_config(b, root / "transfer_b_scratch", "partial", epochs=1))
     t = (transferred.valid["ndcg@10"], transferred.test["overall"]["ndcg@10"])
     s = (scratch.valid["ndcg@10"], scratch.test["overall"]["ndcg@10"])
     # measured over 10 seeds of the datasets: transferred valid/test 0.08..0.19, scratch 0.04..0.11;
@@ -143,7 +143,7 @@ def test_fit_refuses_a_mismatched_init_from_before_training(tmp_path):
     cfg = image_config(b, tmp_path / "run", "partial", epochs=1, init_from=a_run)
     cfg.model.max_len = 7
     with pytest.raises(PixelrecError, match="max_len: 10 vs 7"):
-        fit_quiet(cfg)
+        fit(cfg)
     assert not (tmp_path / "run").exists()
 
 
@@ -155,7 +155,7 @@ def test_a_refused_init_from_leaves_no_run_behind(tmp_path):
     cfg = image_config(b, tmp_path / "run", "partial", epochs=1, init_from=a_run)
     cfg.model.dim = DIM // 2
     with pytest.raises(PixelrecError, match="dim"):
-        fit_quiet(cfg)
+        fit(cfg)
     assert not (tmp_path / "run" / "config.json").exists()
 
 
