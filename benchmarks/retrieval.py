@@ -13,6 +13,14 @@ Brute force is timed on a subset of users when N is large (`--bf-budget` = users
 queries/s are per-query rates, so they compare directly. Example:
 
     python benchmarks/retrieval.py --items 10000,100000 --dim 64 --users 10000 --k 10
+
+`--target-recall R` runs the tuner of `pixelrec index --target-recall` (`pixelrec.index.tuning`)
+instead: on each size it samples `--tune-sample` users (half tuning, half held out), tries the
+default candidates (or `--tune-specs`) and prints the chosen index, or the best one found, and the
+whole frontier (recall vs speed-up over Flat of every measured setting). Default size 1M:
+
+    python benchmarks/retrieval.py --target-recall 0.95 --k 10
+    python benchmarks/retrieval.py --target-recall 0.95 --tune-specs HNSW32   # plain HNSW at 1M too
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import faiss
 import numpy as np
 import torch
 
+from pixelrec.index import tuning
 from pixelrec.index.faiss_index import ItemIndex, brute_force_search
 from pixelrec.runtime import set_quiet
 
@@ -55,8 +64,8 @@ def int_list(text: str) -> list[int]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int_list, default=[10_000, 100_000, 1_000_000],
-                        help="catalogue sizes, comma-separated")
+    parser.add_argument("--items", type=int_list,
+                        help="catalogue sizes, comma-separated (default 10k,100k,1M; 1M with --target-recall)")
     parser.add_argument("--dim", type=int_list, default=[64], help="vector dimensions, comma-separated")
     parser.add_argument("--users", type=int, default=10_000, help="query vectors per catalogue size")
     parser.add_argument("--k", type=int, default=10)
@@ -70,9 +79,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (torch and FAISS)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="10k items, 2000 users, first dimension only")
+    parser.add_argument("--target-recall", type=float, help="tuning mode: the recall@k target (0 < R <= 1)")
+    parser.add_argument("--tune-sample", type=int, default=2000, help="tuning mode: users sampled (half held out)")
+    parser.add_argument("--tune-specs", default="auto",
+                        help="tuning mode: 'auto' (the tuner's default candidates) or specs separated by ';' "
+                             "(',RFlat' = refine step with k_factor 8)")
     args = parser.parse_args()
     if args.quick:
         args.items, args.users, args.dim = [10_000], min(args.users, 2000), args.dim[:1]
+    if args.items is None:
+        args.items = [1_000_000] if args.target_recall is not None else [10_000, 100_000, 1_000_000]
     return args
 
 
@@ -209,8 +225,53 @@ def print_growth(results: dict[tuple[int, int], list[Row]]) -> None:
             print(f"{key:<34}" + "".join(f"{q:>14,.0f}" for q in qps) + f"  {steps}")
 
 
+def tune_candidates(text: str, n_items: int, dim: int) -> list[tuning.Candidate]:
+    """The tuner's default candidates, or the specs of `--tune-specs`."""
+    if text == "auto":
+        return tuning.default_candidates(n_items, dim)
+    specs = [spec.strip() for spec in text.split(";") if spec.strip()]
+    return [tuning.hnsw_candidate(spec, n_items) if spec.startswith("HNSW") else
+            tuning.ivf_candidate(spec, tuning.REFINE_K_FACTOR if spec.endswith(",RFlat") else None)
+            for spec in specs]
+
+
+def measure_tuning(n_items: int, dim: int, args: argparse.Namespace) -> None:
+    """Tuning mode at one size: the tuner on synthetic vectors, its choice and its frontier."""
+    users = args.tune_sample  # the synthetic users are the sample
+    items, ids, queries, histories = synthetic(n_items, dim, users, args.history, args.seed)
+    tune_rows, heldout_rows = tuning.split_sample(users, users, args.seed)
+    sample = tuning.Sample(queries, histories, tune_rows, heldout_rows)
+    candidates = tune_candidates(args.tune_specs, n_items, dim)
+    print(f"\nN={n_items:,} items, d={dim}, k={args.k}, {len(tune_rows):,} tuning + {len(heldout_rows):,} held-out "
+          f"queries, {args.history} excluded items/user, target recall@{args.k} >= {args.target_recall}; "
+          f"candidates: {'; '.join(c.spec for c in candidates)}", flush=True)
+    start = time.perf_counter()
+    try:
+        result = tuning.tune_index(items, ids, sample, args.target_recall, k=args.k, candidates=candidates,
+                                   repeat=args.repeat, seed=args.seed)
+    except tuning.TargetNotReached as error:
+        print(f"target not reached: {error}")
+        print(tuning.frontier_table(error.points))
+        return
+    finally:
+        print(f"tuning took {time.perf_counter() - start:.0f} s; load average now {os.getloadavg()[0]:.1f}")
+    chosen = result.chosen
+    print(f"chosen: {chosen.label()}: recall {chosen.recall:.4f} held out ({chosen.tuning_recall:.4f} tuning), "
+          f"{chosen.queries_per_s:,.0f} queries/s = {chosen.speedup:.2f}x Flat ({result.flat_queries_per_s:,.0f} q/s); "
+          f"parameters {result.params}")
+    print(tuning.frontier_table(result.points, chosen))
+
+
 def main() -> None:
     args = parse_args()
+    if args.target_recall is not None:
+        set_quiet(False)  # the tuner's progress lines (bars stay off inside it)
+        print(f"retrieval tuning benchmark: {os.cpu_count()} CPU cores, faiss {faiss.__version__} "
+              f"({faiss.omp_get_max_threads()} threads), load average {os.getloadavg()[0]:.1f}")
+        for dim in args.dim:
+            for n_items in args.items:
+                measure_tuning(n_items, dim, args)
+        return
     set_quiet(True)
     torch.manual_seed(args.seed)
     print(f"retrieval benchmark: {os.cpu_count()} CPU cores, "

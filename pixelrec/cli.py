@@ -424,13 +424,39 @@ def retrieve(run_dir, user, history, history_file, users_file, k, out, device, b
 @click.option("--nprobe", type=click.IntRange(min=1), help="IVF: lists probed per query (stored with the index).")
 @click.option("--ef-search", type=click.IntRange(min=1), help="HNSW: efSearch (stored with the index).")
 @click.option("--add-images", type=click.Path(), help="Encode these new covers through the run's trained tower and add them.")
+@click.option("--target-recall", type=float,
+              help="Tune instead: publish the fastest approximate index whose recall@k against exact search "
+                   "reaches this (0 < R <= 1) on sampled users of the run, half of them held out.")
+@click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="--target-recall: recall@k.")
+@click.option("--sample", type=click.IntRange(min=2), default=2000, show_default=True,
+              help="--target-recall: users sampled (half to tune on, half held out).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
 @rank_zero_only
-def index(ctx, run_dir, spec, metric, nprobe, ef_search, add_images, device):
-    """(Re)build the run's item index, or add new items from their cover images."""
-    from .runs.item_index import add_images_to_run, rebuild_run_index
+def index(ctx, run_dir, spec, metric, nprobe, ef_search, add_images, target_recall, k, sample, device):
+    """(Re)build the run's item index, tune it to a recall target, or add new items from their covers."""
+    from .index.tuning import check_target, frontier_table
+    from .runs.item_index import add_images_to_run, rebuild_run_index, tune_run_index
 
+    typed = _explicit(ctx)
+    if target_recall is None and {"k", "sample"} & typed:
+        raise PixelrecError(f"--{sorted({'k', 'sample'} & typed)[0]} applies to tuning; give --target-recall too")
+    if target_recall is not None:
+        clash = sorted({"spec", "nprobe", "ef_search", "add_images"} & typed)
+        if clash:
+            raise PixelrecError(f"--target-recall chooses the index and its search breadth itself; "
+                                f"drop --{clash[0].replace('_', '-')}")
+        check_target(target_recall)
+        tuning = tune_run_index(run_dir, target_recall, k=k, sample=sample, metric=metric, device=device)
+        chosen = tuning.chosen
+        click.echo(f"{run_dir}/index: {tuning.index.describe()}")
+        click.echo(f"recall@{k} {chosen.recall:.4f} on {len(tuning.sample.heldout)} held-out users (tuning half "
+                   f"{chosen.tuning_recall:.4f}, target {target_recall:g}); {chosen.speedup:.1f}x Flat's queries/s "
+                   f"({chosen.queries_per_s:,.0f} vs {tuning.flat_queries_per_s:,.0f})"
+                   + ("; slower than exact search here: `--spec Flat` serves a catalogue this small better"
+                      if chosen.speedup < 1 else ""))
+        click.echo(frontier_table(tuning.points, chosen))
+        return
     if add_images:
         rebuild_only = sorted({"spec", "metric", "nprobe", "ef_search"} & _explicit(ctx))
         if rebuild_only:

@@ -1,16 +1,21 @@
 """A run's item index: published by `fit` from the final item vectors, rebuilt with another FAISS
-spec by `pixelrec index`, extended with new items by `pixelrec index --add-images`.
+spec by `pixelrec index`, extended with new items by `pixelrec index --add-images`, or tuned to a recall target by
+`pixelrec index --target-recall` (`index.tuning`: the fastest approximate index that reaches the
+target on a held-out sample of the run's own user queries, recorded in the version's tuning.json).
 
 Items added after training are part of the run: their covers are kept in RUN_DIR/added/covers
 (named by their index id), their names in the index version's added_items.txt, and every rebuild
 keeps them under their ids: a rebuild with another spec reuses their stored vectors, and a fit that
 changes the model (`--resume`) re-encodes their covers through the new tower. Ids are never reused.
 Every change is a new index version published through the run's manifest (`runs.rundir`), under
-the run's lock, so concurrent readers see the index before or after it, never half of it.
+the run's lock, so concurrent readers see the index before or after it, never half of it. A tuned
+version's choice survives `--add-images` (the same spec and search parameters, rebuilt the tuner's
+way, tuning.json carried over); `--spec` and a fit that changes the model publish untuned versions.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -24,13 +29,17 @@ from ..encode.pipeline import EncodeConfig, encode_images
 from ..errors import PixelrecError
 from ..index.evaluate import EXACT_SPEC, item_table
 from ..index.faiss_index import ItemIndex
+from ..index.tuning import (TUNING_FILE, Candidate, Sample, Tuning, apply_breadth, build_candidate, check_target,
+                            split_sample, tune_index)
 from ..recommend.build import build_recommender
 from ..recommend.config import FitConfig
 from ..recommend.model import Recommender
-from ..runtime import atomic_path, log
+from ..runtime import atomic_path, log, write_json
 from .new_items import RunItemEncoder, item_encoder_for, load_model_state, run_item_encoder
 from .rundir import ADDED_ITEMS_FILE, UNUSED_NAME, Published, RunDir
-from .trained import load_index_version, read_added_items
+from .trained import TrainedRun, load_index_version, load_trained, read_added_items
+
+DEFAULT_TUNING_SAMPLE = 2000  # users sampled by --target-recall: half to tune on, half held out
 
 
 @dataclass
@@ -61,12 +70,18 @@ def write_index(run: RunDir, vectors: np.ndarray, ids: np.ndarray, added_names: 
                 device: str = "cpu") -> tuple[ItemIndex, Path]:
     """Build an index of `vectors` under `ids` and write it as the run's next index version."""
     index = ItemIndex.build(vectors, ids, spec=spec, metric=metric, nprobe=nprobe, ef_search=ef_search, device=device)
+    return index, write_built_index(run, index, added_names)
 
+
+def write_built_index(run: RunDir, index: ItemIndex, added_names: list[str], tuning: dict | None = None) -> Path:
+    """Write a built index as the run's next index version (with its tuning record, if any)."""
     def write(directory: Path) -> None:
         index.save(directory)
         (directory / ADDED_ITEMS_FILE).write_text("".join(f"{n}\n" for n in added_names), encoding="utf-8")
+        if tuning is not None:
+            write_json(directory / TUNING_FILE, tuning)
 
-    return index, run.write_index_version(write)
+    return run.write_index_version(write)
 
 
 def added_set(run: RunDir, num_items: int) -> AddedSet:
@@ -121,6 +136,70 @@ def rebuild_run_index(run_dir: str, spec: str = "Flat", metric: str = "ip", npro
                                        ef_search=ef_search, device=device)
         run.publish(published.checkpoint, published.best_epoch, index_dir, keep_results=True)
     return index
+
+
+def tune_run_index(run_dir: str, target_recall: float, k: int = 10, sample: int = DEFAULT_TUNING_SAMPLE,
+                   metric: str = "ip", device: str = "cpu", seed: int = 0,
+                   candidates: list[Candidate] | None = None) -> Tuning:
+    """`pixelrec index RUN --target-recall R`: publish the fastest approximate index that reaches
+    recall@k >= R against exact search on a sample of the run's users (their user vectors after
+    their whole history, the history excluded, as `retrieve` serves them), half of it held out.
+
+    The published vectors (added items included) are indexed; the version's tuning.json records
+    the choice, the recall reached, the speed-up over Flat, the sample and every setting measured.
+    A target no candidate reaches is a PixelrecError naming the best one, and nothing is published.
+    """
+    check_target(target_recall)
+    run = RunDir(run_dir)
+    run.read_config()
+    with run.lock():
+        trained = load_trained(run_dir, device=device)
+        published = trained.run.published()
+        tuning_rows, heldout_rows = split_sample(trained.data.num_users, sample, seed)
+        queries = _user_queries(trained, np.concatenate([tuning_rows, heldout_rows]))
+        users = np.arange(len(tuning_rows) + len(heldout_rows))
+        tuning = tune_index(np.asarray(trained.index.vectors), np.asarray(trained.index.ids),
+                            Sample(*queries, users[:len(tuning_rows)], users[len(tuning_rows):]),
+                            target_recall, k=k, metric=metric, candidates=candidates, seed=seed)
+        record = tuning.record(seed=seed, heldout_users=[str(trained.data.user_ids[u]) for u in heldout_rows],
+                               vectors_from=published.index_dir.name)
+        index_dir = write_built_index(run, tuning.index, read_added_items(published.index_dir), record)
+        run.publish(published.checkpoint, published.best_epoch, index_dir, keep_results=True)
+    return tuning
+
+
+def _user_queries(trained: TrainedRun, users: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(user vectors [U, d], histories): each user's vector after their whole history, which they
+    must not be recommended (as `retrieve --user` serves them)."""
+    histories = [trained.data.history(int(u), "all") for u in users]
+    return trained.model.encode_histories(histories, item_table=trained.table), histories
+
+
+def read_tuning(index_dir: Path) -> dict | None:
+    """The tuning record of an index version (None for versions not built by --target-recall)."""
+    path = index_dir / TUNING_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        record = exc
+    if not isinstance(record, dict) or not isinstance(record.get("spec"), str) \
+            or not isinstance(record.get("params"), dict):
+        raise PixelrecError(f"{path}: not a tuning record; tune the index again with "
+                            f"`pixelrec index {index_dir.parent.parent} --target-recall R`")
+    return record
+
+
+def rebuild_tuned(vectors: np.ndarray, ids: np.ndarray, tuning: dict) -> ItemIndex:
+    """The index a tuning record describes, over new vectors: same spec and search parameters."""
+    params = tuning["params"]
+    knob, value = ("nprobe", params.get("nprobe")) if params.get("nprobe") else ("efSearch", params.get("ef_search"))
+    candidate = Candidate(tuning["spec"], knob, (int(value),) if value else (), params.get("k_factor"))
+    built = build_candidate(vectors, ids, candidate, tuning.get("metric", "ip"), int(tuning.get("seed", 0)))
+    if value:
+        apply_breadth(built, candidate, int(value))
+    return built.index
 
 
 def _recompute_vectors(run: RunDir, published: Published, meta: dict, data, added: AddedSet
@@ -187,8 +266,13 @@ def add_images_to_run(run_dir: str, images: str, device: str = "cpu", batch_size
         padding = [UNUSED_NAME] * (first - n_names)  # ids are never reused, even when names were skipped
         all_vectors = np.concatenate([np.asarray(index.vectors, dtype=np.float32), vectors])
         all_ids = np.concatenate([np.asarray(index.ids), ids])
-        _, index_dir = write_index(run, all_vectors, all_ids, added_before + padding + names, spec=index.spec,
-                                   metric=index.metric, nprobe=index.nprobe, ef_search=index.ef_search)
+        tuning = read_tuning(published.index_dir)
+        if tuning is None:
+            _, index_dir = write_index(run, all_vectors, all_ids, added_before + padding + names, spec=index.spec,
+                                       metric=index.metric, nprobe=index.nprobe, ef_search=index.ef_search)
+        else:  # keep the tuned choice: same spec and parameters, trained on a sample as the tuner does
+            index_dir = write_built_index(run, rebuild_tuned(all_vectors, all_ids, tuning),
+                                          added_before + padding + names, tuning)
         run.publish(published.checkpoint, published.best_epoch, index_dir, keep_results=True)
     return AddedItems(added=len(names), skipped=skipped, failed=failed, first_id=int(ids[0]), last_id=int(ids[-1]))
 
