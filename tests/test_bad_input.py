@@ -181,6 +181,10 @@ BAD: dict[str, dict[str, list]] = {
         "ef_search": ["0"],
         "add_images": ["{tmp}/missing", "{file}", "{new_covers}",  # an id run has no image tower
                        Args("--add-images", "{new_covers}", "--spec", "HNSW32")],
+        "target_recall": ["0", "1.5", "nan", "-0.1", "inf", Args("--target-recall", "0.9", "--spec", "HNSW32"),
+                          Args("--target-recall", "0.9", "--k", "100000")],  # k above the catalogue
+        "k": ["0", "-3", "5"],  # 5: --k without --target-recall
+        "sample": ["1", "many", "50"],  # 50: --sample without --target-recall
         "device": ["tpu"],
     },
     "serve": {
