@@ -25,7 +25,7 @@ import click
 
 from . import __version__
 from .errors import PixelrecError
-from .recommend.config import ITEM_KINDS, SEED_MAX, FitOption, fit_options
+from .recommend.config import ITEM_KINDS, PRECISIONS, SEED_MAX, FitOption, fit_options
 
 GPU_LAYOUTS = ("shard", "replicate")  # = pixelrec.index.faiss_index.GPU_LAYOUTS (importing FAISS here is slow)
 
@@ -198,7 +198,9 @@ def synth(out_dir, users, items, cold_items, seed, image_size, styles, min_len, 
 @click.option("--pooling", type=click.Choice(["model", "mean"]), default="model", show_default=True,
               help="model: open_clip's pooled output; mean: mean of the last hidden tokens (PixelRec's ViT).")
 @click.option("--preset", type=click.Choice(["default", "pixelrec"]), default="default", show_default=True,
-              help="pixelrec: squash to the input size, mean = std = 0.5 (the reference code's preprocessing).")
+              help="pixelrec: the reference code's encoder: squash to the input size, mean = std = 0.5, and (unless "
+                   "given) --model ViT-B-32-quickgelu --pooling mean --split-block 2 --float32 --precision fp32; "
+                   "prints the list it applies.")
 @click.option("--image-size", type=int, help="Override the model's input size.")
 @click.option("--seed", type=_SEED, default=0, show_default=True, help="Random-init seed (--pretrained none).")
 @click.option("--split-block", type=click.IntRange(min=1),
@@ -210,7 +212,8 @@ def synth(out_dir, users, items, cold_items, seed, image_size, styles, min_len, 
 @click.option("--normalize", is_flag=True, help="L2-normalise the embeddings.")
 @click.option("--skip-missing", is_flag=True, help="Record items of --interactions without an image as failed instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
-@click.option("--no-amp", is_flag=True, help="No mixed precision on CUDA.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="CUDA arithmetic: auto (bf16 autocast where supported, else fp16), fp32, bf16 or fp16. CPU: fp32.")
 @click.option("--from-run", type=click.Path(file_okay=False),
               help="Encode with a trained run's item tower: the cache then holds the run's item vectors.")
 @click.option("--verify", type=click.Path(dir_okay=False),
@@ -218,7 +221,7 @@ def synth(out_dir, users, items, cold_items, seed, image_size, styles, min_len, 
                    "exit 2 if it is damaged.")
 @click.pass_context
 def encode(ctx, images, out, interactions, model, pretrained, pooling, preset, image_size, seed, split_block, batch_size,
-           workers, device, float32, normalize, skip_missing, overwrite, no_amp, from_run, verify):
+           workers, device, float32, normalize, skip_missing, overwrite, precision, from_run, verify):
     """Encode covers once into an HDF5 embedding cache (resumable: rerun the same command).
 
     `pixelrec encode --verify CACHE` checks an existing cache instead.
@@ -246,12 +249,16 @@ def encode(ctx, images, out, interactions, model, pretrained, pooling, preset, i
         if clash:
             raise PixelrecError(f"--from-run takes the encoder from the run; drop --{sorted(clash)[0].replace('_', '-')}")
         encoder = run_item_encoder(from_run, "cpu")
+    if preset == "pixelrec" and not from_run:
+        given = dict(model=model, pooling=pooling, split_block=split_block, float32=float32, precision=precision)
+        applied = _encode_preset(given, _explicit(ctx), pretrained)
+        model, pooling, split_block, float32, precision = (applied[k] for k in given)
     cfg = EncodeConfig(images=images, out=out, interactions=interactions,
                        encoder=EncoderConfig(model=model, pretrained=pretrained, pooling=pooling, preset=preset,
                                              image_size=image_size, seed=seed),
                        batch_size=batch_size, num_workers=workers, device=device, float32=float32,
                        split_block=split_block, normalize=normalize, skip_missing=skip_missing,
-                       overwrite=overwrite, amp=not no_amp)
+                       overwrite=overwrite, precision=precision)
     s = encode_images(cfg, encoder=encoder)
     if s.already_complete:
         click.echo(f"{out}: already complete ({s.n_encoded} items, {s.n_failed} failed); nothing to do")
@@ -263,6 +270,28 @@ def encode(ctx, images, out, interactions, model, pretrained, pooling, preset, i
         click.echo(f"  failed {item}: {reason}", err=True)
     if s.n_failed > 10:
         click.echo(f"  ... and {s.n_failed - 10} more (listed in the cache's failed_item_ids)", err=True)
+
+
+# What `encode --preset pixelrec` sets besides the preprocessing (options given on the command line
+# win): the reference's OpenAI ViT-B/32 (QuickGELU blocks), mean of the last hidden tokens, the
+# tokens entering its 2 tuned blocks, stored and computed in float32.
+ENCODE_PIXELREC_PRESET = {"model": "ViT-B-32-quickgelu", "pooling": "mean", "split_block": 2, "float32": True,
+                          "precision": "fp32"}
+
+
+def _encode_preset(given: dict[str, Any], typed: set[str], pretrained: str) -> dict[str, Any]:
+    """The encode settings under --preset pixelrec, and print the full list it applies (rank 0)."""
+    out = {k: (v if k in typed else ENCODE_PIXELREC_PRESET[k]) for k, v in given.items()}
+    if _rank() > 0:
+        return out
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") + (" (given)" if k in typed else "")
+             for k, v in out.items() if v is not False]
+    click.echo("preset pixelrec: covers squashed to the model's input size (224x224 for ViT-B-32), bilinear, "
+               "mean = std = 0.5; " + ", ".join(flags), err=True)
+    if pretrained in ("", "none"):
+        click.echo("warning: --preset pixelrec with --pretrained none: random weights are not the paper's model "
+                   "(give OpenAI's ViT-B-32.pt)", err=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- fit
@@ -507,10 +536,14 @@ def serve(ctx, run_dir, host, port, device, workers, batch_window_ms, max_batch,
 
 
 # ------------------------------------------------------------------------------------------ demo
+_DEMO_TOWERS = ("id", "frozen", "partial", "e2e", "hybrid")  # = DemoConfig.towers (demo.py imports torch: not here)
+
+
 @cli.command()
 @click.option("--workdir", default="pixelrec-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the data, cache, runs and plot go.")
-@click.option("--towers", default="id,frozen,partial,e2e", show_default=True, help="Item towers to compare.")
+@click.option("--towers", default=",".join(_DEMO_TOWERS), show_default=True,
+              help="Item towers to compare (hybrid: also at other --id-dropout rates, for the warm/cold frontier).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
               help="Most epochs per tower (early stopping, patience 5).")
 @click.option("--users", type=click.IntRange(min=1), default=2000, show_default=True)
@@ -519,7 +552,7 @@ def serve(ctx, run_dir, host, port, device, workers, batch_window_ms, max_batch,
 @click.option("--device", default="auto", show_default=True)
 @rank_zero_only
 def demo(workdir, towers, epochs, users, items, seed, device):
-    """The embedded default: synth -> encode -> fit id/frozen/partial/e2e -> compare -> retrieve."""
+    """The embedded default: synth -> encode -> fit id/frozen/partial/e2e/hybrid -> compare -> retrieve."""
     from .demo import DemoConfig, run_demo
 
     kinds = tuple(t.strip() for t in towers.split(",") if t.strip())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .data.synth import SynthConfig, synthesize
 from .encode import EncodeConfig, EncoderConfig, encode_images
-from .recommend.config import FitConfig
+from .recommend.config import FitConfig, ItemsConfig
 from .runs.fit import fit
 from .runs.retrieve import retrieve_one
 from .runs.rundir import RunDir
@@ -42,11 +42,15 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"
     overwrite: bool = True
+    # hybrid: also fit it at these ID-dropout rates (besides its default) to draw the warm/cold
+    # frontier; () = the default hybrid alone
+    hybrid_sweep: tuple[float, ...] = (0.0, 0.25, 0.5)
 
 
 @dataclass
 class DemoResult:
     rows: list[dict] = field(default_factory=list)
+    sweep: list[dict] = field(default_factory=list)  # the hybrid at each --id-dropout of DemoConfig.hybrid_sweep
     table: str = ""
     plot: str = ""
     retrieval: dict = field(default_factory=dict)
@@ -73,28 +77,21 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     result = DemoResult()
     for kind in cfg.towers:
         log(f"[3/4] fitting SASRec with the {kind} item tower")
-        fc = FitConfig(interactions=interactions, out=str(work / f"run_{kind}"))
-        fc.items.kind = kind
-        fc.items.cache = str(cache) if fc.items.uses_cache else None
-        if kind == "e2e":
-            fc.items.images, fc.items.encoder, fc.items.tune_blocks = str(data_dir / "covers"), cfg.encoder, cfg.split_block
-        fc.model.dim, fc.model.max_len = cfg.dim, cfg.max_len
-        fc.train.epochs, fc.train.patience, fc.train.seed, fc.train.device = cfg.epochs, cfg.patience, cfg.seed, cfg.device
-        fc.train.lr = cfg.lr
-        res = fit(fc, overwrite=cfg.overwrite)
-        test = res.test
-        result.rows.append({
-            "tower": kind, "recall@10": test["overall"]["recall@10"], "ndcg@10": test["overall"]["ndcg@10"],
-            "warm_recall@10": test["warm"]["recall@10"], "warm_ndcg@10": test["warm"]["ndcg@10"],
-            "cold_recall@10": test["cold"]["recall@10"], "cold_ndcg@10": test["cold"]["ndcg@10"],
-            "cold_users": test["cold"]["users"], "s_per_epoch": res.seconds_per_epoch, "best_epoch": res.best_epoch,
-            "run_dir": str(res.run_dir), "buckets": test["buckets"],
-        })
+        result.rows.append(_fit_row(cfg, kind, work / f"run_{kind}", data_dir, cache))
+    default_p = ItemsConfig().id_dropout
+    if "hybrid" in cfg.towers:
+        hybrid = next(r for r in result.rows if r["tower"] == "hybrid")
+        result.sweep.append({**hybrid, "id_dropout": default_p})
+        for p in sorted(set(cfg.hybrid_sweep) - {default_p}):
+            log(f"[3/4] fitting SASRec with the hybrid item tower at --id-dropout {p:g} (warm/cold frontier)")
+            row = _fit_row(cfg, "hybrid", work / f"run_hybrid_p{p:g}", data_dir, cache, id_dropout=p)
+            result.sweep.append({**row, "id_dropout": p})
+        result.sweep.sort(key=lambda r: r["id_dropout"])
 
     log("[4/4] comparing")
-    result.table = format_table(result.rows, cfg)
+    result.table = format_table(result.rows, cfg, result.sweep)
     result.plot = str(work / "demo.png")
-    plot_runs(result.rows, result.plot)
+    plot_runs(result.rows, result.plot, result.sweep)
     best_image = next((r for r in result.rows if r["tower"] in ("partial", "frozen", "e2e")), result.rows[-1])
     user = str(RunDir(best_image["run_dir"]).read_data().user_ids[0])
     result.retrieval = {**retrieve_one(best_image["run_dir"], user=user, k=5).to_dict(), "run_dir": best_image["run_dir"]}
@@ -102,7 +99,30 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     return result
 
 
-def format_table(rows: list[dict], cfg: DemoConfig) -> str:
+def _fit_row(cfg: DemoConfig, kind: str, out: Path, data_dir: Path, cache: Path, **items) -> dict:
+    """Fit SASRec with one item tower (ItemsConfig fields `items` changed from their defaults) -> its table row."""
+    fc = FitConfig(interactions=str(data_dir / "interactions.csv"), out=str(out))
+    fc.items.kind = kind
+    fc.items.cache = str(cache) if fc.items.uses_cache else None
+    if kind == "e2e":
+        fc.items.images, fc.items.encoder, fc.items.tune_blocks = str(data_dir / "covers"), cfg.encoder, cfg.split_block
+    for name, value in items.items():
+        setattr(fc.items, name, value)
+    fc.model.dim, fc.model.max_len = cfg.dim, cfg.max_len
+    fc.train.epochs, fc.train.patience, fc.train.seed, fc.train.device = cfg.epochs, cfg.patience, cfg.seed, cfg.device
+    fc.train.lr = cfg.lr
+    res = fit(fc, overwrite=cfg.overwrite)
+    test = res.test
+    return {
+        "tower": kind, "recall@10": test["overall"]["recall@10"], "ndcg@10": test["overall"]["ndcg@10"],
+        "warm_recall@10": test["warm"]["recall@10"], "warm_ndcg@10": test["warm"]["ndcg@10"],
+        "cold_recall@10": test["cold"]["recall@10"], "cold_ndcg@10": test["cold"]["ndcg@10"],
+        "cold_users": test["cold"]["users"], "s_per_epoch": res.seconds_per_epoch, "best_epoch": res.best_epoch,
+        "run_dir": str(res.run_dir), "buckets": test["buckets"],
+    }
+
+
+def format_table(rows: list[dict], cfg: DemoConfig, sweep: list[dict] = ()) -> str:
     chance = 10 / max(cfg.items, 1)
     lines = [f"{'tower':<9}{'Recall@10':>11}{'NDCG@10':>10}{'warm N@10':>11}{'cold R@10':>11}{'cold N@10':>11}"
              f"{'s/epoch':>9}{'best ep':>9}", "-" * 81]
@@ -111,31 +131,39 @@ def format_table(rows: list[dict], cfg: DemoConfig) -> str:
                      f"{_f(r['cold_recall@10']):>11}{_f(r['cold_ndcg@10']):>11}{r['s_per_epoch']:>9.2f}{r['best_epoch']:>9}")
     lines.append(f"cold = {rows[0]['cold_users'] if rows else 0} test users whose target item never appears in "
                  f"training; chance Recall@10 over the whole catalogue = {chance:.3f}")
-    lines += tradeoff_lines(rows)
+    lines += tradeoff_lines(rows, sweep)
     return "\n".join(lines)
 
 
 IMAGE_ONLY = ("frozen", "partial", "e2e")
 
 
-def tradeoff_lines(rows: list[dict]) -> list[str]:
-    """The hybrid against the cold-start bars: warm NDCG@10 vs id's, cold Recall@10 vs the best image-only tower's."""
+def tradeoff_lines(rows: list[dict], sweep: list[dict] = ()) -> list[str]:
+    """The hybrid against the cold-start bars (warm NDCG@10 / id's >= 0.98, cold Recall@10 / the best
+    image-only tower's >= 0.9), for the default hybrid and each ID-dropout rate of the sweep."""
     by = {r["tower"]: r for r in rows}
     images = [by[k]["cold_recall@10"] or 0.0 for k in IMAGE_ONLY if k in by]
     if "hybrid" not in by or "id" not in by or not images or not by["id"].get("warm_ndcg@10"):
         return []
-    h = by["hybrid"]
-    warm = (h["warm_ndcg@10"] or 0.0) / by["id"]["warm_ndcg@10"]
-    cold = (h["cold_recall@10"] or 0.0) / max(max(images), 1e-12)
-    return [f"hybrid: warm NDCG@10 {warm:.3f} x id's (bar 0.98), cold Recall@10 {cold:.3f} x the best image-only "
-            f"tower's (bar 0.9)"]
+    id_warm, best_cold = by["id"]["warm_ndcg@10"], max(max(images), 1e-12)
+
+    def ratios(r: dict) -> str:
+        return (f"warm NDCG@10 {(r['warm_ndcg@10'] or 0.0) / id_warm:.3f} x id's, cold Recall@10 "
+                f"{(r['cold_recall@10'] or 0.0) / best_cold:.3f} x the best image-only tower's")
+
+    lines = [f"hybrid: {ratios(by['hybrid'])} (bars: 0.98, 0.9)"]
+    if len(sweep) > 1:
+        lines.append("hybrid by --id-dropout: " + "; ".join(
+            f"p={r['id_dropout']:g}: {(r['warm_ndcg@10'] or 0.0) / id_warm:.3f} / {(r['cold_recall@10'] or 0.0) / best_cold:.3f}"
+            for r in sweep) + "  (warm / cold ratios)")
+    return lines
 
 
 def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def plot_runs(rows: list[dict], path: str) -> None:
+def plot_runs(rows: list[dict], path: str, sweep: list[dict] = ()) -> None:
     import matplotlib  # deferred: only the plot needs it, and it is slow to import
 
     matplotlib.use("Agg")
@@ -158,21 +186,28 @@ def plot_runs(rows: list[dict], path: str) -> None:
     ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels)
     ax2.set(xlabel="target's training interactions", ylabel="test Recall@10", title="Recall@10 by item popularity")
     ax2.legend()
-    plot_tradeoff(ax3, rows)
+    plot_tradeoff(ax3, rows, sweep)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_tradeoff(ax, rows: list[dict]) -> None:
+def plot_tradeoff(ax, rows: list[dict], sweep: list[dict] = ()) -> None:
     """Warm NDCG@10 against cold Recall@10 per tower, with the cold-start bars (0.98 x id's warm
-    NDCG@10, 0.9 x the best image-only tower's cold Recall@10): the hybrid belongs in the top right."""
+    NDCG@10, 0.9 x the best image-only tower's cold Recall@10; a tower meeting both sits in the top
+    right corner they cut) and the hybrid's frontier across ID-dropout rates."""
     for r in rows:
         if r.get("warm_ndcg@10") is None:
             continue
         marker = "*" if r["tower"] == "hybrid" else "o"
         ax.scatter(r["warm_ndcg@10"], r["cold_recall@10"] or 0.0, marker=marker, s=160 if marker == "*" else 50,
-                   label=r["tower"])
+                   label=r["tower"], zorder=3)
+    if len(sweep) > 1:
+        xs = [r["warm_ndcg@10"] or 0.0 for r in sweep]
+        ys = [r["cold_recall@10"] or 0.0 for r in sweep]
+        ax.plot(xs, ys, color="grey", linewidth=1, zorder=2, label="hybrid by --id-dropout")
+        for r, x, y in zip(sweep, xs, ys):
+            ax.annotate(f"p={r['id_dropout']:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     by = {r["tower"]: r for r in rows}
     if by.get("id", {}).get("warm_ndcg@10"):
         ax.axvline(0.98 * by["id"]["warm_ndcg@10"], color="grey", linestyle=":", linewidth=1)
@@ -181,4 +216,4 @@ def plot_tradeoff(ax, rows: list[dict]) -> None:
         ax.axhline(0.9 * max(images), color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="warm test NDCG@10", ylabel="cold test Recall@10",
            title="Warm / cold trade-off (dotted: the bars)")
-    ax.legend()
+    ax.legend(fontsize=7)

@@ -161,7 +161,7 @@ def test_old_import_paths_name_the_same_classes():
 
 
 # ---------------------------------------------------------------------------------------- encode
-ENCODE_FIELDS = {  # option -> (dataclass, field); "no_amp" is the negation of amp
+ENCODE_FIELDS = {  # option -> (dataclass, field)
     "images": ("EncodeConfig", "images"), "out": ("EncodeConfig", "out"),
     "interactions": ("EncodeConfig", "interactions"), "model": ("EncoderConfig", "model"),
     "pretrained": ("EncoderConfig", "pretrained"), "pooling": ("EncoderConfig", "pooling"),
@@ -170,7 +170,7 @@ ENCODE_FIELDS = {  # option -> (dataclass, field); "no_amp" is the negation of a
     "batch_size": ("EncodeConfig", "batch_size"), "workers": ("EncodeConfig", "num_workers"),
     "device": ("EncodeConfig", "device"), "float32": ("EncodeConfig", "float32"),
     "normalize": ("EncodeConfig", "normalize"), "skip_missing": ("EncodeConfig", "skip_missing"),
-    "overwrite": ("EncodeConfig", "overwrite"), "no_amp": ("EncodeConfig", "amp"),
+    "overwrite": ("EncodeConfig", "overwrite"), "precision": ("EncodeConfig", "precision"),
 }
 ENCODE_NOT_FIELDS = {"from_run": "picks the encoder (a run's item tower) instead of an EncoderConfig",
                      "verify": "checks an existing cache (encode.cache.verify_cache) instead of encoding"}
@@ -191,9 +191,7 @@ def test_encode_options_agree_with_encode_config():
         default = classes[cls][fld]
         param = params[name]
         given = default_of(cli.commands["encode"], param)
-        if name == "no_amp":
-            assert given is False and default is True
-        elif default is dataclasses.MISSING:  # required, except with --verify (checked in the command)
+        if default is dataclasses.MISSING:  # required, except with --verify (checked in the command)
             assert given is None and "[required]" in param.help, name
         else:
             assert given == default, (name, given, default)
@@ -232,3 +230,11 @@ def test_index_metric_choices_are_the_index_metrics():
 def test_demo_towers_are_the_item_kinds():
     towers = next(p for p in cli.commands["demo"].params if p.name == "towers")
     assert set(towers.default.split(",")) <= set(config.ITEM_KINDS)
+
+
+def test_demo_towers_default_is_the_demo_configs():
+    from pixelrec.demo import DemoConfig
+
+    towers = next(p for p in cli.commands["demo"].params if p.name == "towers")
+    assert tuple(towers.default.split(",")) == DemoConfig().towers
+    assert "hybrid" in DemoConfig().towers  # the cold-start row of the demo's table
