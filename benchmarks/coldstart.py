@@ -73,8 +73,14 @@ RECIPES: dict[str, dict] = {
     "hybrid-dropout-gate": {**HYBRID_OFF, "items.id_dropout": 0.5, "items.hybrid_gate": "count"},
     "hybrid-dropout-map": {**HYBRID_OFF, "items.id_dropout": 0.5, "items.image_to_id": 1.0},
     "hybrid-all": {**HYBRID_OFF, "items.id_dropout": 0.5, "items.hybrid_gate": "count", "items.image_to_id": 1.0},
-    "hybrid": {"items.kind": "hybrid"},  # pixelrec's default hybrid recipe
+    "hybrid": {"items.kind": "hybrid"},  # pixelrec's default hybrid recipe (= gate + map + ID dropout 0.3)
 }
+# The default recipe (count gate + image -> id map) at other ID-dropout rates than its 0.3: with
+# `hybrid`, the warm/cold frontier (--frontier hybrid-p0,hybrid-p0.1,hybrid,hybrid-p0.5).
+SWEEP = {f"hybrid-p{p:g}": {"items.kind": "hybrid", "items.hybrid_gate": "count", "items.image_to_id": 1.0,
+                            "items.id_dropout": p} for p in (0.0, 0.1, 0.5)}
+RECIPES.update(SWEEP)
+FRONTIER = ("hybrid-p0", "hybrid-p0.1", "hybrid", "hybrid-p0.5")
 DEFAULT_RECIPES = ("id", "frozen", "partial", "hybrid-plain", "hybrid-dropout", "hybrid-gate", "hybrid-map", "hybrid")
 IMAGE_ONLY = ("frozen", "partial")
 # Item 5 of the cold-start issue: why does `frozen` lose half of id's warm NDCG here? Each recipe
@@ -346,7 +352,7 @@ def targets(summary: dict[str, dict], candidate: str = "hybrid") -> list[str]:
     return lines
 
 
-def plot_tradeoff(summary: dict[str, dict], path: str, title: str) -> None:
+def plot_tradeoff(summary: dict[str, dict], path: str, title: str, frontier: list[str] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,6 +365,10 @@ def plot_tradeoff(summary: dict[str, dict], path: str, title: str) -> None:
         marker = "s" if name in ("id",) + IMAGE_ONLY else ("*" if name == "hybrid" else "o")
         ax.errorbar(x, y, xerr=xe, yerr=ye, fmt=marker, markersize=11 if marker == "*" else 6, capsize=2)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    line = [name for name in frontier if name in summary]
+    if len(line) > 1:  # e.g. the default recipe across ID-dropout rates
+        ax.plot([summary[n]["warm_ndcg@10"][0] for n in line], [summary[n]["cold_recall@10"][0] for n in line],
+                color="grey", linewidth=1, zorder=0)
     if "id" in summary:
         ax.axvline(0.98 * summary["id"]["warm_ndcg@10"][0], color="grey", linestyle=":", linewidth=1)
     best = [summary[k]["cold_recall@10"][0] for k in IMAGE_ONLY if k in summary]
@@ -408,6 +418,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--refit", action="store_true", help="fit again even where a result file exists")
     ap.add_argument("--plot", default="", help="write the warm/cold trade-off plot here (PNG)")
+    ap.add_argument("--frontier", default=",".join(FRONTIER),
+                    help="comma-separated recipes joined by a line in the plot (the ID-dropout sweep)")
     ap.add_argument("--json", action="store_true", help="also print every row as JSON")
     args = ap.parse_args()
     if not args.synthetic and not (args.interactions and args.items):
@@ -468,7 +480,7 @@ def main() -> None:
         print(line)
     if args.plot:
         plot_tradeoff(summary, args.plot, ("demo's synthetic set" if args.synthetic else "ML-100K cold start")
-                      + f", {len(seeds)} seeds")
+                      + f", {len(seeds)} seeds", list(filter(None, args.frontier.split(","))))
         print(f"plot: {args.plot}")
     if args.json:
         print(json.dumps(rows))

@@ -40,7 +40,15 @@ IMAGE_BRANCHES = ("frozen", "partial")
 CACHE_IN_MEMORY = ("auto", "yes", "no")
 MODELS = ("sasrec", "gru4rec")
 POSITIONS = ("relative", "absolute")
+NORMS = ("pre", "post")  # SASRec LayerNorm placement
+NEGATIVE_POOLS = ("train", "all")  # items sampled negatives come from
+LOSS_MEANS = ("positions", "sequences")  # what a step's loss is averaged over
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # = runtime.PRECISIONS (this module does not import torch)
+DECAY_GROUPS = ("standard", "pixelrec")  # how AdamW parameter groups are formed (build.build_optimizer)
+TIES = ("earlier", "later")  # which epoch early stopping keeps when validation scores tie
 LOSSES = ("softmax", "bpr")
+SOFTMAXES = ("auto", "full", "sampled")  # full or sampled softmax; auto = by modelled cost
+MIN_NEGATIVES = 1024  # uniform negatives of a sampled softmax when none are asked for, at least
 WINDOWS = ("sliding", "overlapping", "chunks")
 PRESET_NAMES = ("default", "pixelrec")
 
@@ -126,18 +134,22 @@ class ItemsConfig:
         help="hybrid: how id and image vectors combine: sum, concat (projected to --dim), or switch (the id "
              "embedding for items with training interactions, the image path for items without).")
     image_branch: str = setting("frozen", choices=IMAGE_BRANCHES, help="hybrid: image tower kind.")
+    # The hybrid's cold-start recipes (docs/coldstart.md). Defaults: all three together, the recipe
+    # closest to both cold-start bars on the demo's catalogue (benchmarks/coldstart.py --synthetic);
+    # 0.0 / none / 0.0 is the plain hybrid (best warm quality, cold items nearly unranked).
     id_dropout: float = setting(
-        0.0, at_least=0, below=1,
+        0.3, at_least=0, below=1,
         help="hybrid: in training, drop a warm item's id part with this probability, so its image part must "
              "stand alone as a cold item's does (DropoutNet).")
     hybrid_gate: str = setting(
-        "none", choices=HYBRID_GATES,
+        "count", choices=HYBRID_GATES,
         help="hybrid: count = a learned gate on the item's training-interaction count weighs its id part "
-             "against its image part (warm items lean on the id, cold ones on the image).")
+             "against its image part (warm items lean on the id, cold ones on the image; it learns the cold "
+             "weight from dropped ids, so use it with --id-dropout).")
     image_to_id: float = setting(
-        0.0, at_least=0,
+        1.0, at_least=0,
         help="hybrid: weight of an auxiliary loss that trains a map from the image part to the item's trained "
-             "id embedding; items without an id (cold, new) use the predicted one. 0 = off.")
+             "id embedding; items without an id (cold, new, dropped) use the predicted one. 0 = off.")
     grad_checkpointing: bool = setting(False, help="e2e: trade compute for memory.")
     cache_in_memory: str = setting("auto", choices=CACHE_IN_MEMORY, help="Load the cache into RAM (auto: when it is small).")
 
@@ -166,21 +178,45 @@ class SequenceConfig:
         "relative", choices=POSITIONS,
         help="SASRec positions: relative (attention bias by distance, trains every position as it is served) "
              "or absolute (learned embeddings, original SASRec / PixelRec).")
+    norm: str = setting(
+        "pre", choices=NORMS,
+        help="SASRec LayerNorm placement: pre (x + f(LN(x)), a final LayerNorm) or post (LN(x + f(x)), eps 1e-12, "
+             "no final LayerNorm: RecBole / PixelRec). pre measured better on ML-100K (README).")
     gru_hidden: int = 0  # GRU4Rec hidden size; 0 = 2 * dim (not an option: NOT_OPTIONS)
 
 
 @dataclass
 class LossConfig:
     loss: str = setting("softmax", choices=LOSSES, help="Training loss.")
+    softmax: str = setting(
+        "auto", choices=SOFTMAXES,
+        help="Softmax loss over the whole catalogue (full) or over the batch's targets plus uniform negatives, "
+             "log-q corrected (sampled). auto: full unless its modelled cost would exceed the rest of the training "
+             "step (README \"Performance\"); config.json records the choice.")
     negatives: int = setting(
-        0, at_least=0, help="Sampled softmax: uniform negatives per batch (0 = full softmax when affordable, else 1024).")
-    full_softmax_max_items: int = 100_000  # above this many items, sampled softmax even for cheap towers
+        0, at_least=0,
+        help="Sampled softmax: uniform negatives per batch (0 = as many as the cost rule affords, at least 1024).")
+    negatives_from: str = setting(
+        "train", choices=NEGATIVE_POOLS,
+        help="Items negatives (bpr, sampled softmax) and full-softmax candidates come from: train = items with "
+             "training interactions (an item first seen at test time did not exist yet); all = the whole catalogue, "
+             "as the PixelRec code samples.")
+    mean_over: str = setting(
+        "positions", choices=LOSS_MEANS,
+        help="A step's loss: the mean over its trained positions, or (sequences, PixelRec) each window's positions "
+             "summed and averaged over the batch's windows, one-item windows kept as members with no target.")
+    # auto picks full softmax while its modelled share of a training step stays at most this (NOT_OPTIONS)
+    full_softmax_max_share: float = 0.5
 
     def use_full_softmax(self, tower: ItemTower) -> bool:
-        return self.negatives == 0 and tower.cheap and tower.num_items <= self.full_softmax_max_items
+        """Full softmax this step? `build_recommender` resolves auto by the cost rule (`resolve_softmax`);
+        an unresolved auto (a Recommender built by hand) takes full softmax for cheap towers."""
+        if self.softmax == "auto":
+            return self.negatives == 0 and tower.cheap
+        return self.softmax == "full"
 
     def uniform_negatives(self) -> int:
-        return self.negatives or 1024
+        return self.negatives or MIN_NEGATIVES
 
 
 @dataclass
@@ -203,7 +239,19 @@ class TrainConfig:
     seed: int = setting(0, at_least=0, at_most=SEED_MAX, help="Random seed.")
     deterministic: bool = setting(False, help="Ask torch for deterministic kernels.")
     device: str = setting("auto", help="auto | cpu | cuda[:N]")
-    amp: bool = True  # mixed precision on CUDA (not an option: NOT_OPTIONS)
+    precision: str = setting(
+        "auto", choices=PRECISIONS,
+        help="CUDA arithmetic: auto (bf16 autocast where supported, else fp16 with loss scaling), fp32 (none), bf16 "
+             "or fp16 autocast. CPU runs are always float32.")
+    decay_groups: str = setting(
+        "standard", choices=DECAY_GROUPS,
+        help="AdamW groups: standard = image-encoder blocks at --encoder-lr / --encoder-weight-decay, no decay on "
+             "biases, LayerNorms, embeddings and position biases; pixelrec = the whole image tower (blocks and "
+             "head/adapter) at --encoder-lr / --encoder-weight-decay, every other parameter at --weight-decay.")
+    ties: str = setting(
+        "earlier", choices=TIES,
+        help="Early stopping on a validation score equal to the best: keep the earlier epoch, or count it as "
+             "a gain and keep the later one (PixelRec).")
     eval_batch_size: int = 1024  # (not an option: NOT_OPTIONS)
     min_interactions: int = setting(3, at_least=3, help="Users with fewer are dropped (counted).")
     cold_threshold: int = 1  # evaluation: targets with fewer training interactions are "cold" (NOT_OPTIONS)
@@ -214,16 +262,16 @@ class TrainConfig:
 NOT_OPTIONS: dict[str, str] = {
     "model.inner_mult": "architecture detail of SASRec's feed-forward block; only --preset pixelrec changes it (to 2)",
     "model.gru_hidden": "GRU4Rec's hidden size follows --dim (2 x dim); a separate knob has not been worth it",
-    "loss.full_softmax_max_items": "a memory guard, not a modelling choice; --negatives N already asks for "
-                                   "sampled softmax at any catalogue size",
-    "train.amp": "a speed switch that only acts on CUDA (bf16/fp16 autocast), on by default; a loss that stops "
-                 "being finite already fails with advice to lower --lr",
+    "loss.full_softmax_max_share": "the cost rule's threshold (full softmax while it is at most this share of "
+                                   "a step); --softmax full|sampled and --negatives N already override the rule",
     "train.eval_batch_size": "only trades memory for speed during validation; results do not depend on it",
     "train.cold_threshold": "an evaluation setting: `pixelrec evaluate --cold-threshold N` reports any threshold "
                             "from the trained run",
 }
 
-# The PixelRec reference code's choices (its published training script). Keys are "section.field".
+# The PixelRec reference code's choices (westlake-repl/PixelRec, code/: `PixelNet/sasrec.yaml` with
+# `overall/ViT.yaml`, launched on four GPUs). Keys are "section.field"; tests/test_reference_preset.py
+# checks each one against the reference file and line it comes from.
 PIXELREC_PRESET: dict[str, Any] = {
     "model.dim": 512,
     "model.layers": 2,
@@ -233,14 +281,23 @@ PIXELREC_PRESET: dict[str, Any] = {
     "model.attn_dropout": 0.1,
     "model.max_len": 10,
     "model.positions": "absolute",
+    "model.norm": "post",
     "train.windows": "chunks",
     "train.lr": 1e-4,
     "train.weight_decay": 0.1,
     "train.encoder_lr": 1e-4,
     "train.encoder_weight_decay": 0.0,
-    "train.patience": 30,
-    "train.batch_size": 16,
+    "train.decay_groups": "pixelrec",
+    # the reference stops when an epoch is the 31st in a row without a gain (stopping_step 30,
+    # `cur_step > max_step`); ours stops after `patience` epochs without one
+    "train.patience": 31,
+    "train.ties": "later",
+    "train.batch_size": 64,  # global: 16 per GPU x 4 GPUs (split across ranks under torchrun)
+    "train.precision": "fp32",
     "loss.loss": "bpr",
+    "loss.negatives_from": "all",
+    "loss.mean_over": "sequences",
+    "items.encoder": "ViT-B-32-quickgelu",
     "items.head": "token_relu_mean",
     "items.tune_blocks": 2,
 }
@@ -273,7 +330,7 @@ class FitConfig:
             # runs written before `positions` existed used absolute positions
             model=_load(SequenceConfig, {"positions": "absolute", **d.get("model", {})}),
             loss=_load(LossConfig, d.get("loss", {})),
-            train=_load(TrainConfig, d.get("train", {})),
+            train=_load(TrainConfig, _train_section(d.get("train", {}))),
             preset=d.get("preset", "default"),
             init_from=d.get("init_from"),
         )
@@ -313,13 +370,20 @@ class FitConfig:
                                 f"(got {self.train.stride})")
         for name, value, low in (("model.inner_mult", self.model.inner_mult, 1),
                                  ("model.gru_hidden", self.model.gru_hidden, 0),
-                                 ("loss.full_softmax_max_items", self.loss.full_softmax_max_items, 0),
                                  ("train.eval_batch_size", self.train.eval_batch_size, 1),
                                  ("train.cold_threshold", self.train.cold_threshold, 0)):
             if value < low:
                 raise PixelrecError(f"{name} must be at least {low} (got {value})")
         if not (math.isfinite(self.model.attn_dropout) and 0 <= self.model.attn_dropout < 1):
             raise PixelrecError(f"model.attn_dropout must be in [0, 1) (got {self.model.attn_dropout})")
+        share = self.loss.full_softmax_max_share
+        if not (math.isfinite(share) and 0 < share < 1):
+            raise PixelrecError(f"loss.full_softmax_max_share must be in (0, 1) (got {share})")
+        if self.loss.softmax != "auto" and self.loss.loss != "softmax":
+            raise PixelrecError(f"--softmax {self.loss.softmax} applies to --loss softmax, not --loss {self.loss.loss}")
+        if self.loss.softmax == "full" and self.loss.negatives:
+            raise PixelrecError(f"--softmax full scores every item and samples no negatives: drop --negatives "
+                                f"{self.loss.negatives} or use --softmax sampled")
 
     def _check_inputs(self) -> None:
         """The chosen item tower has the inputs it reads, and no input it would ignore."""
@@ -359,6 +423,13 @@ def default_stride(cfg: FitConfig) -> int:
     if image_blocks or cfg.train.windows != "sliding":
         return max(1, cfg.model.max_len // 2)
     return max(1, cfg.model.max_len // 6)
+
+
+def _train_section(train: dict[str, Any]) -> dict[str, Any]:
+    """Runs written before `precision` existed recorded `amp` (True: autocast on CUDA = auto)."""
+    if "precision" in train or "amp" not in train:
+        return train
+    return {**train, "precision": "auto" if train["amp"] else "fp32"}
 
 
 def _load(cls, d: dict[str, Any]):
