@@ -208,3 +208,35 @@ def assert_one_line_error(stderr: str, *needles: str) -> str:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------- encoder files
+OPENAI_SCALARS = {"input_resolution": 32, "context_length": 8, "vocab_size": 64}  # as OpenAI's JIT state dicts hold
+
+
+@functools.lru_cache(maxsize=None)
+def openai_layout_checkpoint() -> Path:
+    """A tiny CLIP (pixelrec-tiny-vit-quickgelu, seeded) saved as OpenAI's checkpoints are laid out: the
+    full model's state dict plus OpenAI's scalar entries (what `torch.jit.load(...).state_dict()` of
+    OpenAI's ViT-B-32.pt gives)."""
+    import open_clip
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        clip = open_clip.create_model("pixelrec-tiny-vit-quickgelu")
+    path = session_root() / "openai-layout.pt"
+    torch.save({**clip.state_dict(), **{k: torch.tensor(v) for k, v in OPENAI_SCALARS.items()}}, path)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def default_settings_cache() -> Path:
+    """A cache of the synth covers with default encode settings (tiny GELU ViT, model pooling, float16,
+    tokens at split block 1): what `--preset pixelrec` must refuse."""
+    from pixelrec.encode import EncodeConfig, EncoderConfig, encode_images
+
+    out = session_root() / "default-settings.h5"
+    encode_images(EncodeConfig(images=str(synth_dataset().covers), out=str(out), device="cpu", num_workers=0,
+                               encoder=EncoderConfig(model="pixelrec-tiny-vit"), split_block=1))
+    return out

@@ -154,8 +154,8 @@ def test_bad_image_stores(tmp_path):
 def test_split_block_errors(tmp_path):
     images = tmp_path / "covers"
     make_covers(images, 3)
-    with pytest.raises(PixelrecError, match="--split-block needs a ViT tower; pixelrec-tiny-rn is a ModifiedResNet"):
-        encode(tmp_path, images, encoder=EncoderConfig(model="pixelrec-tiny-rn"), split_block=1)
+    with pytest.raises(PixelrecError, match=r"--split-block 5: expected 1\.\.4 for pixelrec-tiny-rn \(CLIP ResNet"):
+        encode(tmp_path, images, encoder=EncoderConfig(model="pixelrec-tiny-rn"), split_block=5)
     with pytest.raises(PixelrecError, match=r"--split-block 9: expected 1\.\.4"):
         encode(tmp_path, images, split_block=9)
 

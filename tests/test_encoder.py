@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pixelrec.data.images import ImageLoadError, open_image_store
-from pixelrec.encode.encoder import TINY_MODEL, EncoderConfig, TopBlocks, build_encoder
+from pixelrec.encode.encoder import TINY_MODEL, EncoderConfig, ImageEncoder, TopBlocks, build_encoder
 from pixelrec.errors import PixelrecError
 
 TINY_RN = "pixelrec-tiny-rn"
@@ -97,19 +97,30 @@ def test_top_blocks_from_state_rejects_wrong_weights(encoders):
         TopBlocks.from_state(enc.model_config_json, 1, "model", state)
 
 
-def test_split_needs_a_vit_tower():
-    enc = build_encoder(EncoderConfig(model=TINY_RN))
-    assert not enc.supports_split and enc.dim == 32
+def test_split_needs_a_splittable_tower():
+    """ViT, CLIP ResNet, Swin and ConvNeXt towers split (tests/test_encoder_families.py); other timm towers not."""
+    from dataclasses import asdict
+
+    from open_clip.timm_model import TimmModel
+    from open_clip.transform import PreprocessCfg
+
+    assert build_encoder(EncoderConfig(model=TINY_RN)).supports_split
+    with torch.random.fork_rng(devices=[]):
+        visual = TimmModel("resnet10t", embed_dim=16, image_size=32, pool="avg", proj="linear")
+    enc = ImageEncoder(visual, EncoderConfig(model="timm-resnet10t"), {}, asdict(PreprocessCfg(size=(32, 32))))
+    assert not enc.supports_split and enc.dim == 16
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert enc(x).shape == (2, 32)
+        assert enc(x).shape == (2, 16)
+    expected = "--split-block needs a ViT, CLIP ResNet, Swin or ConvNeXt tower; timm-resnet10t is a TimmModel"
     for call in (lambda: enc.tokens_at_split(x, 1), lambda: enc.forward_from_split(x, 1), lambda: enc.top_blocks(1)):
-        with pytest.raises(PixelrecError, match=f"--split-block needs a ViT tower; {TINY_RN} is a ModifiedResNet"):
+        with pytest.raises(PixelrecError, match=expected):
             call()
-    with pytest.raises(PixelrecError, match="last hidden state needs a ViT tower"):
+    with pytest.raises(PixelrecError, match="last hidden state needs a ViT, CLIP ResNet"):
         enc.last_hidden(x)
-    with pytest.raises(PixelrecError, match="needs a ViT tower"):
-        build_encoder(EncoderConfig(model=TINY_RN, pooling="mean"))
+    with pytest.raises(PixelrecError, match=r"--pooling mean needs a ViT, CLIP ResNet, Swin or ConvNeXt tower"):
+        ImageEncoder(visual, EncoderConfig(model="timm-resnet10t", pooling="mean"), {},
+                     asdict(PreprocessCfg(size=(32, 32))))
 
 
 def test_split_block_out_of_range(encoders, pixels):
@@ -248,8 +259,8 @@ def test_set_trainable_blocks():
     mean.set_trainable_blocks(-1)
     frozen = {name for name, p in mean.named_parameters() if not p.requires_grad}
     assert frozen == {"visual.proj", "visual.ln_post.weight", "visual.ln_post.bias"}  # unused by mean pooling
-    with pytest.raises(PixelrecError, match="needs a ViT tower"):
-        build_encoder(EncoderConfig(model=TINY_RN)).set_trainable_blocks(1)
+    with pytest.raises(PixelrecError, match="--tune-blocks 5: pixelrec-tiny-rn has only 4 blocks"):
+        build_encoder(EncoderConfig(model=TINY_RN)).set_trainable_blocks(5)
 
 
 def test_grad_checkpointing_gives_the_same_gradients(pixels):

@@ -5,7 +5,8 @@ Layout of a complete cache file:
     item_ids          [N]          utf-8 strings, the encoded items in catalogue (sorted id) order
     embeddings        [N, E]       float16 (default) or float32, row i belongs to item_ids[i]
     tokens            [N, T, W]    optional, same dtype: activations entering the last `split_block`
-                                   blocks (T tokens incl. the class token, width W)
+                                   blocks (ViT: T tokens incl. the class token, width W; ResNet, Swin,
+                                   ConvNeXt: the feature map's H x W positions, W channels last)
     failed_item_ids   [F]          utf-8 strings: items whose image could not be encoded ...
     failed_reasons    [F]          ... and why ("missing", "zero-byte file", "corrupt ...")
     blocks            [B]          one record per committed block (batch), in order (BLOCK_DTYPE):
@@ -14,6 +15,7 @@ Layout of a complete cache file:
                                    ids and reasons (see `block_checksum`); absent in format 1
     top_blocks/       group        with tokens: float32 weights of the last K blocks and the pooling
                                    head, one dataset per state_dict key; attrs model_config, k, pooling
+                                   (+ family, grid, windows for non-ViT towers: `families.StageTop`)
     attrs             model, pretrained, image_size, dim, normalized, created, pixelrec_version,
                       pooling, preset, model_config (json), preprocess (json), embedding_dtype,
                       split_block (0 = no tokens), weights_sha256, items_sha256, n_catalogue,
@@ -34,14 +36,17 @@ silently is never published), then sets `complete`, fsyncs again and renames the
 
 Caches of format 1 (written before block checksums) still open: only their counts are checked.
 
-Reading (`EmbeddingCache`) reads rows on demand by chunks (arbitrary, unsorted, repeated row
-arrays) unless `in_memory=True`; a large cache is never loaded whole unless asked.
+Reading (`EmbeddingCache`) reads rows on demand (arbitrary, unsorted, repeated row arrays) unless
+`in_memory=True`; a large cache is never loaded whole unless asked. Token rows, the `partial`
+tower's hot path, are read through a memory map of the file at each chunk's byte offset (one copy
+per distinct row, no HDF5 selection; `_MappedRows`), other datasets by chunks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import re
 import zlib
@@ -57,6 +62,7 @@ import torch
 from ..errors import PixelrecError
 from ..runtime import describe_os_error, fsync_path, log
 from .encoder import TopBlocks
+from .families import StageTop, family_label, family_of_model
 
 FORMAT_VERSION = 2  # 2: per-block checksums (the `blocks` dataset); 1: counts only, still readable
 CHECKSUM = "crc32"
@@ -394,6 +400,7 @@ def _create_layout(
     if top_blocks is not None and top_state is not None:
         group = f.create_group("top_blocks")
         group.attrs.update(model_config=top_blocks.config_json, k=top_blocks.k, pooling=top_blocks.pooling)
+        group.attrs.update(getattr(top_blocks, "extra_attrs", {}))  # non-ViT towers: family, grid, windows
         for key, value in top_state.items():
             # chunked, so the weights bypass HDF5's sieve buffer and a failed write raises here
             group.create_dataset(key, data=value, chunks=value.shape if value.ndim and value.size else None)
@@ -710,6 +717,69 @@ def _gather(data: h5py.Dataset | np.ndarray, rows: np.ndarray) -> np.ndarray:
     return picked[inverse]
 
 
+class _MappedRows:
+    """Rows of a chunked, unfiltered HDF5 dataset read straight from a memory map of the file.
+
+    The byte offset of every chunk is looked up once; a row is then one contiguous slice of the map
+    (chunks hold whole rows in C order), so a read of scattered rows costs one copy per distinct row
+    and no HDF5 selection, and the OS page cache keeps the rows read often (a cache larger than RAM
+    stays on disk). `of` returns None where this does not apply (compressed or unallocated chunks)."""
+
+    def __init__(self, path: Path, offsets: np.ndarray, chunk_rows: int, n_rows: int, row_shape: tuple,
+                 dtype: np.dtype):
+        self.offsets, self.chunk_rows, self.n_rows = offsets, chunk_rows, n_rows
+        self.row_shape, self.dtype = row_shape, dtype
+        self.row_bytes = int(np.prod(row_shape)) * dtype.itemsize
+        with open(path, "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = np.frombuffer(self.map, dtype=np.uint8)
+        self.rows_at = None  # rows_at[e] = the row starting at element e (a strided view, no copy)
+        if not (offsets % dtype.itemsize).any():
+            typed = buf[: len(buf) - len(buf) % dtype.itemsize].view(dtype)
+            row_strides = tuple(int(np.prod(row_shape[i + 1:])) * dtype.itemsize for i in range(len(row_shape)))
+            self.rows_at = np.lib.stride_tricks.as_strided(
+                typed, shape=(len(typed) - self.row_bytes // dtype.itemsize + 1, *row_shape),
+                strides=(dtype.itemsize, *row_strides), writeable=False)
+        self.buf = buf
+
+    @classmethod
+    def of(cls, path: Path, ds: h5py.Dataset) -> Optional["_MappedRows"]:
+        chunks = ds.chunks
+        if (chunks is None or tuple(chunks[1:]) != tuple(ds.shape[1:]) or ds.id.get_create_plist().get_nfilters()
+                or ds.dtype.byteorder not in ("=", "|", "<" if np.little_endian else ">") or ds.shape[0] == 0
+                or ds.file.driver != "sec2"):
+            return None
+        rows = int(chunks[0])
+        offsets = np.full(-(-ds.shape[0] // rows), -1, dtype=np.int64)
+
+        def note(info) -> None:
+            offsets[info.chunk_offset[0] // rows] = -1 if info.byte_offset is None else info.byte_offset
+
+        try:
+            ds.id.chunk_iter(note)
+        except (AttributeError, RuntimeError, ValueError):
+            return None
+        if (offsets < 0).any():
+            return None
+        return cls(path, offsets, rows, int(ds.shape[0]), tuple(ds.shape[1:]), ds.dtype)
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), *row_shape] for any int row array (unsorted, repeated)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            bad = rows[(rows < 0) | (rows >= self.n_rows)][0]
+            raise IndexError(f"row {bad} out of range for a cache of {self.n_rows} rows")
+        unique, inverse = np.unique(rows, return_inverse=True)
+        starts = self.offsets[unique // self.chunk_rows] + (unique % self.chunk_rows) * self.row_bytes
+        if self.rows_at is not None:  # one vectorised copy of every distinct row
+            return self.rows_at[starts // self.dtype.itemsize][inverse]
+        out = np.empty((len(unique), *self.row_shape), dtype=self.dtype)
+        flat = out.reshape(len(unique), self.row_bytes // self.dtype.itemsize).view(np.uint8)
+        for i, start in enumerate(starts.tolist()):
+            flat[i] = self.buf[start : start + self.row_bytes]
+        return out[inverse]
+
+
 class EmbeddingCache:
     """A complete HDF5 embedding cache opened for reading (see the module doc for the layout).
 
@@ -750,6 +820,7 @@ class EmbeddingCache:
         state = self.__dict__.copy()
         state["_file"] = None
         state["_pid"] = None
+        state.pop("_token_map", None)  # a memory map is reopened by the process that reads, not copied
         return state
 
     def close(self) -> None:
@@ -819,21 +890,37 @@ class EmbeddingCache:
         """Tokens of the given rows in their stored dtype (float16 by default): [len(rows), T, W]."""
         if not self.has_tokens:
             raise PixelrecError(f"{self.path} has no tokens; encode with --split-block K for the partial tower")
-        data = self._tokens if self._tokens is not None else self._h5["tokens"]
-        return _gather(data, rows)
+        if self._tokens is not None:
+            return _gather(self._tokens, rows)
+        if self._token_map is not None:
+            return self._token_map.gather(rows)
+        return _gather(self._h5["tokens"], rows)
+
+    @cached_property
+    def _token_map(self) -> Optional["_MappedRows"]:
+        """The tokens read through a memory map of the file (None where HDF5 stores them filtered)."""
+        return _MappedRows.of(self.path, self._h5["tokens"]) if self.has_tokens else None
 
     def top_blocks_state(self) -> dict[str, torch.Tensor]:
         """The stored float32 weights of the last K blocks and the pooling head."""
         if "top_blocks" not in self._h5:
             raise PixelrecError(f"{self.path} has no top-block weights; encode with --split-block K")
         group = self._h5["top_blocks"]
-        return {key: torch.from_numpy(group[key][()]) for key in group}
+        return {key: torch.from_numpy(np.asarray(group[key][()])) for key in group}  # 0-d too (BatchNorm counts)
 
-    def top_blocks(self) -> TopBlocks:
-        """The exact top blocks + head that turned the cached tokens into the cached embeddings."""
+    def top_blocks(self) -> TopBlocks | StageTop:
+        """The exact top blocks + head that turned the cached tokens into the cached embeddings: a
+        `TopBlocks` (ViT; caches without a `family` attribute are ViT caches) or a `families.StageTop`."""
         state = self.top_blocks_state()
-        g = self._h5["top_blocks"].attrs
-        return TopBlocks.from_state(str(_native(g["model_config"])), int(g["k"]), str(_native(g["pooling"])), state)
+        g = {key: _native(value) for key, value in self._h5["top_blocks"].attrs.items()}
+        config, k, pooling = str(g["model_config"]), int(g["k"]), str(g["pooling"])
+        family = str(g.get("family", "vit"))
+        try:
+            if family == "vit":
+                return TopBlocks.from_state(config, k, pooling, state)
+            return StageTop.from_state(config, k, pooling, state, g)
+        except PixelrecError as exc:
+            raise PixelrecError(f"{self.path}: {exc}") from None
 
     # -- compatibility --
 
@@ -847,8 +934,12 @@ class EmbeddingCache:
         mine = self.identity()
         for key in IDENTITY_ATTRS:
             if key in expected and expected[key] != mine[key]:
-                raise PixelrecError(f"{context}: {self.path} was made with {key} {mine[key]!r}, "
-                                    f"but the run was trained on a cache with {key} {expected[key]!r}")
+                have, want = f"{mine[key]!r}", f"{expected[key]!r}"
+                if key == "model":  # name the tower families too: a ResNet cache never fits a ViT tower
+                    have += f" (a {family_label(family_of_model(str(mine[key])))} tower)"
+                    want += f" (a {family_label(family_of_model(str(expected[key])))} tower)"
+                raise PixelrecError(f"{context}: {self.path} was made with {key} {have}, "
+                                    f"but the run was trained on a cache with {key} {want}")
 
     def check_compatible(
         self,

@@ -8,15 +8,16 @@ and wraps it in `ImageEncoder`, which adds what the two-stage system needs on to
   ln_post or proj, dim = width: how PixelRec's ViT PixelNet pools);
 - two preprocessing presets: ``default`` (the model's own open_clip eval transform) and
   ``pixelrec`` (the reference code: squash to image_size x image_size, no crop, mean = std = 0.5);
-- a split at block K for ViT towers: ``tokens_at_split(x, K)`` are the activations entering the last
+- a split at block K (ViT towers here; CLIP ResNet, Swin and ConvNeXt towers through `families.py`,
+  whose `StageTop` plays TopBlocks' part): ``tokens_at_split(x, K)`` are the activations entering the last
   K blocks and ``forward_from_split(tokens, K)`` finishes the forward pass, so
   ``forward_from_split(tokens_at_split(x, K), K)`` is ``forward(x)``. `TopBlocks` is that last part
   as a standalone module (the `partial` item tower trains it on cached tokens), built without the
   lower blocks; it and the encoder both give the last block's output as ``last_hidden``.
 
 Random initialisation ('none') is seeded, so one config always gives the same weights. Weights come
-from a local checkpoint file (full open_clip CLIP, an `ImageEncoder`, or a bare vision tower state
-dict) or an open_clip pretrained tag (needs the network; never used by tests).
+from a local checkpoint file (full open_clip CLIP, an `ImageEncoder`, a bare vision tower state
+dict, or for timm towers a state dict in timm's own layout) or an open_clip pretrained tag (needs the network; never used by tests).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from typing import Any, Callable, Iterator, Optional
 import open_clip
 import torch
 import torch.nn as nn
-from open_clip.factory import load_state_dict as _open_clip_load_state_dict
 from open_clip.model import _build_vision_tower, resize_pos_embed
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import VisionTransformer
@@ -44,6 +44,10 @@ from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import PixelrecError
+from ..runtime import log
+from .checkpoint_check import check_openai_activation, read_checkpoint
+from .families import (SPLIT_FAMILIES, TowerSplit, check_split_range, describe_state_mismatch, describe_tower,
+                       family_of, from_timm_layout)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -190,8 +194,9 @@ class PixelLoader:
 class ImageEncoder(nn.Module):
     """An open_clip vision tower with a chosen pooling and preprocessing; ViT towers can be split.
 
-    Towers that are not open_clip VisionTransformers (ModifiedResNet, timm) support the plain
-    forward with 'model' pooling only; for them `num_blocks` and `num_tokens` are 0 and
+    CLIP ResNet, Swin and ConvNeXt towers split through `self.split` (`families.TowerSplit`; their
+    token shape depends on K: `token_shape(k)`). Other towers (e.g. other timm models) support the
+    plain forward with 'model' pooling only; for them `num_blocks` and `num_tokens` are 0 and
     `supports_split` is False.
     """
 
@@ -210,9 +215,17 @@ class ImageEncoder(nn.Module):
         self.preprocess_cfg = preprocess_cfg
         self.preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)  # PIL -> [3, H, W]
         self.image_size = int(to_2tuple(preprocess_cfg["size"])[0])
-        self.supports_split = isinstance(visual, VisionTransformer)
+        self.family = family_of(visual)
+        # ResNet / Swin / ConvNeXt towers: the split logic of `families.py`; None for ViTs (below) and others
+        self.split = TowerSplit(visual, self.pooling) if self.family not in (None, "vit") else None
+        self.supports_split = self.family is not None
+        self._frozen_below: list[nn.Module] = []  # kept in eval mode while training (see train())
         self.grad_checkpointing = False
-        if self.supports_split:
+        if self.split is not None:
+            self.split.probe(self.image_size)
+            self.num_blocks = self.split.num_blocks
+            self.num_tokens = 0  # depends on the split: token_shape(k)
+        elif self.supports_split:
             if not visual.transformer.batch_first:
                 raise PixelrecError(f"{config.model}: sequence-first transformers are not supported")
             self.width = int(visual.transformer.width)
@@ -221,7 +234,7 @@ class ImageEncoder(nn.Module):
         else:
             if self.pooling != "model":
                 raise PixelrecError(
-                    f"--pooling {self.pooling} needs a ViT tower; {config.model} is a {type(visual).__name__}"
+                    f"--pooling {self.pooling} needs {SPLIT_FAMILIES}; {config.model} is {describe_tower(visual)}"
                 )
             self.num_blocks = 0
             self.num_tokens = 0
@@ -231,7 +244,9 @@ class ImageEncoder(nn.Module):
             probe = self.forward(torch.zeros(1, 3, self.image_size, self.image_size))
             visual.train(was_training)
         self.dim = int(probe.shape[-1])
-        if not self.supports_split:
+        if self.split is not None:
+            self.width = self.split.hidden_width()  # channels of the last block's output
+        elif not self.supports_split:
             self.width = self.dim
 
     # ---- helpers ---------------------------------------------------------------------------------
@@ -240,16 +255,26 @@ class ImageEncoder(nn.Module):
         return self.visual.transformer.resblocks
 
     def _require_vit(self, what: str) -> None:
+        """Raise PixelrecError unless this tower can be split (a ViT, CLIP ResNet, Swin or ConvNeXt)."""
         if not self.supports_split:
-            raise PixelrecError(f"{what} needs a ViT tower; {self.config.model} is a {type(self.visual).__name__}")
+            raise PixelrecError(f"{what} needs {SPLIT_FAMILIES}; {self.config.model} is {describe_tower(self.visual)}")
 
     def check_split(self, k: int) -> None:
         """Raise PixelrecError unless this tower can be split before its last k blocks."""
         self._require_vit("--split-block")
-        if not 1 <= k <= self.num_blocks:
+        if self.split is not None:
+            check_split_range(self.split, k, "--split-block", self.config.model)
+        elif not 1 <= k <= self.num_blocks:
             raise PixelrecError(
                 f"--split-block {k}: expected 1..{self.num_blocks} for {self.config.model} ({self.num_blocks} blocks)"
             )
+
+    def token_shape(self, k: int) -> tuple[int, int]:
+        """(T, W) of the tokens entering the last k blocks (what a cache's `tokens` hold per item)."""
+        self.check_split(k)
+        if self.split is not None:
+            return self.split.token_shape(k)
+        return self.num_tokens, self.width
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """Last block output [B, T, W] -> pooled [B, E]."""
@@ -279,6 +304,8 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> pooled [B, E]."""
+        if self.split is not None:
+            return self.split.forward(pixels, self.grad_checkpointing)
         if not self.supports_split:
             return self.visual(pixels)
         return self._pool(self.last_hidden(pixels))
@@ -286,18 +313,24 @@ class ImageEncoder(nn.Module):
     def last_hidden(self, pixels: torch.Tensor) -> torch.Tensor:
         """Final block output before ln_post: [B, 3, H, W] -> [B, T, W]."""
         self._require_vit("the last hidden state")
+        if self.split is not None:
+            return self.split.last_hidden(pixels, self.grad_checkpointing)
         x = self.visual._embeds(pixels)  # [B, T, W]
         return _run_blocks(self._blocks(), x, self.grad_checkpointing)
 
     def tokens_at_split(self, pixels: torch.Tensor, k: int) -> torch.Tensor:
         """Activations entering the last k blocks: [B, 3, H, W] -> [B, T, W]."""
         self.check_split(k)
+        if self.split is not None:
+            return self.split.tokens_at_split(pixels, k, self.grad_checkpointing)
         x = self.visual._embeds(pixels)  # [B, T, W]
         return _run_blocks(self._blocks()[: self.num_blocks - k], x, self.grad_checkpointing)
 
     def forward_from_split(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
         """Finish the forward pass from the tokens entering the last k blocks: [B, T, W] -> pooled [B, E]."""
         self.check_split(k)
+        if self.split is not None:
+            return self.split.forward_from_split(tokens, k, self.grad_checkpointing)
         x = _run_blocks(self._blocks()[self.num_blocks - k :], tokens, self.grad_checkpointing)
         return self._pool(x)
 
@@ -308,22 +341,30 @@ class ImageEncoder(nn.Module):
 
     # ---- training support ------------------------------------------------------------------------
 
-    def top_blocks(self, k: int) -> TopBlocks:
-        """A standalone copy (exact weights, all trainable) of the last k blocks and the pooling head."""
+    def top_blocks(self, k: int) -> nn.Module:
+        """A standalone copy (exact weights, all trainable) of the last k blocks and the pooling head:
+        a `TopBlocks` for a ViT, a `families.StageTop` for the other families."""
         self.check_split(k)
+        if self.split is not None:
+            top = copy.deepcopy(self.split.top(k, self.model_config_json))
+            return top.requires_grad_(True).train(self.training)
         blocks = copy.deepcopy(self._blocks()[self.num_blocks - k :])
         head = copy.deepcopy(PoolHead(self.visual)) if self.pooling == "model" else None
         top = TopBlocks(blocks, head, self.pooling, self.model_config_json)
         return top.requires_grad_(True).train(self.training)
 
-    def set_trainable_blocks(self, k: Optional[int]) -> None:
+    def set_trainable_blocks(self, k: Optional[int], tune_head: bool = True) -> None:
         """Freeze everything but the top k blocks and the pooling head; k = None or -1: all trainable.
 
         With 'mean' pooling the head (ln_post, proj) is unused and stays frozen, so no parameter is
-        trainable without receiving a gradient.
+        trainable without receiving a gradient. `tune_head=False` keeps the head frozen whatever the
+        pooling (the PixelRec code freezes CLIP ResNets' attnpool while tuning their last stages).
         """
         all_trainable = k is None or k < 0
         self.visual.requires_grad_(all_trainable)
+        if self.split is not None:
+            self._set_trainable_split(None if all_trainable else k, tune_head)
+            return
         if not all_trainable:
             self._require_vit(f"--tune-blocks {k}")
             if k > self.num_blocks:
@@ -331,9 +372,36 @@ class ImageEncoder(nn.Module):
             for block in self._blocks()[self.num_blocks - k :]:
                 block.requires_grad_(True)
         if self.supports_split:
-            head_trainable = self.pooling == "model"
+            head_trainable = self.pooling == "model" and tune_head
             for part in self._head_modules():
                 part.requires_grad_(head_trainable)
+
+    def _set_trainable_split(self, k: Optional[int], tune_head: bool = True) -> None:
+        """ResNet / Swin / ConvNeXt: the top k blocks and the head parts the pooling uses are trainable
+        (the head parts only with tune_head); what lies below the cut stays in eval mode while training
+        (BatchNorm keeps its running statistics)."""
+        split = self.split
+        if k is not None:
+            if k > split.num_blocks:
+                raise PixelrecError(f"--tune-blocks {k}: {self.config.model} has only {split.num_blocks} blocks "
+                                    f"({split.describe_range()})")
+            for unit in split.units[split.cut(k):]:
+                unit.requires_grad_(True)
+            self._frozen_below = split.frozen_modules(k)
+        else:
+            self._frozen_below = []
+        for part in split.tail_modules():
+            part.requires_grad_(tune_head)
+        for part in split.unused_head_modules():
+            part.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        super().train(mode)
+        if mode:
+            for module in getattr(self, "_frozen_below", ()):
+                module.eval()
+        return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -386,17 +454,20 @@ def _resolve_pretrained(model: str, pretrained: str) -> tuple[Optional[str], Opt
 
 def _load_local_checkpoint(clip: nn.Module, path: Path, model: str) -> None:
     """Load a local checkpoint into clip.visual: a full CLIP or ImageEncoder state dict ('visual.*' keys)
-    or a bare vision tower state dict. Position embeddings are resized to the model's grid."""
-    try:
-        state = _open_clip_load_state_dict(str(path))
-    except Exception as exc:  # torch.load / safetensors raise many types on a bad file
-        raise PixelrecError(f"{path}: cannot read checkpoint: {exc}") from None
-    if not isinstance(state, dict) or not state:
-        raise PixelrecError(f"{path}: not a state dict checkpoint")
+    or a bare vision tower state dict (for timm towers also in timm's own layout, mapped onto open_clip's
+    with a log line). Position embeddings are resized to the model's grid."""
+    state, openai = read_checkpoint(path)  # also OpenAI's TorchScript archives
+    check_openai_activation(path, openai, clip.visual, model)  # OpenAI weights need QuickGELU blocks
+    state, note = from_timm_layout(state, clip.visual, str(path))  # e.g. timm's Swin-B weights
+    if note:
+        log(note)
     if not any(key.startswith("visual.") for key in state):
         state = {f"visual.{key}": value for key, value in state.items()}
     resize_pos_embed(state, clip)
     visual_state = {key[len("visual.") :]: value for key, value in state.items() if key.startswith("visual.")}
+    problem = describe_state_mismatch(clip.visual.state_dict(), visual_state, model)  # e.g. a missing block, a width
+    if problem:
+        raise PixelrecError(f"{path} does not fit {model}: {problem}")
     try:
         incompatible = clip.visual.load_state_dict(visual_state, strict=False)
     except RuntimeError as exc:

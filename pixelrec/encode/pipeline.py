@@ -38,7 +38,8 @@ from ..data.images import ImageLoadError, ImageStore, open_image_store
 from ..data.interactions import load_interactions
 from ..distributed import World
 from ..errors import PixelrecError
-from ..runtime import FileLock, autocast_for, describe_os_error, lock_path_for, log, progress, resolve_device
+from ..runtime import (FileLock, autocast_dtype, autocast_for, describe_os_error, lock_path_for, log, progress,
+                       resolve_device)
 from .cache import (
     CacheWriter,
     HeldByFailedWriter,
@@ -71,7 +72,7 @@ class EncodeConfig:
     normalize: bool = False  # L2-normalise the embeddings
     skip_missing: bool = False  # items of the CSV without an image: record as failed instead of erroring
     overwrite: bool = False  # replace an existing cache (or partial) made with other settings
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16)
+    precision: str = "auto"  # CUDA autocast: auto (bf16 where supported, else fp16) | fp32 | bf16 | fp16 (runtime.PRECISIONS)
 
 
 @dataclass(kw_only=True)
@@ -160,6 +161,12 @@ def _catalogue(cfg: EncodeConfig, store: ImageStore) -> tuple[list[str], frozens
     return item_ids, frozenset(i for i, item_id in enumerate(item_ids) if item_id in missing_set)
 
 
+def _arithmetic(cfg: EncodeConfig) -> str:
+    """The arithmetic the encoder runs in: fp32, bf16 or fp16 (what --precision means on its device)."""
+    dtype = autocast_dtype(resolve_device(cfg.device), cfg.precision)
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def _cache_attrs(cfg: EncodeConfig, encoder: ImageEncoder, item_ids: list[str]) -> dict:
     ecfg = encoder.config
     return dict(
@@ -172,6 +179,7 @@ def _cache_attrs(cfg: EncodeConfig, encoder: ImageEncoder, item_ids: list[str]) 
         dim=encoder.dim,
         split_block=cfg.split_block or 0,
         embedding_dtype="float32" if cfg.float32 else "float16",
+        precision=_arithmetic(cfg),
         normalized=bool(cfg.normalize),
         weights_sha256=encoder.weights_sha256(),
         items_sha256=hashlib.sha256("\n".join(item_ids).encode("utf-8")).hexdigest(),
@@ -295,7 +303,7 @@ def _open_writer(plan: _Plan) -> CacheWriter:
         plan.attrs,
         dim=plan.encoder.dim,
         embedding_dtype=np.dtype(np.float32 if plan.cfg.float32 else np.float16),
-        token_shape=(plan.encoder.num_tokens, plan.encoder.width) if k else None,
+        token_shape=plan.encoder.token_shape(k) if k else None,
         top_blocks=plan.encoder.top_blocks(k) if k else None,
     )
 
@@ -336,7 +344,7 @@ def _encode_batch(plan: _Plan, pixels: torch.Tensor) -> tuple[np.ndarray, Option
     embedding_dtype = np.float32 if cfg.float32 else np.float16
     if pixels.numel() == 0:  # every image of the batch failed
         return np.empty((0, encoder.dim), dtype=embedding_dtype), None
-    with torch.inference_mode(), autocast_for(plan.device, "auto" if cfg.amp else "fp32"):
+    with torch.inference_mode(), autocast_for(plan.device, cfg.precision):
         x = pixels.to(plan.device, non_blocking=True)
         if cfg.split_block:
             pooled, tokens = encoder.forward_split(x, cfg.split_block)  # [b, E], [b, T, W]

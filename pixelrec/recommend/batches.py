@@ -15,6 +15,10 @@ ways to cut windows:
   short and long context. Measured better for GRU4Rec on ML-100K; SASRec does better with ``sliding``.
 - ``chunks`` (the PixelRec reference): non-overlapping chunks of L + 1 items, every target trained;
   the oldest ``len % (L + 1)`` items of a longer sequence are dropped, as the reference code does.
+
+A one-item training sequence has no transition and gives no window, unless `keep_single` asks for
+it as a window that trains nothing (the PixelRec code keeps it: with the loss averaged over a
+batch's sequences it still counts in the average, `LossConfig.mean_over`).
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ class Windows:
         return len(self.items)
 
 
-def window_bounds(length: int, max_len: int, mode: WindowMode, stride: int) -> list[tuple[int, int, int]]:
+def window_bounds(length: int, max_len: int, mode: WindowMode, stride: int, keep_single: bool = False
+                  ) -> list[tuple[int, int, int]]:
     """(start, end, trained) of the windows of a training sequence of `length` items, oldest first.
 
     A window is the slice [start, end) (at most max_len + 1 items) and trains its newest `trained`
@@ -51,7 +56,7 @@ def window_bounds(length: int, max_len: int, mode: WindowMode, stride: int) -> l
     if not 1 <= stride <= max_len and mode != "chunks":
         raise ValueError(f"stride must be in [1, max_len] (got {stride}, max_len {max_len})")
     if length < 2:
-        return []  # no transition to learn
+        return [(0, 1, 0)] if keep_single and length == 1 else []  # no transition to learn
     if length <= span:
         return [(0, length, length - 1)]  # one window holds every transition, in every mode
     if mode == "chunks":
@@ -69,14 +74,15 @@ def window_bounds(length: int, max_len: int, mode: WindowMode, stride: int) -> l
     return out[::-1]
 
 
-def training_windows(data: SequenceData, max_len: int, mode: WindowMode = "sliding", stride: int = 0) -> Windows:
+def training_windows(data: SequenceData, max_len: int, mode: WindowMode = "sliding", stride: int = 0,
+                     keep_single: bool = False) -> Windows:
     """Every user's training sequence cut into left-padded windows (see the module docstring)."""
     stride = stride or max_len
     rows: list[np.ndarray] = []
     trained: list[int] = []
     for u in range(data.num_users):
         seq = data.train_sequence(u)
-        for s, e, k in window_bounds(len(seq), max_len, mode, stride):
+        for s, e, k in window_bounds(len(seq), max_len, mode, stride, keep_single):
             rows.append(seq[s:e])
             trained.append(k)
     out = np.zeros((len(rows), max_len + 1), dtype=np.int32)

@@ -8,6 +8,7 @@
 
 Heads turn the encoder's output into the recommender's dimension d:
 - ``pooled``: the encoder's pooled output -> adapter (linear, or a small MLP);
+- ``pooled_relu`` (the PixelRec code's head for CLIP ResNets and Swin): ReLU(Linear(pooled output));
 - ``token_relu_mean`` (PixelRec's ViT PixelNet): mean over tokens of ReLU(Linear(h_t)) on the
   last block's hidden states, no final LayerNorm.
 
@@ -127,6 +128,21 @@ class Adapter(nn.Module):
         return self.net(self.drop(x))
 
 
+class PooledRelu(nn.Module):
+    """The PixelRec code's head over a pooled output (CLIP ResNets' attnpool, Swin's pooled features):
+    ReLU(Linear(x)); pooled [B, E] -> [B, d]."""
+
+    def __init__(self, in_dim: int, dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_dim, dim)
+        nn.init.xavier_normal_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(self.drop(pooled)))
+
+
 class TokenReluMean(nn.Module):
     """PixelRec's ViT head: mean_t ReLU(Linear(h_t)); hidden [B, T, W] -> [B, d]."""
 
@@ -194,7 +210,7 @@ class PartialTower(ItemTower):
     vector_batch_size = 256
 
     def __init__(self, cache, data: SequenceData, dim: int, adapter: str = "linear", head: str = "pooled",
-                 in_memory: str = "auto", dropout: float = 0.0):
+                 in_memory: str = "auto", dropout: float = 0.0, tune_head: bool = True):
         super().__init__()
         if not cache.has_tokens:
             raise PixelrecError(f"{cache.path} has no tokens: encode with --split-block K for --items partial")
@@ -209,11 +225,14 @@ class PartialTower(ItemTower):
         if _fits_in_memory(nbytes, in_memory):
             self.tokens = torch.from_numpy(cache.read_tokens(np.arange(len(cache))))  # [N_cache, T, W] float16
         self.top = cache.top_blocks()  # exact weights that produced the cached embeddings
+        own_head = encoder_own_head(self.top)
+        if own_head is not None and not tune_head:  # --no-tune-head: the encoder's head keeps its cached weights
+            own_head.requires_grad_(False)
         self.head_kind = head
         self.head = _make_head(head, cache.dim, W, dim, adapter, dropout)
 
     def encoder_parameters(self):
-        return self.top.parameters()
+        return (p for p in self.top.parameters() if p.requires_grad)
 
     def read_tokens(self, idx: torch.Tensor) -> torch.Tensor:
         """Cached tokens of items idx [U] -> [U, T, W] float32 (zeros for items without an image)."""
@@ -241,11 +260,11 @@ class E2ETower(ItemTower):
 
     def __init__(self, encoder, store, data: SequenceData, dim: int, adapter: str = "linear",
                  head: str = "pooled", tune_blocks: int = -1, in_memory: str = "auto", workers: int = 0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, tune_head: bool = True):
         super().__init__()
         self.num_items, self.dim = data.num_items, dim
         self.encoder = encoder
-        encoder.set_trainable_blocks(tune_blocks)
+        encoder.set_trainable_blocks(tune_blocks, tune_head=tune_head)
         self.head_kind = head
         if head == "token_relu_mean":
             encoder._require_vit("--head token_relu_mean")
@@ -404,9 +423,18 @@ class HybridTower(ItemTower):
         return self.image_to_id * err / norm.clamp(min=1e-12)
 
 
+def encoder_own_head(top: nn.Module) -> nn.Module | None:
+    """The image encoder's own pooling head inside a cached top part (`--tune-head` trains it): a ViT
+    TopBlocks' ln_post / proj, a StageTop's attnpool (ResNet) or final norm / pool / proj (timm);
+    None when the pooling has no weights (mean pooling)."""
+    return getattr(top, "head", None) if hasattr(top, "blocks") else getattr(top, "tail", None)
+
+
 def _make_head(head: str, pooled_dim: int, width: int, dim: int, adapter: str, dropout: float = 0.0) -> nn.Module:
     if head == "pooled":
         return Adapter(pooled_dim, dim, adapter, dropout)
+    if head == "pooled_relu":
+        return PooledRelu(pooled_dim, dim, dropout)
     if head == "token_relu_mean":
         return TokenReluMean(width, dim, dropout)
     raise PixelrecError(f"unknown --head {head!r}; expected one of {', '.join(HEADS)}")
@@ -415,7 +443,8 @@ def _make_head(head: str, pooled_dim: int, width: int, dim: int, adapter: str, d
 def _apply_head(head_kind: str, head: nn.Module, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x: cached tokens (encoder a TopBlocks) or pixels (an ImageEncoder) -> item vectors [U, d].
 
-    Both encoders have `last_hidden(x)`, the last block's output [U, T, W] that token-wise heads read.
+    Both encoders have `last_hidden(x)`, the last block's output [U, T, W] that token-wise heads read;
+    `pooled` and `pooled_relu` read their pooled output.
     """
     if head_kind == "token_relu_mean":
         return head(encoder.last_hidden(x))  # [U, T, W] -> [U, d]
@@ -484,7 +513,7 @@ def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
         if kind == "frozen":
             tower: ItemTower = FrozenTower(cache, data, d, adapter, it.dropout, it.feature_norm)
         else:
-            tower = PartialTower(cache, data, d, adapter, it.head, it.cache_in_memory, it.dropout)
+            tower = PartialTower(cache, data, d, adapter, it.head, it.cache_in_memory, it.dropout, it.tune_head)
             if it.grad_checkpointing:
                 tower.top.set_grad_checkpointing(True)
     elif kind == "e2e":
@@ -496,7 +525,7 @@ def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
             encoder.set_grad_checkpointing(True)
         store = open_image_store(it.images) if it.images else None
         tower = E2ETower(encoder, store, data, d, adapter, it.head, it.tune_blocks, it.cache_in_memory,
-                         dropout=it.dropout)
+                         dropout=it.dropout, tune_head=it.tune_head)
     else:
         raise PixelrecError(f"--items {it.kind}: no image tower {kind!r}")
     if it.kind == "hybrid":

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PixelrecError
-from .config import DEFAULT_LAYERS, MODELS, POSITIONS, SequenceConfig
+from .config import DEFAULT_LAYERS, MODELS, NORMS, POSITIONS, SequenceConfig
+
+POST_LN_EPS = 1e-12  # RecBole / PixelRec layer_norm_eps (PixelNet/sasrec.yaml)
 
 
 class CausalSelfAttention(nn.Module):
@@ -43,13 +45,16 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block."""
+    """Transformer block: pre-LN (x + f(LN(x))) or, with ``cfg.norm == "post"``, post-LN
+    (LN(x + f(x)), eps 1e-12: the RecBole / PixelRec TransformerLayer)."""
 
     def __init__(self, cfg: SequenceConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.dim)
+        self.post = cfg.norm == "post"
+        eps = POST_LN_EPS if self.post else 1e-5
+        self.ln1 = nn.LayerNorm(cfg.dim, eps=eps)
         self.attn = CausalSelfAttention(cfg.dim, cfg.heads, cfg.attn_dropout, cfg.dropout)
-        self.ln2 = nn.LayerNorm(cfg.dim)
+        self.ln2 = nn.LayerNorm(cfg.dim, eps=eps)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.dim, cfg.inner_mult * cfg.dim),
             nn.GELU(),
@@ -58,6 +63,9 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        if self.post:
+            x = self.ln1(x + self.attn(x, allowed))
+            return self.ln2(x + self.mlp(x))
         x = x + self.attn(self.ln1(x), allowed)
         return x + self.mlp(self.ln2(x))
 
@@ -74,21 +82,28 @@ class SASRec(nn.Module):
       seeds, overlapping windows; README "Results").
     - ``absolute``: learned position embeddings added to the inputs, as in the original SASRec and
       the PixelRec code (counted back from the window's last slot).
+
+    Normalisation (`cfg.norm`): ``pre`` (default) LayerNorms each sublayer's input and the final
+    output; ``post`` is RecBole's and the PixelRec code's layout: LayerNorm(x + sublayer(x)) with
+    eps 1e-12 (also on the input LayerNorm), and no final LayerNorm.
     """
 
     def __init__(self, cfg: SequenceConfig):
         super().__init__()
         if cfg.positions not in POSITIONS:
             raise PixelrecError(f"unknown positions {cfg.positions!r}; expected one of {', '.join(POSITIONS)}")
+        if cfg.norm not in NORMS:
+            raise PixelrecError(f"unknown --norm {cfg.norm!r}; expected one of {', '.join(NORMS)}")
         self.relative = cfg.positions == "relative"
         if self.relative:
             self.rel_bias = nn.Parameter(torch.zeros(cfg.heads, cfg.max_len))  # [h, distance]
         else:
             self.pos = nn.Embedding(cfg.max_len, cfg.dim)
-        self.ln_in = nn.LayerNorm(cfg.dim)
+        post = cfg.norm == "post"
+        self.ln_in = nn.LayerNorm(cfg.dim, eps=POST_LN_EPS if post else 1e-5)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-        self.ln_out = nn.LayerNorm(cfg.dim)
+        self.ln_out = nn.Identity() if post else nn.LayerNorm(cfg.dim)  # post-LN blocks end normalised
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
