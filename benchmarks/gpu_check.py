@@ -148,7 +148,7 @@ def section_encode(sec: Section, sizes: Sizes, work: Path) -> None:
         model = max(forward_rate(encoder, pixels, sizes.batch_size, device, amp) for _ in range(2))
         config = EncodeConfig(images=str(covers), out=str(work / "encode.h5"), encoder=enc_cfg,
                               batch_size=sizes.batch_size, num_workers=sizes.workers, device=str(device),
-                              overwrite=True, amp=amp)
+                              overwrite=True, precision="auto" if amp else "fp32")
         pipeline = max(encode_images(config, encoder=encoder).images_per_s for _ in range(2))
         sec.row(precision="AMP" if amp else "fp32", model_alone_img_s=round(model, 1),
                 pipeline_img_s=round(pipeline, 1), pipeline_vs_model=round(pipeline / model, 3))
@@ -226,7 +226,7 @@ def fit_once(kind: str, amp: bool, data: Path, cache: Path, out: Path, sizes: Si
         cfg.items.images, cfg.items.encoder, cfg.items.tune_blocks = str(data / "covers"), sizes.model, 2
         cfg.items.image_size = sizes.image_size
     cfg.train.epochs, cfg.train.patience, cfg.train.batch_size = sizes.fit_epochs, sizes.fit_epochs, 64
-    cfg.train.device, cfg.train.amp = sizes.device, amp
+    cfg.train.device, cfg.train.precision = sizes.device, "auto" if amp else "fp32"
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result = fit(cfg, overwrite=True)
@@ -294,7 +294,8 @@ def section_pixel200k(sec: Section, sizes: Sizes, work: Path) -> None:
         shape = pixel200k.synthesise(root, sizes.pixel200k_scale)
         sec.note(f"scale {sizes.pixel200k_scale:g} of Pixel200K: {shape['users']:,} users, {shape['items']:,} items, "
                  f"{shape['interactions']:,} interactions (synthesised in {time.perf_counter() - started:.0f} s); "
-                 f"full softmax makes the id epoch grow with the square of the scale, the others linearly")
+                 f"`--softmax auto` samples the softmax once the full one would dominate a step, so every epoch "
+                 f"grows linearly with the scale")
     for stage in pixel200k.with_prerequisites(["fit-id", "fit-partial"]):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

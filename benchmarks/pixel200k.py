@@ -10,9 +10,9 @@ clock starts):
     load        interactions CSV -> sequences and split (`load_sequences`)
     encode      every cover through the tiny ViT (`pixelrec-tiny-vit`, 32 px, 4 blocks) into a cache with
                 the tokens of the top 2 blocks (`encode_images`)
-    fit-id      one epoch of `fit --items id` (full softmax up to 100,000 items), validation,
-                test evaluation and index publication included
-    fit-id-sampled  the same with sampled softmax (`--negatives 1024`): what full softmax costs
+    fit-id      one epoch of `fit --items id` (default `--softmax auto`: the cost rule picks full or
+                sampled softmax and the negatives), validation, test evaluation and index publication included
+    fit-id-full the same with `--softmax full`: what the full softmax over the whole catalogue costs
     fit-frozen  the same with `--items frozen` on the cache
     fit-partial the same with `--items partial` (top 2 blocks trained on the cached tokens)
     evaluate    full-ranking evaluation of every user of the id run (`evaluate_run`)
@@ -46,7 +46,7 @@ USERS, ITEMS, INTERACTIONS = 200_000, 96_282, 3_965_656
 LENGTH_BINS = [(5, 10, 47_084), (10, 20, 97_047), (20, 30, 28_027), (30, 40, 12_145), (40, 60, 9_369),
                (60, 80, 3_292), (80, 100, 1_389), (100, 200, 1_472), (200, 300, 154), (300, 500, 21)]
 TOP_ITEM_COUNT = 560  # interactions of the most popular item
-STAGES = ("load", "encode", "fit-id", "fit-id-sampled", "fit-frozen", "fit-partial", "evaluate", "retrieve")
+STAGES = ("load", "encode", "fit-id", "fit-id-full", "fit-frozen", "fit-partial", "evaluate", "retrieve")
 NEEDS = {"fit-frozen": ("encode",), "fit-partial": ("encode",), "evaluate": ("fit-id",), "retrieve": ("fit-id",)}
 ENCODER = "pixelrec-tiny-vit"
 SPLIT_BLOCK = 2
@@ -171,8 +171,8 @@ def run_stage(stage: str, work: Path, device: str) -> dict:
                                              encoder=EncoderConfig(model=ENCODER), split_block=SPLIT_BLOCK,
                                              device=device, overwrite=True))
         return {"images": summary.n_encoded, "images_per_s": round(summary.images_per_s, 1)}
-    if stage == "fit-id-sampled":
-        return _fit("id", csv, cache, work, device, negatives=1024, out="run-id-sampled")
+    if stage == "fit-id-full":
+        return _fit("id", csv, cache, work, device, softmax="full", out="run-id-full")
     if stage.startswith("fit-"):
         return _fit(stage.removeprefix("fit-"), csv, cache, work, device)
     if stage == "evaluate":
@@ -188,7 +188,7 @@ def run_stage(stage: str, work: Path, device: str) -> dict:
     raise SystemExit(f"unknown stage {stage}")
 
 
-def _fit(kind: str, csv: str, cache: str, work: Path, device: str, amp: bool = True, negatives: int = 0,
+def _fit(kind: str, csv: str, cache: str, work: Path, device: str, amp: bool = True, softmax: str = "auto",
          out: str | None = None) -> dict:
     """One epoch of `kind`; the epoch's training time is split from validation, test and publishing."""
     from pixelrec.recommend.config import FitConfig
@@ -196,13 +196,16 @@ def _fit(kind: str, csv: str, cache: str, work: Path, device: str, amp: bool = T
 
     out = out or f"run-{kind}"
     cfg = FitConfig(interactions=csv, out=str(work / out))
-    cfg.items.kind, cfg.loss.negatives = kind, negatives
+    cfg.items.kind, cfg.loss.softmax = kind, softmax
     if kind in ("frozen", "partial"):
         cfg.items.cache = cache
-    cfg.train.epochs, cfg.train.patience, cfg.train.device, cfg.train.amp = 1, 1, device, amp
+    cfg.train.epochs, cfg.train.patience, cfg.train.device = 1, 1, device
+    cfg.train.precision = "auto" if amp else "fp32"
     result = fit(cfg, overwrite=True)
     epoch = json.loads((work / out / "metrics.jsonl").read_text().splitlines()[0])
-    return {"train_seconds": round(epoch["train_seconds"], 2), "epoch_seconds": round(epoch["seconds"], 2),
+    loss = json.loads((work / out / "config.json").read_text())["config"]["loss"]
+    return {"softmax": loss["softmax"], "negatives": loss["negatives"],
+            "train_seconds": round(epoch["train_seconds"], 2), "epoch_seconds": round(epoch["seconds"], 2),
             "fit_seconds": round(result.seconds, 2), "test_ndcg@10": result.test["overall"]["ndcg@10"]}
 
 
@@ -345,10 +348,11 @@ def main() -> None:
           f"{shape['interactions']:,} interactions, most popular item {shape['top_item_interactions']}, "
           f"lengths {shape['length_histogram']}")
     print(table(main_results, smaller))
-    for stage in ("fit-id", "fit-id-sampled", "fit-frozen", "fit-partial"):
+    for stage in ("fit-id", "fit-id-full", "fit-frozen", "fit-partial"):
         out = main_results["stages"].get(stage, {}).get("output")
         if out:
-            print(f"{stage}: training {out['train_seconds']}s of a {out['epoch_seconds']}s epoch (the rest: "
+            print(f"{stage}: {out['softmax']} softmax ({out['negatives']} negatives), "
+                  f"training {out['train_seconds']}s of a {out['epoch_seconds']}s epoch (the rest: "
                   f"validation); whole fit with test evaluation and publication {out['fit_seconds']}s")
     print(f"load average now {os.getloadavg()[0]:.1f}")
     if args.json:

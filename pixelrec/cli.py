@@ -307,6 +307,8 @@ def _click_option(opt: FitOption) -> Callable[[Callable], Callable]:
     """The click option of one FitConfig field, from its type, default and OptionSpec."""
     spec = opt.spec
     if opt.type is bool:
+        if opt.default:  # on by default: `--no-...` turns it off
+            return click.option(f"{opt.flag}/--no-{opt.flag[2:]}", default=True, show_default=True, help=spec.help)
         return click.option(opt.flag, is_flag=True, default=opt.default, help=spec.help)
     if spec.choices is not None:
         kind: click.ParamType = click.Choice(spec.choices)

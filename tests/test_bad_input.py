@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fixtures_runs import TINY_ARGS, copy_run, handmade_dataset, synth_dataset, trained_run
+from fixtures_runs import (TINY_ARGS, copy_run, default_settings_cache, handmade_dataset, openai_layout_checkpoint,
+                           synth_dataset, trained_run)
 from pixelrec.cli import cli
 from pixelrec.runtime import set_quiet
 
@@ -82,12 +83,17 @@ BAD: dict[str, dict[str, list]] = {
         "out": ["{tmp}", f"{UNWRITABLE}/cache.h5", "{file}/cache.h5"],
         "interactions": ["{tmp}/missing.csv", "{bad_csv}", "{tmp}"],
         "model": ["no-such-model"],
-        "pretrained": ["{tmp}/missing.pt", "{file}"],
+        "pretrained": ["{tmp}/missing.pt", "{file}",
+                       "{openai_pt}",  # OpenAI CLIP weights (QuickGELU) into a GELU tower
+                       Args("--model", "pixelrec-tiny-rn", "--pretrained", "{openai_pt}")],  # a ViT into a ResNet
         "pooling": ["max"],
         "preset": ["imagenet"],
         "image_size": ["0", "5000"],
         "seed": ["-1"],
-        "split_block": ["0", "100"],
+        "split_block": ["0", "100",
+                        Args("--model", "pixelrec-tiny-rn", "--split-block", "5"),  # 4 Bottleneck blocks
+                        Args("--model", "pixelrec-tiny-swin", "--split-block", "7"),  # 6 Swin blocks
+                        Args("--model", "pixelrec-tiny-convnext", "--split-block", "6")],  # 5 ConvNeXt blocks
         "batch_size": ["0"],
         "workers": ["-1"],
         "device": ["tpu"],
@@ -96,6 +102,7 @@ BAD: dict[str, dict[str, list]] = {
                      Args(*FROM_RUN, "{run}", alone=True)],  # an id run has no image tower
         "verify": [Args("--verify", "{tmp}/missing.h5", alone=True), Args("--verify", "{file}", alone=True),
                    Args("--verify", "{file}")],  # with the encoding options: refused
+        "precision": ["fp8", "half"],
     },
     "fit": {
         "interactions": ["{tmp}/missing.csv", "{tmp}", "{bad_csv}"],
@@ -105,12 +112,16 @@ BAD: dict[str, dict[str, list]] = {
                   Args("--items", "frozen", "--cache", "{file}")],
         "images": ["{covers}", Args("--items", "e2e", "--images", "{tmp}/missing")],
         "encoder": [Args(*E2E, "--encoder", "no-such-model")],
-        "pretrained": [Args(*E2E, "--pretrained", "{tmp}/missing.pt")],
+        "pretrained": [Args(*E2E, "--pretrained", "{tmp}/missing.pt"),
+                       Args(*E2E, "--pretrained", "{openai_pt}")],  # OpenAI CLIP weights into a GELU tower
         "image_size": ["0", "5000"],
-        "tune_blocks": ["-2"],
+        "tune_blocks": ["-2", Args("--items", "e2e", "--images", "{covers}", "--encoder", "pixelrec-tiny-rn",
+                                   "--tune-blocks", "5")],  # beyond the tiny ResNet's 4 blocks
         "adapter": ["deep"],
         "item_dropout": ["1", "-0.1", "nan"],
         "head": ["max"],
+        # the encoder's own head is frozen only where a tower trains encoder blocks (partial, e2e)
+        "tune_head": [Args("--no-tune-head"), Args("--items", "frozen", "--cache", "{default_cache}", "--no-tune-head")],
         "hybrid": ["product"],
         "image_branch": ["e2e"],
         "id_dropout": ["1", "-0.1", "nan"],
@@ -126,7 +137,15 @@ BAD: dict[str, dict[str, list]] = {
         "dropout": ["1.5", "nan", "-inf"],
         "attn_dropout": ["1.5", "nan", "-inf"],
         "positions": ["rotary"],
+        "norm": ["sandwich"],
+        "negatives_from": ["test"],
+        "mean_over": ["users"],
+        "precision": ["fp8"],
+        "decay_groups": ["none"],
+        "ties": ["first"],
         "loss": ["hinge"],
+        "softmax": ["maybe", Args("--softmax", "full", "--negatives", "8"),
+                    Args("--softmax", "sampled", "--loss", "bpr")],
         "negatives": ["-5"],
         "epochs": ["0", "ten"],
         "batch_size": ["0"],
@@ -140,7 +159,10 @@ BAD: dict[str, dict[str, list]] = {
         "seed": ["-1", str(2**40)],
         "device": ["tpu"],
         "min_interactions": ["2"],
-        "preset": ["sasrec2018"],
+        "preset": ["sasrec2018",
+                   # a cache of other settings than the reference's (preprocessing, pooling, dtype, GELU, split)
+                   Args("--preset", "pixelrec", "--items", "partial", "--cache", "{default_cache}"),
+                   Args("--preset", "pixelrec", "--items", "frozen", "--cache", "{default_cache}")],
         "init_from": ["{tmp}", "{tmp}/missing"],
         "resume": [Args("--resume", "--overwrite")],
     },
@@ -213,7 +235,7 @@ FLAG = "a flag: given or not, both are valid"
 NO_BAD_VALUE: dict[str, dict[str, str]] = {
     "": {"quiet": FLAG, "version": "prints the version and exits"},
     "synth": {"lmdb": FLAG},
-    "encode": {"float32": FLAG, "normalize": FLAG, "skip_missing": FLAG, "overwrite": FLAG, "no_amp": FLAG},
+    "encode": {"float32": FLAG, "normalize": FLAG, "skip_missing": FLAG, "overwrite": FLAG},
     "fit": {"grad_checkpointing": FLAG, "deterministic": FLAG, "as_json": FLAG,
             "overwrite": "a flag; its only bad use, with --resume, is the `resume` row"},
     "evaluate": {"as_json": FLAG},
@@ -259,7 +281,8 @@ def places(tmp_path: Path) -> dict[str, str]:
     shutil.copy(next(Path(synth_dataset().covers).iterdir()), new_covers / "new00001.jpg")
     return {"tmp": str(work), "file": str(file), "foreign": str(foreign), "bad_csv": str(bad_csv),
             "csv": str(handmade_dataset().path), "covers": str(synth_dataset().covers), "run": str(run),
-            "user": user, "item": item, "users_txt": str(users_txt), "new_covers": str(new_covers)}
+            "user": user, "item": item, "users_txt": str(users_txt), "new_covers": str(new_covers),
+            "openai_pt": str(openai_layout_checkpoint()), "default_cache": str(default_settings_cache())}
 
 
 def _fill(args, places: dict[str, str]) -> list[str]:

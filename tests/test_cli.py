@@ -216,7 +216,7 @@ def test_preset_pixelrec_with_explicit_overrides(tmp_path):
     # everything else comes from the preset
     assert cfg["train"]["windows"] == "chunks" and cfg["loss"]["loss"] == "bpr"
     assert cfg["train"]["weight_decay"] == 0.1 and cfg["train"]["lr"] == 1e-4
-    assert cfg["train"]["patience"] == 30 and cfg["train"]["encoder_lr"] == 1e-4
+    assert cfg["train"]["patience"] == 31 and cfg["train"]["encoder_lr"] == 1e-4  # the reference's stopping_step 30
     assert cfg["model"]["layers"] == 2 and cfg["model"]["heads"] == 4 and cfg["model"]["inner_mult"] == 2
     assert cfg["model"]["dropout"] == 0.1 and cfg["model"]["attn_dropout"] == 0.1
     assert cfg["items"]["head"] == "token_relu_mean" and cfg["items"]["tune_blocks"] == 2

@@ -162,7 +162,7 @@ def test_pixelrec_preset_values():
     assert c.loss.loss == "bpr"
     assert c.train.lr == 1e-4 and c.train.weight_decay == 0.1
     assert c.train.encoder_lr == 1e-4 and c.train.encoder_weight_decay == 0.0
-    assert c.train.patience == 30
+    assert c.train.patience == 31  # the reference's stopping_step 30 stops on the 31st epoch without a gain
     assert c.items.head == "token_relu_mean"
     assert c.items.tune_blocks == 2
     c.validate()
@@ -220,8 +220,8 @@ def full_config() -> FitConfig:
         out="/runs/a",
         items=ItemsConfig(kind="partial", cache="c.h5", tune_blocks=2, adapter="mlp", head="token_relu_mean"),
         model=SequenceConfig(model="gru4rec", dim=32, max_len=7, layers=1, gru_hidden=48),
-        loss=LossConfig(loss="softmax", negatives=256, full_softmax_max_items=5000),
-        train=TrainConfig(epochs=3, lr=5e-4, windows="chunks", stride=3, seed=11, amp=False),
+        loss=LossConfig(loss="softmax", softmax="sampled", negatives=256, full_softmax_max_share=0.25),
+        train=TrainConfig(epochs=3, lr=5e-4, windows="chunks", stride=3, seed=11, precision="fp32"),
         preset="pixelrec",
         init_from="/runs/base",
     )
@@ -368,7 +368,8 @@ def test_non_finite_floats_are_refused(opt, value):
     ("model.attn_dropout", float("nan"), "--attn-dropout must be a finite number (got nan)"),
     ("model.inner_mult", 0, "model.inner_mult must be at least 1 (got 0)"),
     ("model.gru_hidden", -1, "model.gru_hidden must be at least 0 (got -1)"),
-    ("loss.full_softmax_max_items", -1, "loss.full_softmax_max_items must be at least 0 (got -1)"),
+    ("loss.full_softmax_max_share", 1.0, "loss.full_softmax_max_share must be in (0, 1) (got 1.0)"),
+    ("loss.full_softmax_max_share", 0.0, "loss.full_softmax_max_share must be in (0, 1) (got 0.0)"),
     ("train.eval_batch_size", 0, "train.eval_batch_size must be at least 1 (got 0)"),
     ("train.cold_threshold", -1, "train.cold_threshold must be at least 0 (got -1)"),
 ])

@@ -81,6 +81,8 @@ def test_run_directory_holds_every_artifact():
     given = tiny_config(data.interactions, out, epochs=3)
     assert given.train.stride == 0
     given.validate()
+    assert given.loss.softmax == "auto"
+    given.loss.softmax = "full"  # resolved by the cost rule when the model is built: 80 items, full softmax
     assert meta["config"] == given.to_dict()
     assert meta["config"]["train"]["stride"] == max(1, given.model.max_len // 6)
     assert meta["config"]["model"]["dim"] == 16 and meta["config"]["train"]["epochs"] == 3

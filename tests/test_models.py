@@ -392,8 +392,9 @@ def test_loss_config():
     assert LossConfig().use_full_softmax(cheap)
     assert not LossConfig(negatives=5).use_full_softmax(cheap)
     assert not LossConfig().use_full_softmax(costly)
-    assert not LossConfig(full_softmax_max_items=9).use_full_softmax(cheap)
-    assert LossConfig(full_softmax_max_items=10).use_full_softmax(cheap)
+    # resolved choices (build_recommender resolves auto by the cost rule: tests/test_loss_choice.py)
+    assert not LossConfig(softmax="sampled").use_full_softmax(cheap)
+    assert LossConfig(softmax="full").use_full_softmax(cheap)
     assert LossConfig().uniform_negatives() == 1024 and LossConfig(negatives=7).uniform_negatives() == 7
 
 

@@ -32,7 +32,7 @@ ITEM_KINDS = ("id", "frozen", "partial", "e2e", "hybrid")
 CACHE_KINDS = ("frozen", "partial", "hybrid")  # item towers that read an embedding cache (--cache)
 IMAGE_KINDS = ("e2e",)  # item towers that read the covers themselves (--images)
 ADAPTERS = ("auto", "linear", "mlp")
-HEADS = ("pooled", "token_relu_mean")
+HEADS = ("pooled", "pooled_relu", "token_relu_mean")
 HYBRID_MODES = ("sum", "concat", "switch")
 HYBRID_GATES = ("none", "count")
 FEATURE_NORMS = ("none", "standardize", "whiten")
@@ -128,7 +128,13 @@ class ItemsConfig:
              "(standardize) or decorrelate them (whiten), with the training items' statistics, before the adapter.")
     head: str = setting(
         "pooled", choices=HEADS,
-        help="partial/e2e pooling head: the encoder's pooled output, or PixelRec's mean over tokens of ReLU(Linear(h)).")
+        help="partial/e2e item vector: the encoder's pooled output through the adapter (pooled), ReLU(Linear(pooled "
+             "output)) (pooled_relu: the PixelRec code's head for CLIP ResNets and Swin), or PixelRec's ViT head, the "
+             "mean over tokens of ReLU(Linear(h)) (token_relu_mean).")
+    tune_head: bool = setting(
+        True, help="partial/e2e: train the image encoder's own head with the tuned blocks (ViT ln_post / proj, ResNet "
+                   "attnpool, timm final norm / proj); --no-tune-head keeps it frozen, as the PixelRec code does for "
+                   "CLIP ResNets' attnpool.")
     hybrid: str = setting(
         "sum", choices=HYBRID_MODES,
         help="hybrid: how id and image vectors combine: sum, concat (projected to --dim), or switch (the id "
@@ -398,6 +404,11 @@ class FitConfig:
         if items.images and items.kind not in IMAGE_KINDS:
             raise PixelrecError(f"--images is read only by --items {_one_of(IMAGE_KINDS)}, not by --items "
                                 f"{items.kind}; drop --images or choose that tower")
+        branch = items.image_branch if items.kind == "hybrid" else items.kind
+        if not items.tune_head and branch not in ("partial", "e2e"):
+            tower = "--items hybrid --image-branch frozen" if items.kind == "hybrid" else f"--items {items.kind}"
+            raise PixelrecError(f"--no-tune-head freezes the image encoder's own head, which only --items partial or "
+                                f"e2e (or hybrid over partial) train; {tower} has none: drop --no-tune-head")
 
     # ---- access by "section.field" key (the keys of fit_options, NOT_OPTIONS and the presets)
     def get(self, key: str) -> Any:

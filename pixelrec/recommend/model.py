@@ -35,7 +35,11 @@ class Recommender(nn.Module):
         self.register_buffer("popularity", popularity.float(), persistent=False)
         # Negatives come only from items with training interactions: an item first seen at test time
         # (a cold item) did not exist while the model trained, so it is never pushed down either.
-        self.register_buffer("known_items", torch.nonzero(self.popularity > 0).flatten(), persistent=False)
+        # With `negatives_from="all"` (the PixelRec code) every catalogue item is a candidate.
+        pool = self.popularity > 0
+        if loss.negatives_from == "all":
+            pool = torch.arange(tower.num_items + 1) > 0
+        self.register_buffer("known_items", torch.nonzero(pool).flatten(), persistent=False)
         position = torch.full((tower.num_items + 1,), -1, dtype=torch.long)
         position[self.known_items] = torch.arange(len(self.known_items))
         self.register_buffer("known_position", position, persistent=False)  # item -> index in known_items
@@ -103,15 +107,18 @@ class Recommender(nn.Module):
                             uniform: torch.Tensor | None = None, share: "BatchShare | None" = None) -> torch.Tensor:
         """The next-item loss of `training_loss` alone (bpr or softmax, see LossConfig).
 
-        Averaged over the trained positions. With `share` (distributed training) this process holds
-        part of a global batch: its positions are summed and divided by the global batch's count
-        (times the world size, as DDP averages gradients), and the item tower, unless cheap, encodes
+        Averaged over the trained positions, or with `mean_over="sequences"` (the PixelRec code)
+        summed over each window's positions and averaged over the windows. With `share` (distributed
+        training) this process holds part of a global batch: its positions are summed and divided by
+        the global batch's count of positions (or windows), times the world size, as DDP averages
+        gradients, and the item tower, unless cheap, encodes
         each unique item of the whole batch once, in shares (`BatchShare.vectors`), so W processes
         compute one process's gradient with 1/W of its item-encoding work each."""
         inputs, targets = seq[:, :-1], seq[:, 1:]
         mask = trained_positions(seq, trained)  # [B, L]
         cfg = self.loss_cfg
-        reduction = "mean" if share is None else "sum"
+        per_window = cfg.mean_over == "sequences"
+        reduction = "sum" if share is not None or per_window else "mean"
         if cfg.loss == "bpr":
             neg = neg.masked_fill(~mask, 0)  # no need to encode negatives of positions without a target
             vecs = self._vectors(torch.cat([seq, neg], 1), share, share and share.bpr_items())  # [B, 2L + 1, d]
@@ -126,7 +133,9 @@ class Recommender(nn.Module):
                                 reduction=reduction)
         else:
             loss = self._sampled_softmax(inputs, targets, mask, generator, uniform, share, reduction)
-        return loss if share is None else loss * share.world.size / max(share.positions, 1)
+        if share is None:
+            return loss / len(seq) if per_window else loss
+        return loss * share.world.size / max(len(share.seq) if per_window else share.positions, 1)
 
     def _vectors(self, items: torch.Tensor, share: "BatchShare | None", batch_items: torch.Tensor | None
                  ) -> torch.Tensor:

@@ -40,6 +40,7 @@ from ..recommend.batches import training_windows
 from ..recommend.build import build_optimizer, build_recommender
 from ..recommend.config import FitConfig
 from ..recommend.model import Recommender
+from ..recommend.preset_check import check_preset_inputs
 from ..recommend.train import TrainingDiverged, train_one_epoch
 from ..runtime import FileLock, grad_scaler_for, log, seed_everything
 from .item_index import publish_model
@@ -97,6 +98,7 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitRes
     cfg.validate()
     if resume and overwrite:
         raise PixelrecError("--resume continues the run in --out and --overwrite replaces it: give only one")
+    check_preset_inputs(cfg)  # --preset pixelrec: a cache of the reference's function, or a refusal
     t0 = time.time()
     out = Path(cfg.out)
     world = distributed.init(cfg.train.device)
@@ -143,10 +145,11 @@ def _train(cfg: FitConfig, data: SequenceData, model: Recommender, run: RunDir, 
             f"{progress.best_score:.4f} at epoch {progress.best_epoch})")
     step_model = _data_parallel(model, device, world)
 
-    windows = training_windows(data, cfg.model.max_len, cfg.train.windows, cfg.train.stride)
-    if len(windows) == 0:
+    windows = training_windows(data, cfg.model.max_len, cfg.train.windows, cfg.train.stride,
+                               keep_single=cfg.loss.mean_over == "sequences")
+    if int(windows.trained.sum()) == 0:
         raise PixelrecError(f"{cfg.interactions}: no training sequence has two items; nothing to train on")
-    precision = "auto" if cfg.train.amp else "fp32"
+    precision = cfg.train.precision
     scaler = grad_scaler_for(device, precision)
     trained_now = 0
     while progress.next_epoch < cfg.train.epochs and progress.bad_epochs < cfg.train.patience:
@@ -229,7 +232,7 @@ def _train_epoch(cfg: FitConfig, data: SequenceData, model: Recommender, step_mo
     valid = evaluate_model(model, data, "valid", ks=(10, 20), batch_size=cfg.train.eval_batch_size,
                            world=world)["overall"]
     score = valid[VALID_METRIC]
-    improved = score > progress.best_score
+    improved = score > progress.best_score or (cfg.train.ties == "later" and score == progress.best_score)
     previous_best = run.path / progress.best_path if progress.best_path else None
     if improved:
         best_path = run.best_checkpoint(epoch)
@@ -269,7 +272,11 @@ def _check_resume(run: RunDir, cfg: FitConfig, data: SequenceData) -> bool:
         raise PixelrecError(f"{run.path}: --resume with different data than the run was started on "
                             f"({cfg.interactions} has fingerprint {data.fingerprint[:12]}, the run "
                             f"{meta['data']['fingerprint'][:12]})")
-    diffs = _config_diff(_comparable(meta["config"]), _comparable(cfg.to_dict()), ignore=RESUMABLE_CHANGES)
+    # through FitConfig.from_dict: settings added since the run started take the values it ran with
+    recorded = FitConfig.from_dict(meta["config"]).to_dict()
+    if recorded["loss"]["softmax"] == "auto":  # a run from before config.json recorded the softmax's choice
+        recorded["loss"].update(softmax=cfg.loss.softmax, negatives=cfg.loss.negatives)
+    diffs = _config_diff(_comparable(recorded), _comparable(cfg.to_dict()), ignore=RESUMABLE_CHANGES)
     if diffs:
         raise PixelrecError(f"{run.path}: --resume with different settings than the run: {'; '.join(diffs)}")
     if meta.get("cache") != run_cache_identity(cfg):
