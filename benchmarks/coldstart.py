@@ -359,12 +359,17 @@ def plot_tradeoff(summary: dict[str, dict], path: str, title: str, frontier: lis
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    placed: list[tuple[float, float, int]] = []  # labelled points and their label's level, to step nearby labels apart
+    span = max((s["warm_ndcg@10"][0] for s in summary.values()), default=1.0) or 1.0
     for name, s in summary.items():
         x, xe = s["warm_ndcg@10"]
         y, ye = s["cold_recall@10"]
         marker = "s" if name in ("id",) + IMAGE_ONLY else ("*" if name == "hybrid" else "o")
         ax.errorbar(x, y, xerr=xe, yerr=ye, fmt=marker, markersize=11 if marker == "*" else 6, capsize=2)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        taken = {level for px, py, level in placed if abs(x - px) < 0.15 * span and abs(y - py) < 1e-3}
+        level = min(set(range(len(placed) + 1)) - taken)
+        placed.append((x, y, level))
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4 + 9 * level), fontsize=7)
     line = [name for name in frontier if name in summary]
     if len(line) > 1:  # e.g. the default recipe across ID-dropout rates
         ax.plot([summary[n]["warm_ndcg@10"][0] for n in line], [summary[n]["cold_recall@10"][0] for n in line],

@@ -530,13 +530,16 @@ class CacheWriter:
         return cls(out, f)
 
     @classmethod
-    def resume(cls, out: str | os.PathLike, verify: bool = True) -> "CacheWriter":
+    def resume(cls, out: str | os.PathLike, verify: bool = True, fresh: bool = False) -> "CacheWriter":
         """Reopen `<out>.partial` after an interruption (kill, disk full, ...).
 
         Keeps the committed blocks, each re-read and checked against its checksum unless
         `verify=False` (for a file verified moments ago), and drops everything after the last good
         one. A file HDF5 cannot cut back in place (a failed write can leave its structure pointing
-        past the end of the file) is rebuilt from its good blocks in a fresh file. Raises
+        past the end of the file) is rebuilt from its good blocks in a fresh file; `fresh=True`
+        always rebuilds, for a writer that will append: a process killed in the middle of an HDF5
+        write can leave the file's internal structures (not its committed rows) in a state that
+        reads fine but refuses later writes, so new blocks never go into such a file. Raises
         `UnusablePartial` when the file cannot be read or predates block checksums.
         """
         out = Path(out)
@@ -545,6 +548,11 @@ class CacheWriter:
         blocks = np.empty(0, dtype=BLOCK_DTYPE)
         try:
             blocks = _good_blocks(f, path, verify)
+            if fresh:
+                _close_quietly(f, path)
+                with _write_errors(path):
+                    _rebuild(path, blocks)
+                return cls(out, _reopen_partial(path))
             _cut_back(f, blocks)
         except (OSError, RuntimeError) as exc:
             _close_quietly(f, path)

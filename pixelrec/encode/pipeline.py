@@ -296,7 +296,8 @@ def _resume_partial(cfg: EncodeConfig, attrs: dict, advice: str) -> int:
 
 def _open_writer(plan: _Plan) -> CacheWriter:
     if plan.start:
-        return CacheWriter.resume(plan.cfg.out, verify=False)  # verified under this lock moments ago
+        # verified under this lock moments ago; appended to in a fresh copy of its good blocks
+        return CacheWriter.resume(plan.cfg.out, verify=False, fresh=True)
     k = plan.cfg.split_block
     return CacheWriter.create(
         plan.cfg.out,
