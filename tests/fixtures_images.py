@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from fixtures_runs import session_root
@@ -178,3 +179,25 @@ def invoke(args: list) -> "object":
         return CliRunner().invoke(cli, ["--quiet"] + [str(a) for a in args], catch_exceptions=False)
     finally:
         set_quiet(True)
+
+
+# ---- module-scoped fixtures over the cold dataset: `from fixtures_images import ds, data, store`
+
+
+@pytest.fixture(scope="module")
+def ds() -> ImageData:
+    return cold_dataset()
+
+
+@pytest.fixture(scope="module")
+def data(ds):
+    from pixelrec.data.sequences import load_sequences
+
+    return load_sequences(str(ds.interactions))
+
+
+@pytest.fixture(scope="module")
+def store(ds):
+    from pixelrec.data.images import open_image_store
+
+    return open_image_store(ds.covers)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures_images import ds, data  # noqa: F401 (fixtures)
 from fixtures_images import (
     DIM,
     cold_dataset,
@@ -24,7 +25,6 @@ from fixtures_images import (
     seq_config,
     stored_item_vectors,
 )
-from pixelrec.data.sequences import load_sequences
 from pixelrec.encode.cache import open_cache
 from pixelrec.errors import PixelrecError
 from pixelrec.index.faiss_index import ItemIndex
@@ -48,16 +48,6 @@ RECIPES = {  # name -> HybridTower keyword arguments
     "map": {"image_to_id": 1.0},
     "all": {"id_dropout": 0.5, "gate": "count", "image_to_id": 1.0},
 }
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return cold_dataset()
-
-
-@pytest.fixture(scope="module")
-def data(ds):
-    return load_sequences(str(ds.interactions))
 
 
 def hybrid(ds, data, mode: str = "sum", branch: str = "frozen", seed: int = 0, **kw) -> HybridTower:

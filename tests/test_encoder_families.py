@@ -15,9 +15,8 @@ import h5py
 import pytest
 import torch
 
-from fixtures_images import DIM, cold_dataset, seq_config
+from fixtures_images import DIM, seq_config, ds, data  # noqa: F401 (fixtures)
 from pixelrec.data.images import open_image_store
-from pixelrec.data.sequences import load_sequences
 from pixelrec.encode.cache import open_cache
 from pixelrec.encode.encoder import EncoderConfig, TopBlocks, build_encoder
 from pixelrec.encode.families import StageTop, describe_state_mismatch, family_of_model
@@ -143,16 +142,6 @@ def test_checkpoint_mismatch_is_named():
 
 
 # ---- partial and e2e on a cache of each family -------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return cold_dataset()
-
-
-@pytest.fixture(scope="module")
-def data(ds):
-    return load_sequences(str(ds.interactions))
 
 
 def family_cache(ds, family: str, k: int) -> str:

@@ -14,9 +14,7 @@ import pytest
 import timm
 import torch
 
-from fixtures_images import DIM, SPLIT, TINY_VIT, cold_dataset, seq_config
-from pixelrec.data.images import open_image_store
-from pixelrec.data.sequences import load_sequences
+from fixtures_images import DIM, SPLIT, TINY_VIT, seq_config, ds, data, store  # noqa: F401 (fixtures)
 from pixelrec.encode import encoder as encoder_module
 from pixelrec.encode.cache import open_cache
 from pixelrec.encode.encoder import EncoderConfig, build_encoder
@@ -33,21 +31,6 @@ TINY_RN, RN_SIZE, RN_K = "pixelrec-tiny-rn", 64, 2  # K = 2: layer3 + layer4 (on
 TINY_SWIN, SWIN_SIZE = "pixelrec-tiny-swin", 64
 # partial vs e2e item vectors, relative to their mean norm (float16 tokens), as in the other tower tests
 REL_TOL = 2e-3
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return cold_dataset()
-
-
-@pytest.fixture(scope="module")
-def data(ds):
-    return load_sequences(str(ds.interactions))
-
-
-@pytest.fixture(scope="module")
-def store(ds):
-    return open_image_store(ds.covers)
 
 
 @pytest.fixture(scope="module")

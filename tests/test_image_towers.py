@@ -15,9 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fixtures_images import DIM, SPLIT, TINY_VIT, cold_dataset, seq_config
-from pixelrec.data.images import open_image_store
-from pixelrec.data.sequences import build_sequences, load_sequences
+from fixtures_images import DIM, SPLIT, TINY_VIT, seq_config, ds, data, store  # noqa: F401 (fixtures)
+from pixelrec.data.sequences import build_sequences
 from pixelrec.encode.cache import open_cache
 from pixelrec.encode.encoder import EncoderConfig, build_encoder
 from pixelrec.errors import PixelrecError
@@ -37,21 +36,6 @@ REL_TOL = 1e-3
 
 HEADS = [("pooled", "model"), ("token_relu_mean", "mean")]  # (head, cache/encoder pooling)
 
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return cold_dataset()
-
-
-@pytest.fixture(scope="module")
-def data(ds):
-    return load_sequences(str(ds.interactions))
-
-
-@pytest.fixture(scope="module")
-def store(ds):
-    return open_image_store(ds.covers)
 
 
 def tiny_encoder(pooling: str = "model", seed: int = 0):
