@@ -21,6 +21,15 @@ whole frontier (recall vs speed-up over Flat of every measured setting). Default
 
     python benchmarks/retrieval.py --target-recall 0.95 --k 10
     python benchmarks/retrieval.py --target-recall 0.95 --tune-specs HNSW32   # plain HNSW at 1M too
+
+`--vectors fitted:RUN_DIR` replaces the synthetic clusters by vectors with a trained model's
+structure: Gaussian mixtures fitted to the run's item vectors (32 components) and to its users'
+vectors (8 components), sampled to the catalogue size. Trained vectors differ from the synthetic
+clusters where it matters for approximate search: item norms vary (popular items are longer) and
+user vectors share a strong common direction. For example, with SASRec trained on ML-100K:
+
+    pixelrec fit --interactions ml100k.csv --out runs/ml100k
+    python benchmarks/retrieval.py --target-recall 0.95 --vectors fitted:runs/ml100k
 """
 
 from __future__ import annotations
@@ -81,6 +90,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="10k items, 2000 users, first dimension only")
     parser.add_argument("--target-recall", type=float, help="tuning mode: the recall@k target (0 < R <= 1)")
     parser.add_argument("--tune-sample", type=int, default=2000, help="tuning mode: users sampled (half held out)")
+    parser.add_argument("--vectors", default="synthetic",
+                        help="'synthetic' (clustered Gaussians) or 'fitted:RUN_DIR' (mixtures fitted to a trained run)")
     parser.add_argument("--tune-specs", default="auto",
                         help="tuning mode: 'auto' (the tuner's default candidates) or specs separated by ';' "
                              "(',RFlat' = refine step with k_factor 8)")
@@ -109,6 +120,39 @@ def synthetic(n_items: int, dim: int, users: int, history: int, seed: int):
         pool = members[starts[cluster]:starts[cluster + 1]]
         histories.append(ids[rng.choice(pool, size=min(history, len(pool)), replace=False)])
     return items.astype(np.float32), ids, queries.astype(np.float32), histories
+
+
+def fitted(run_dir: str, n_items: int, dim: int, users: int, history: int, seed: int):
+    """Item and user vectors sampled from Gaussian mixtures fitted to a trained run's item vectors
+    and user vectors (each user's vector after their whole history); histories are random ids."""
+    from sklearn.mixture import GaussianMixture
+
+    from pixelrec.runs.trained import load_trained
+
+    trained = load_trained(run_dir)
+    items = np.asarray(trained.index.vectors, dtype=np.float32)
+    if items.shape[1] != dim:
+        raise SystemExit(f"{run_dir} has {items.shape[1]}-dimensional vectors; pass --dim {items.shape[1]}")
+    histories = [trained.data.history(int(u), "all") for u in range(trained.data.num_users)]
+    user_vectors = np.asarray(trained.model.encode_histories(histories, item_table=trained.table), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    sampled = []
+    for data, components, size in ((items, 32, n_items), (user_vectors, 8, users)):
+        mixture = GaussianMixture(min(components, len(data) // 20 or 1), covariance_type="full", reg_covar=1e-4,
+                                  random_state=seed).fit(data)
+        sampled.append(mixture.sample(size)[0].astype(np.float32)[rng.permutation(size)])
+    ids = np.arange(1, n_items + 1, dtype=np.int64)
+    exclude = [rng.choice(ids, size=min(history, n_items - 1), replace=False) for _ in range(users)]
+    return np.ascontiguousarray(sampled[0]), ids, np.ascontiguousarray(sampled[1]), exclude
+
+
+def vectors_for(args: argparse.Namespace, n_items: int, dim: int, users: int):
+    """(items, ids, queries, histories) of `--vectors`."""
+    if args.vectors == "synthetic":
+        return synthetic(n_items, dim, users, args.history, args.seed)
+    if args.vectors.startswith("fitted:"):
+        return fitted(args.vectors.removeprefix("fitted:"), n_items, dim, users, args.history, args.seed)
+    raise SystemExit(f"--vectors must be 'synthetic' or 'fitted:RUN_DIR', got {args.vectors!r}")
 
 
 def timed(fn, *args, repeat: int = 1, **kwargs):
@@ -147,7 +191,7 @@ def recall_vs(found: np.ndarray, exact: np.ndarray) -> float:
 
 def measure_size(n_items: int, dim: int, args: argparse.Namespace) -> tuple[list[Row], str]:
     """All methods at one catalogue size; returns the rows and the table header."""
-    items, ids, queries, histories = synthetic(n_items, dim, args.users, args.history, args.seed)
+    items, ids, queries, histories = vectors_for(args, n_items, dim, args.users)
     bf_users = int(min(args.users, max(100, args.bf_budget // n_items)))
     batch = max(1, (1 << 24) // n_items)
 
@@ -170,7 +214,7 @@ def measure_size(n_items: int, dim: int, args: argparse.Namespace) -> tuple[list
     nlist = round(4 * math.sqrt(n_items))
     for template in filter(None, args.specs.split(";")):
         rows += measure_spec(template, template.format(nlist=nlist), items, ids, queries, histories, exact, args)
-    header = (f"N={n_items:,} items, d={dim}, {len(queries):,} users (brute force {bf_users:,}), "
+    header = (f"{args.vectors} vectors, N={n_items:,} items, d={dim}, {len(queries):,} users (brute force {bf_users:,}), "
               f"k={args.k}, {args.history} excluded items/user, device={flat.device}")
     return rows, header
 
@@ -230,7 +274,7 @@ def tune_candidates(text: str, n_items: int, dim: int) -> list[tuning.Candidate]
     if text == "auto":
         return tuning.default_candidates(n_items, dim)
     specs = [spec.strip() for spec in text.split(";") if spec.strip()]
-    return [tuning.hnsw_candidate(spec, n_items) if spec.startswith("HNSW") else
+    return [tuning.hnsw_candidate(spec, n_items) if spec.removeprefix(f"{tuning.IP_TO_L2},").startswith("HNSW") else
             tuning.ivf_candidate(spec, tuning.REFINE_K_FACTOR if spec.endswith(",RFlat") else None)
             for spec in specs]
 
@@ -238,11 +282,11 @@ def tune_candidates(text: str, n_items: int, dim: int) -> list[tuning.Candidate]
 def measure_tuning(n_items: int, dim: int, args: argparse.Namespace) -> None:
     """Tuning mode at one size: the tuner on synthetic vectors, its choice and its frontier."""
     users = args.tune_sample  # the synthetic users are the sample
-    items, ids, queries, histories = synthetic(n_items, dim, users, args.history, args.seed)
+    items, ids, queries, histories = vectors_for(args, n_items, dim, users)
     tune_rows, heldout_rows = tuning.split_sample(users, users, args.seed)
     sample = tuning.Sample(queries, histories, tune_rows, heldout_rows)
     candidates = tune_candidates(args.tune_specs, n_items, dim)
-    print(f"\nN={n_items:,} items, d={dim}, k={args.k}, {len(tune_rows):,} tuning + {len(heldout_rows):,} held-out "
+    print(f"\n{args.vectors} vectors, N={n_items:,} items, d={dim}, k={args.k}, {len(tune_rows):,} tuning + {len(heldout_rows):,} held-out "
           f"queries, {args.history} excluded items/user, target recall@{args.k} >= {args.target_recall}; "
           f"candidates: {'; '.join(c.spec for c in candidates)}", flush=True)
     start = time.perf_counter()

@@ -282,3 +282,63 @@ def test_one_faiss_call_per_group_without_ties(gaussian, monkeypatch):
     calls.clear()
     index.search(queries[:2], K, exclude=[ids[:20], ids[:3]])
     assert sorted(calls) == [K + 4 + 1, K + 32 + 1]
+
+
+@pytest.fixture(scope="module")
+def uneven():
+    """Vectors whose norms vary five-fold, as trained item vectors do (popular items are longer)."""
+    rng = np.random.default_rng(5)
+    vectors = (rng.standard_normal((N, DIM)) * rng.uniform(0.4, 2.0, (N, 1))).astype(np.float32)
+    ids = np.arange(1, N + 1, dtype=np.int64) * 7
+    queries = rng.standard_normal((USERS, DIM)).astype(np.float32) + 1.5  # a common direction, like users'
+    return vectors, ids, queries, random_histories(rng, ids, USERS, 60)
+
+
+def test_ip_to_l2_reduction_finds_the_exact_top_inner_products(uneven):
+    vectors, ids, queries, histories = uneven
+    ref_scores, ref_found = ItemIndex.build(vectors, ids).search(queries, K, exclude=histories)
+    for spec, params in (("IP2L2,Flat", {}), ("IP2L2,IVF16", {"nprobe": 16})):
+        index = ItemIndex.build(vectors, ids, spec=spec, **params)
+        assert index.dim == DIM and index._index.d == DIM + 1 and index.metric == "ip"
+        scores, found = index.search(queries, K, exclude=histories)
+        np.testing.assert_array_equal(found, ref_found)  # scanning everything: the exact top-k
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)  # exact inner products, not L2
+    ivf = ItemIndex.build(vectors, ids, spec="IP2L2,IVF16", nprobe=4)
+    scores, found = ivf.search(queries, K, exclude=histories)
+    assert 0.2 < overlap(found, ref_found) < 1.0  # approximate, but its scores are still the items' true ones
+    rows = {int(i): r for r, i in enumerate(ids)}
+    for user in (0, 1, 2):
+        want = vectors[[rows[int(i)] for i in found[user]]] @ queries[user]
+        np.testing.assert_allclose(scores[user], want, rtol=1e-5, atol=1e-5)
+        assert not set(found[user]) & set(histories[user].tolist())
+
+
+def test_ip_to_l2_index_saves_its_radius_and_refuses_longer_added_items(tmp_path, uneven):
+    vectors, ids, queries, _ = uneven
+    index = ItemIndex.build(vectors[:-2], ids[:-2], spec="IP2L2,IVF16", nprobe=6)
+    index.save(tmp_path)
+    meta = json.loads((tmp_path / "index.json").read_text())
+    assert meta["spec"] == "IP2L2,IVF16,Flat" and meta["dim"] == DIM
+    assert meta["ip2l2_radius"] == pytest.approx(np.linalg.norm(vectors[:-2], axis=1).max(), rel=1e-6)
+    loaded = ItemIndex.load(tmp_path)
+    for a, b in zip(loaded.search(queries, K), index.search(queries, K)):
+        np.testing.assert_array_equal(a, b)
+
+    shorter = vectors[-2:] / np.linalg.norm(vectors[-2:], axis=1, keepdims=True)  # norm 1 < the radius
+    loaded.add(shorter, ids[-2:])
+    assert loaded.ntotal == N
+    np.testing.assert_array_equal(loaded.reconstruct(ids[-2:]), shorter)
+    loaded.set_search_params(nprobe=16)  # every list: the added items rank where their inner products say
+    np.testing.assert_array_equal(loaded.search(queries, K)[1], ItemIndex.build(
+        np.concatenate([vectors[:-2], shorter]), ids).search(queries, K)[1])
+    longer = np.full((1, DIM), 10.0, dtype=np.float32)
+    with pytest.raises(PixelrecError, match=r"item id\(s\) 99999 are longer than .*IP2L2.*pixelrec index"):
+        loaded.add(longer, np.array([99999]))
+    assert loaded.ntotal == N
+
+    del meta["ip2l2_radius"]
+    (tmp_path / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(PixelrecError, match=r"index\.json: spec 'IP2L2,IVF16,Flat' without a valid ip2l2_radius"):
+        ItemIndex.load(tmp_path)
+    with pytest.raises(PixelrecError, match=r"IP2L2, must be followed by a FAISS spec"):
+        ItemIndex.build(vectors, ids, spec="IP2L2,")

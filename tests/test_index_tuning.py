@@ -96,7 +96,7 @@ def test_a_target_no_index_reaches_is_one_line_and_publishes_nothing(tmp_path, m
     run = copy_run(tuning_run(), tmp_path / "run")
     manifest = (run / "manifest.json").read_bytes()
     versions = sorted(p.name for p in (run / "index").iterdir())
-    monkeypatch.setattr(tuning, "default_candidates", lambda n, d: WEAK)
+    monkeypatch.setattr(tuning, "default_candidates", lambda n, d, metric: WEAK)
     r = invoke(["index", run, "--target-recall", "0.99", "--sample", "100"])
     assert r.exit_code == 2, r.output
     [line] = _error_lines(r.output)
@@ -176,6 +176,32 @@ def test_rebuild_tuned_keeps_spec_and_parameters(tmp_path):
     assert tuning.search_params(faiss.read_index(str(tmp_path / "index.faiss"))) == record["params"]
 
 
+def test_refine_candidates_sweep_k_factors_and_the_choice_keeps_its_own():
+    items, ids, queries, histories = _clustered(seed=4)
+    items *= np.random.default_rng(4).uniform(0.5, 2.0, (len(items), 1)).astype(np.float32)  # uneven norms
+    tune_rows, held = tuning.split_sample(len(queries), len(queries), seed=3)
+    sample = tuning.Sample(queries, histories, tune_rows, held)
+    candidate = tuning.ivf_candidate("IP2L2,IVF32,PQ17x4fs,RFlat", k_factor=8)
+    result = tuning.tune_index(items, ids, sample, 0.9, k=10, candidates=[candidate])
+    assert tuning.refine_k_factors(8) == (8, 4, 2) and tuning.refine_k_factors(None) == (None,)
+    by_k = {p.k_factor for p in result.points}
+    assert {8, 4} <= by_k <= {8, 4, 2}  # 8 reaches the target (below), so 4 is tried after it
+    first = min(p.value for p in result.points if p.k_factor == 8 and p.reaches(0.9))
+    assert all(p.value >= first for p in result.points if p.k_factor != 8)  # smaller k_factors start there
+    chosen = result.chosen
+    assert chosen.queries_per_s == max(p.queries_per_s for p in result.points if p.reaches(0.9))
+    assert result.params["k_factor"] == chosen.k_factor and result.params["nprobe"] == chosen.value
+    # the index handed back is set as measured: same recall on the held-out half
+    _, exact = brute_force_search(items, ids, queries[held], 10, exclude=[histories[i] for i in held])
+    _, found = result.index.search(queries[held], 10, exclude=[histories[i] for i in held])
+    assert _recall(found, exact) == pytest.approx(chosen.recall, abs=1e-9)
+    assert result.index.spec == "IP2L2,IVF32,PQ17x4fs,RFlat" and result.index.dim == 16
+
+    rebuilt = rebuild_tuned(items, ids, {"spec": result.index.spec, "metric": "ip", "params": result.params})
+    _, again = rebuilt.search(queries[held], 10, exclude=[histories[i] for i in held])
+    np.testing.assert_array_equal(again, found)  # the same recipe on the same vectors: the same index
+
+
 def test_sweep_finds_the_smallest_breadth_that_reaches_the_target():
     values = tuning.breadth_grid(1, 512)
     assert values[0] == 1 and values[-1] == 512 and list(values) == sorted(set(values))
@@ -195,8 +221,11 @@ def test_sweep_finds_the_smallest_breadth_that_reaches_the_target():
 
 def test_default_candidates_and_sample_split():
     specs = [c.spec for c in tuning.default_candidates(1_000_000, 64)]
-    assert specs == ["IVF4096_HNSW32,Flat", "IVF8192_HNSW32,Flat", "IVF2048_HNSW32,PQ64x4fs,RFlat",
-                     "IVF4096_HNSW32,PQ64x4fs,RFlat"]  # plain HNSW only up to HNSW_MAX_ITEMS
+    assert specs == ["IVF4096_HNSW32,Flat", "IVF2048_HNSW32,PQ64x4fs,RFlat", "IP2L2,IVF4096,PQ65x4fs,RFlat",
+                     "IP2L2,IVF2048,PQ65x4fs,RFlat"]  # plain HNSW only up to HNSW_MAX_ITEMS
+    cosine = [c.spec for c in tuning.default_candidates(1_000_000, 64, "cosine")]
+    assert cosine == specs[:2]  # unit vectors: the reduction adds a constant coordinate, nothing to gain
+    assert tuning.ivf_candidate("IP2L2,IVF1024,PQ65x4fs,RFlat").values[-1] == 1024 // tuning.NPROBE_SHARE
     assert "HNSW32" in [c.spec for c in tuning.default_candidates(50_000, 64)]
     assert [c.spec for c in tuning.default_candidates(40, 16)] == ["HNSW32"]
     tune_rows, held = tuning.split_sample(1000, 301, seed=1)

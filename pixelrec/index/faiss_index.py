@@ -19,6 +19,14 @@ History exclusion is exact: a user with h excluded ids is searched for k + h' + 
 excluded ids are dropped and the first k kept; at most h candidates can be dropped, so k remain.
 The one spare candidate shows whether the k-th score is tied with items that were not fetched;
 only then (exact index) is the row searched again, twice as wide, to order the tie by id.
+
+A spec may start with "IP2L2," (e.g. "IP2L2,IVF1024_HNSW32,PQ65x4fs,RFlat"): the inner-product
+search is then run as an L2 nearest-neighbour search. Each item vector x gets one extra coordinate
+sqrt(R^2 - |x|^2), R the largest item norm, and each query a 0, so the L2 distance between them is
+|q|^2 + R^2 - 2 q.x and the nearest items are exactly the top inner products. IVF k-means and PQ are
+made for L2: clustering by direction *and* norm, they send each query to far fewer lists for the
+same recall than inner-product assignment does, which favours large-norm centroids. Results carry
+the exact inner products (re-scored from the stored vectors), as with any other index.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ GPU_LAYOUTS = ("shard", "replicate")  # how an index spreads over several GPUs
 GPU_MAX_K = 2048  # largest k FAISS GPU indexes can return; larger over-fetches search a CPU copy
 _CHUNK_ENTRIES = 1 << 22  # queries x candidates handled per FAISS call (bounds result memory)
 _REBUILD_HINT = "rebuild it with `pixelrec index RUN_DIR`"
+IP_TO_L2 = "IP2L2"  # spec prefix: inner products searched as L2 distances over one extra coordinate
+_RESCORE_ENTRIES = 1 << 18  # candidates re-scored per numpy step (bounds the gathered vectors)
 
 
 class ItemIndex:
@@ -54,10 +64,12 @@ class ItemIndex:
     """
 
     def __init__(self, index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, *, spec: str, metric: str,
-                 device: str = "cpu", gpu_layout: str = "shard"):
-        """Wrap a trained CPU `faiss.IndexIDMap` holding `vectors` under `ids` (use build/load)."""
+                 device: str = "cpu", gpu_layout: str = "shard", radius: float | None = None):
+        """Wrap a trained CPU `faiss.IndexIDMap` holding `vectors` under `ids` (use build/load);
+        `radius`: R of an "IP2L2," index (the FAISS index then holds `faiss_rows` of the vectors)."""
         self._spec = spec
         self._metric = metric
+        self._radius = radius
         self._vectors = vectors
         self._ids = ids
         self._order = np.argsort(ids, kind="stable")
@@ -84,14 +96,15 @@ class ItemIndex:
         vectors, ids = _check_items(vectors, ids)
         if len(ids) == 0:
             raise PixelrecError("no item vectors to index")
-        index, spec = _make_index(spec, vectors.shape[1])
-        data = _for_metric(vectors, metric)
+        index, spec = new_faiss_index(spec, vectors.shape[1])
+        data, radius = faiss_rows(vectors, metric, spec)
         _train(index, data, spec)
         index = faiss.IndexIDMap(index)
         index.add_with_ids(data, ids)
         nprobe, ef_search = _default_params(index, nprobe, ef_search)
         _set_params(index, spec, nprobe, ef_search)
-        return cls(index, vectors, ids, spec=spec, metric=metric, device=device, gpu_layout=gpu_layout)
+        return cls(index, vectors, ids, spec=spec, metric=metric, device=device, gpu_layout=gpu_layout,
+                   radius=radius)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu") -> "ItemIndex":
@@ -105,9 +118,10 @@ class ItemIndex:
         index = _read_index(directory / INDEX_FILE, meta)
         vectors = _load_npy(directory / VECTORS_FILE, mmap=True)
         ids = _load_npy(directory / IDS_FILE, mmap=False)
-        _check_consistent(directory, meta, index, vectors, ids)
+        radius = _read_radius(directory / META_FILE, meta)
+        _check_consistent(directory, meta, index, vectors, ids, extra=0 if radius is None else 1)
         _set_params(index, meta["spec"], meta.get("nprobe"), meta.get("ef_search"))
-        return cls(index, vectors, ids, spec=meta["spec"], metric=meta["metric"], device=device)
+        return cls(index, vectors, ids, spec=meta["spec"], metric=meta["metric"], device=device, radius=radius)
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -117,8 +131,8 @@ class ItemIndex:
 
     @property
     def dim(self) -> int:
-        """Item vector dimension."""
-        return int(self._index.d)
+        """Item vector dimension (an "IP2L2," FAISS index holds one more coordinate)."""
+        return int(self._vectors.shape[1])
 
     @property
     def spec(self) -> str:
@@ -184,12 +198,21 @@ class ItemIndex:
         """Add new items (e.g. cold items encoded later) under new ids; existing ids are never reused.
 
         Trained indexes (IVF, PQ) encode them with their existing quantizers; nothing is retrained.
+        An "IP2L2," index takes only vectors no longer than its longest one (else a PixelrecError).
         """
         vectors, ids = _check_items(vectors, ids, dim=self.dim)
         taken = np.intersect1d(ids, self._ids)
         if len(taken):
             raise PixelrecError(f"item id(s) already in the index: {_preview(taken)}; new items need new ids")
-        self._index.add_with_ids(_for_metric(vectors, self.metric), ids)
+        if self._radius is not None:
+            longer = _squared_norms(_for_metric(vectors, self.metric)) > self._radius ** 2 * (1 + 1e-6)
+            if longer.any():
+                raise PixelrecError(
+                    f"item id(s) {_preview(ids[longer])} are longer than the largest vector of this "
+                    f"{IP_TO_L2} index ({self._radius:.6g}), so its L2 search could not rank them right; "
+                    f"build the index again over all vectors (`pixelrec index RUN_DIR` does)")
+        data, _ = faiss_rows(vectors, self.metric, self.spec, self._radius)
+        self._index.add_with_ids(data, ids)
         self._vectors = np.concatenate([self._vectors, vectors])
         self._ids = np.concatenate([self._ids, ids])
         self._order = np.argsort(self._ids, kind="stable")
@@ -247,6 +270,7 @@ class ItemIndex:
             "spec": self.spec, "metric": self.metric, "dim": self.dim, "ntotal": self.ntotal,
             "nprobe": self.nprobe, "ef_search": self.ef_search, "exact": self.is_exact,
             "faiss_version": faiss.__version__, "index_bytes": size, "index_sha256": digest,
+            **({} if self._radius is None else {"ip2l2_radius": self._radius}),
         })
 
     # ----------------------------------------------------------------------------- internals
@@ -262,11 +286,33 @@ class ItemIndex:
         return top_scores, top_ids
 
     def _faiss_search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) [B, fetch] of the FAISS index; an "IP2L2," index's distances are replaced by
+        the exact inner products, so its rows are ranked like every other index's."""
+        data = queries if self._radius is None else _with_extra_coordinate(queries, np.zeros(len(queries)))
+        index = self._index
         if self._device != "cpu" and fetch > GPU_MAX_K:
             if self._cpu_copy is None:
                 self._cpu_copy = self._cpu_index()
-            return self._cpu_copy.search(queries, fetch)
-        return self._index.search(queries, fetch)
+            index = self._cpu_copy
+        scores, ids = index.search(data, fetch)
+        if self._radius is not None:
+            scores = self._exact_scores(queries, ids)
+        return scores, ids
+
+    def _exact_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """[B, F] inner products of queries [B, d] (as searched) with the stored vectors of ids [B, F]
+        (-inf where the id is -1 padding)."""
+        positions, found = _positions(self._ids[self._order], np.maximum(ids, 0))
+        found &= ids >= 0
+        rows = self._order[positions]
+        scores = np.full(ids.shape, -np.inf, dtype=np.float32)
+        step = max(1, _RESCORE_ENTRIES // max(1, ids.shape[1]))
+        for start in range(0, len(ids), step):
+            part = slice(start, start + step)
+            items = _for_metric(np.asarray(self._vectors[rows[part].ravel()], dtype=np.float32), self.metric)
+            scores[part] = np.einsum("bd,bfd->bf", queries[part], items.reshape(*rows[part].shape, -1))
+        scores[~found] = -np.inf
+        return scores
 
     def _cpu_index(self) -> faiss.Index:
         return self._index if self._device == "cpu" else faiss.index_gpu_to_cpu(self._index)
@@ -366,11 +412,19 @@ def _preview(values: np.ndarray, limit: int = 5) -> str:
 
 
 # --------------------------------------------------------------------------------- index creation
-def _make_index(spec: str, dim: int) -> tuple[faiss.Index, str]:
-    """An untrained inner-product index for `spec` (a bare "IVF<n>" becomes "IVF<n>,Flat")."""
+def new_faiss_index(spec: str, dim: int) -> tuple[faiss.Index, str]:
+    """An untrained FAISS index for `spec` over `dim`-dimensional item vectors, and the spec as
+    stored (a bare "IVF<n>" becomes "IVF<n>,Flat"): inner product, or for an "IP2L2," spec an L2
+    index over dim + 1 coordinates (fill it with `faiss_rows`)."""
     if re.fullmatch(r"(.+,)?IVF\d+(_\w+)?", spec):
         spec += ",Flat"
+    reduced, body = _split_ip_to_l2(spec)
+    if reduced and not body:
+        raise PixelrecError(f"index spec {spec!r}: {IP_TO_L2}, must be followed by a FAISS spec, "
+                            f"e.g. '{IP_TO_L2},IVF1024,Flat'")
     try:
+        if reduced:
+            return faiss.index_factory(dim + 1, body, faiss.METRIC_L2), spec
         return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT), spec
     except RuntimeError as error:
         examples = "; ".join(EXAMPLE_SPECS)
@@ -378,6 +432,38 @@ def _make_index(spec: str, dim: int) -> tuple[faiss.Index, str]:
             f"invalid index spec {spec!r} for {dim}-dimensional vectors: {_faiss_message(error)}; "
             f"valid examples: {examples} (any FAISS index_factory string with inner-product support)"
         ) from None
+
+
+def _split_ip_to_l2(spec: str) -> tuple[bool, str]:
+    """(whether `spec` asks for the inner-product-to-L2 reduction, the FAISS spec after the prefix)."""
+    head, _, rest = spec.partition(",")
+    return (True, rest) if head == IP_TO_L2 else (False, spec)
+
+
+def faiss_rows(vectors: np.ndarray, metric: str, spec: str,
+               radius: float | None = None) -> tuple[np.ndarray, float | None]:
+    """(rows as the FAISS index of `spec` stores them, R): `vectors` for the metric (L2-normalised for
+    cosine), plus for an "IP2L2," spec the coordinate sqrt(R^2 - |x|^2), R the largest norm unless
+    given (items added to an existing index must not be longer: `ItemIndex.add` checks)."""
+    data = _for_metric(vectors, metric)
+    if not _split_ip_to_l2(spec)[0]:
+        return data, None
+    norms2 = _squared_norms(data)
+    if radius is None:
+        radius = float(np.sqrt(norms2.max())) if len(norms2) else 0.0
+    return _with_extra_coordinate(data, np.sqrt(np.maximum(radius * radius - norms2, 0.0))), radius
+
+
+def _squared_norms(rows: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
+
+
+def _with_extra_coordinate(rows: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """[N, d] rows and [N] values -> [N, d + 1] float32."""
+    out = np.empty((len(rows), rows.shape[1] + 1), dtype=np.float32)
+    out[:, :-1] = rows
+    out[:, -1] = extra
+    return out
 
 
 def _train(index: faiss.Index, vectors: np.ndarray, spec: str) -> None:
@@ -464,7 +550,8 @@ def _faiss_message(error: Exception) -> str:
     message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
     message = re.sub(r"^Error in .*? at \S+:\d+: ", "", message)
     if "'metric == METRIC_L2' failed" in message:
-        return "this index type supports only L2 distance, not inner product"
+        return (f"this index type supports only L2 distance, not inner product (prefix the spec with "
+                f"'{IP_TO_L2},' to search inner products as L2 distances)")
     return re.sub(r"^Error: '.*?' failed: ", "", message)
 
 
@@ -610,11 +697,22 @@ def _read_index(path: Path, meta: dict[str, Any]) -> faiss.Index:
     return index
 
 
+def _read_radius(path: Path, meta: dict[str, Any]) -> float | None:
+    """R of an "IP2L2," index from index.json (None for other specs)."""
+    if not _split_ip_to_l2(str(meta["spec"]))[0]:
+        return None
+    radius = meta.get("ip2l2_radius")
+    if not isinstance(radius, (int, float)) or not np.isfinite(radius) or radius < 0:
+        raise PixelrecError(f"{path}: spec {meta['spec']!r} without a valid ip2l2_radius; {_REBUILD_HINT}")
+    return float(radius)
+
+
 def _check_consistent(directory: Path, meta: dict[str, Any], index: faiss.Index, vectors: np.ndarray,
-                      ids: np.ndarray) -> None:
+                      ids: np.ndarray, extra: int = 0) -> None:
+    """Counts and dimensions agree across the files (`extra`: coordinates the FAISS index adds)."""
     sizes = {"index.json ntotal": meta["ntotal"], INDEX_FILE: index.ntotal, VECTORS_FILE: len(vectors),
              IDS_FILE: len(ids)}
-    dims = {"index.json dim": meta["dim"], INDEX_FILE: index.d,
+    dims = {"index.json dim": meta["dim"], INDEX_FILE: index.d - extra,
             VECTORS_FILE: vectors.shape[1] if vectors.ndim == 2 else None}
     for what, values in (("item counts", sizes), ("dimensions", dims)):
         if len(set(values.values())) > 1:

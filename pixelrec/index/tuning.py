@@ -10,7 +10,9 @@ For every candidate index it
 2. sweeps the search breadth (nprobe for IVF, efSearch for HNSW) upwards, galloping through a
    geometric grid and then bisecting, to find the smallest breadth at which recall@k reaches the
    target on BOTH halves; recall@k is the share of the exact top-k (FAISS Flat through
-   `ItemIndex.search`, history excluded as retrieval does) that the candidate returns;
+   `ItemIndex.search`, history excluded as retrieval does) that the candidate returns. A candidate
+   with an exact re-ranking step sweeps once per k_factor (8, 4, 2: how many candidates per result
+   are re-ranked);
 3. times each measured setting on the whole sample against Flat (best of `repeat` searches each).
 
 The fastest setting that reaches the target is chosen; every measured setting is kept as the
@@ -32,7 +34,7 @@ import numpy as np
 
 from ..errors import PixelrecError
 from ..runtime import is_quiet, log, set_quiet
-from .faiss_index import ItemIndex
+from .faiss_index import IP_TO_L2, ItemIndex, faiss_rows, new_faiss_index
 
 TUNING_FILE = "tuning.json"  # sidecar in an index directory: what the tuner measured and chose
 TRAIN_POINTS_PER_LIST = 32  # IVF training sample per list (FAISS advises 39; 32 loses no recall here)...
@@ -130,33 +132,39 @@ class Tuning:
 
 
 # --------------------------------------------------------------------------------- candidates
-def default_candidates(num_items: int, dim: int) -> list[Candidate]:
+def default_candidates(num_items: int, dim: int, metric: str = "ip") -> list[Candidate]:
     """The indexes tried for a catalogue of `num_items` `dim`-dimensional vectors.
 
-    IVF with an HNSW coarse quantizer at about 4 sqrt(N) lists, the same with twice the lists, and
-    both sizes' halves with fast-scan PQ codes plus exact re-ranking (",RFlat"); plain HNSW32 up to
-    HNSW_MAX_ITEMS items. List counts are powers of two with at least TRAIN_POINTS_PER_LIST items each.
-    At 1M items: IVF4096 and IVF8192 (Flat), IVF2048 and IVF4096 (PQ + refine).
+    With L = about 4 sqrt(N) lists (a power of two with at least TRAIN_POINTS_PER_LIST items each):
+    IVF with an HNSW coarse quantizer and L lists; the same with L/2 lists and fast-scan PQ codes plus
+    exact re-ranking (",RFlat"); for inner products, PQ + re-ranking with L and L/2 lists after the
+    inner-product-to-L2 reduction ("IP2L2,", see `faiss_index`), whose lists follow the norms as well
+    as the directions, with a flat coarse quantizer (faster than HNSW's below ~10K lists: the
+    queries' centroid distances are one matrix product); plain HNSW32 up to HNSW_MAX_ITEMS items.
+    At 1M items, d 64, inner product: IVF4096_HNSW32 (Flat), IVF2048_HNSW32 (PQ64 + refine), IP2L2
+    IVF4096 and IVF2048 (PQ65 + refine).
     """
     lists = 2 ** round(math.log2(4 * math.sqrt(num_items)))
     while lists > 1 and lists * TRAIN_POINTS_PER_LIST > num_items:
         lists //= 2
     candidates = []
     if lists >= 2:
-        more = lists * 2 if lists * 2 * TRAIN_POINTS_PER_LIST <= num_items else lists
-        pq = f"PQ{_pq_subquantizers(dim)}x4fs"
-        for n in sorted({lists, more}):
-            candidates.append(ivf_candidate(f"IVF{n}_HNSW32,Flat"))
-        for n in sorted({max(2, lists // 2), lists}):
-            candidates.append(ivf_candidate(f"IVF{n}_HNSW32,{pq},RFlat", k_factor=REFINE_K_FACTOR))
+        candidates.append(ivf_candidate(f"IVF{lists}_HNSW32,Flat"))
+        half = max(2, lists // 2)
+        candidates.append(ivf_candidate(f"IVF{half}_HNSW32,PQ{_pq_subquantizers(dim)}x4fs,RFlat",
+                                        k_factor=REFINE_K_FACTOR))
+        if metric == "ip":
+            pq = f"PQ{_pq_subquantizers(dim + 1)}x4fs"
+            for n in sorted({lists, half}, reverse=True):
+                candidates.append(ivf_candidate(f"{IP_TO_L2},IVF{n},{pq},RFlat", k_factor=REFINE_K_FACTOR))
     if num_items <= HNSW_MAX_ITEMS:
         candidates.append(hnsw_candidate("HNSW32", num_items))
     return candidates
 
 
 def ivf_candidate(spec: str, k_factor: int | None = None) -> Candidate:
-    """An IVF spec ("IVF<n>...") swept over nprobe 1 .. n / NPROBE_SHARE."""
-    nlist = int(spec.split(",")[0].split("_")[0].removeprefix("IVF"))
+    """An IVF spec ("[IP2L2,]IVF<n>...") swept over nprobe 1 .. n / NPROBE_SHARE."""
+    nlist = int(spec.removeprefix(f"{IP_TO_L2},").split(",")[0].split("_")[0].removeprefix("IVF"))
     return Candidate(spec, "nprobe", breadth_grid(1, max(1, nlist // NPROBE_SHARE)), k_factor)
 
 
@@ -196,18 +204,19 @@ def build_candidate(vectors: np.ndarray, ids: np.ndarray, candidate: Candidate, 
                     seed: int = 0) -> Built:
     """The candidate's index over `vectors` under `ids`, trained on a seeded sample of the vectors."""
     start = time.perf_counter()
-    data = _for_metric(vectors, metric)
+    index, spec = new_faiss_index(candidate.spec, vectors.shape[1])
+    data, radius = faiss_rows(vectors, metric, spec)
     try:
-        index = faiss.index_factory(data.shape[1], candidate.spec, faiss.METRIC_INNER_PRODUCT)
         _train_on_sample(index, data, seed)
         raw = faiss.IndexIDMap(index)
         raw.add_with_ids(data, ids)
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise PixelrecError(f"index {candidate.spec!r} cannot be built here: {first}") from None
-    if candidate.k_factor:
-        faiss.ParameterSpace().set_index_parameter(raw, "k_factor_rf", candidate.k_factor)
-    return Built(ItemIndex(raw, vectors, ids, spec=candidate.spec, metric=metric), raw, time.perf_counter() - start)
+    built = Built(ItemIndex(raw, vectors, ids, spec=spec, metric=metric, radius=radius), raw,
+                  time.perf_counter() - start)
+    set_k_factor(built, candidate.k_factor)
+    return built
 
 
 def _train_on_sample(index: faiss.Index, data: np.ndarray, seed: int) -> None:
@@ -285,15 +294,6 @@ def _hnsw_quantizer(raw: faiss.Index) -> Any:
     return quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
 
 
-def _for_metric(vectors: np.ndarray, metric: str) -> np.ndarray:
-    """Vectors as the index stores them: as given for "ip", L2-normalised rows for "cosine"."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if metric == "ip":
-        return vectors
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
-
-
 # --------------------------------------------------------------------------------- measuring
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     """Mean over rows of the share of the exact ids (ignoring -1 padding) that `found` contains."""
@@ -329,10 +329,11 @@ class _Bench:
         self.flat_seconds.append(self._search(self.flat)[0])
 
     def measure(self, built: Built, candidate: Candidate, value: int) -> Point:
+        """Recall and speed at breadth `value` (and the refine k_factor the index has now)."""
         apply_breadth(built, candidate, value)
         seconds, found = self._search(built.index)
         s = self.sample
-        point = Point(candidate.spec, candidate.knob, value, candidate.k_factor,
+        point = Point(candidate.spec, candidate.knob, value, search_params(built.raw)["k_factor"],
                       recall_at_k(found[s.heldout], self.exact[s.heldout]),
                       recall_at_k(found[s.tuning], self.exact[s.tuning]), seconds, 0.0,
                       build_seconds=built.seconds)
@@ -379,18 +380,21 @@ def tune_index(vectors: np.ndarray, ids: np.ndarray, sample: Sample, target: flo
     if int(k) != k or k < 1 or k > len(ids):
         raise PixelrecError(f"--k must be between 1 and the {len(ids)} indexed items, got {k}")
     bench = _Bench(flat, sample, int(k), repeat)
-    candidates = list(candidates if candidates is not None else default_candidates(len(ids), vectors.shape[1]))
+    if candidates is None:
+        candidates = default_candidates(len(ids), vectors.shape[1], metric)
+    candidates = list(candidates)
     points: list[Point] = []
     best: tuple[Point, Built, dict] | None = None
     for number, candidate in enumerate(candidates, 1):
         built = build_candidate(vectors, ids, candidate, metric, seed)
-        tried = sweep(lambda value: bench.measure(built, candidate, value), candidate.values, target)
+        tried = _sweep_k_factors(built, candidate, bench, target)
         points += tried
         fastest = max((p for p in tried if p.reaches(target)), key=lambda p: p.queries_per_s, default=None)
         log(f"tuning {number}/{len(candidates)}: {candidate.spec} built in {built.seconds:.1f}s; "
             + (f"{fastest.label()} reaches recall {fastest.recall:.4f}" if fastest else
                f"best recall {max(p.recall for p in tried):.4f} at {tried[-1].label()}"))
         if fastest and (best is None or fastest.queries_per_s > best[0].queries_per_s):
+            set_k_factor(built, fastest.k_factor)
             best = (fastest, built, apply_breadth(built, candidate, fastest.value))
         del built
     bench.time_flat()
@@ -402,6 +406,38 @@ def tune_index(vectors: np.ndarray, ids: np.ndarray, sample: Sample, target: flo
             log(frontier_table(points))
         raise TargetNotReached(_unreached_message(points, target, k), points)
     return Tuning(best[1].index, best[0], points, flat_qps, target, int(k), sample, best[2])
+
+
+def _sweep_k_factors(built: Built, candidate: Candidate, bench: _Bench, target: float) -> list[Point]:
+    """The breadth sweep, for a refine candidate once per k_factor of `refine_k_factors`, largest
+    first: a smaller k_factor re-ranks fewer candidates (each a random read of a full vector, which
+    dominates once a history's over-fetch multiplies them) but needs at least the breadth the larger
+    one needed, so its sweep starts there and is skipped when the larger one never reached the target."""
+    points: list[Point] = []
+    values = candidate.values
+    for k_factor in refine_k_factors(candidate.k_factor):
+        set_k_factor(built, k_factor)
+        tried = sweep(lambda value: bench.measure(built, candidate, value), values, target)
+        points += tried
+        reached = [p.value for p in tried if p.reaches(target)]
+        if not reached:
+            break
+        values = tuple(v for v in values if v >= min(reached))
+    set_k_factor(built, candidate.k_factor)
+    return points
+
+
+def refine_k_factors(largest: int | None) -> tuple[int | None, ...]:
+    """k_factors tried for a refine candidate built with `largest`: it, a half and a quarter of it."""
+    if not largest:
+        return (largest,)
+    return tuple(sorted({largest, max(1, largest // 2), max(1, largest // 4)}, reverse=True))
+
+
+def set_k_factor(built: Built, k_factor: int | None) -> None:
+    """Set the refine step's k_factor (nothing for indexes without one)."""
+    if k_factor:
+        faiss.ParameterSpace().set_index_parameter(built.raw, "k_factor_rf", int(k_factor))
 
 
 def check_target(target: float) -> None:
