@@ -450,7 +450,8 @@ def retrieve(run_dir, user, history, history_file, users_file, k, out, device, b
 # ----------------------------------------------------------------------------------------- index
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--spec", default="Flat", show_default=True, help="FAISS index-factory string: Flat, IVF1024,Flat, IVF1024,PQ16, HNSW32, OPQ16,IVF1024,PQ16 ...")
+@click.option("--spec", default="Flat", show_default=True, help="FAISS index-factory string: Flat, IVF1024,Flat, IVF1024,PQ16, HNSW32, OPQ16,IVF1024,PQ16 ...; "
+                   "prefix IP2L2, to search inner products as L2 distances (IP2L2,IVF1024,PQ65x4fs,RFlat).")
 @click.option("--metric", type=click.Choice(["ip", "cosine"]), default="ip", show_default=True, help="The model scores by inner product.")
 @click.option("--nprobe", type=click.IntRange(min=1), help="IVF: lists probed per query (stored with the index).")
 @click.option("--ef-search", type=click.IntRange(min=1), help="HNSW: efSearch (stored with the index).")

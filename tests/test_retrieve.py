@@ -207,6 +207,23 @@ def test_index_rebuild_with_hnsw_then_evaluate_and_retrieve(tmp_path, run_dir, t
     assert len(got.items) == 5 and not set(got.items) & set(_user_sequence(trained, user))
 
 
+def test_index_with_the_ip_to_l2_reduction_serves_the_exact_items_when_every_list_is_probed(tmp_path, run_dir,
+                                                                                             trained):
+    run = copy_run(run_dir, tmp_path / "run")
+    user = str(trained.data.user_ids[3])
+    exact = retrieve_one(str(run), user=user, k=8)
+    r = invoke(["index", run, "--spec", "IP2L2,IVF4,Flat", "--nprobe", "4"])
+    assert r.exit_code == 0, r.stderr
+    meta = json.loads((_index(run) / "index.json").read_text())
+    assert meta["spec"] == "IP2L2,IVF4,Flat" and meta["dim"] == trained.index.dim and meta["ip2l2_radius"] > 0
+    got = retrieve_one(str(run), user=user, k=8)
+    assert got.items == exact.items  # same items, same order: scores are the exact inner products
+    np.testing.assert_allclose(got.scores, exact.scores, rtol=1e-5, atol=1e-6)
+    r = invoke(["index", run, "--spec", "IP2L2,"])
+    assert r.exit_code == 2
+    assert_one_line_error(r.stderr, "IP2L2, must be followed by a FAISS spec")
+
+
 def test_index_bad_spec_is_a_one_line_error(tmp_path, run_dir):
     run = copy_run(run_dir, tmp_path / "run")
     before = RunDir(run).read_manifest()
