@@ -20,13 +20,14 @@ excluded ids are dropped and the first k kept; at most h candidates can be dropp
 The one spare candidate shows whether the k-th score is tied with items that were not fetched;
 only then (exact index) is the row searched again, twice as wide, to order the tie by id.
 
-A spec may start with "IP2L2," (e.g. "IP2L2,IVF1024_HNSW32,PQ65x4fs,RFlat"): the inner-product
-search is then run as an L2 nearest-neighbour search. Each item vector x gets one extra coordinate
+A spec may start with "IP2L2," (e.g. "IP2L2,IVF1024,PQ65x4fs,RFlat"): the inner-product search is
+then run as an L2 nearest-neighbour search. Each item vector x gets one extra coordinate
 sqrt(R^2 - |x|^2), R the largest item norm, and each query a 0, so the L2 distance between them is
 |q|^2 + R^2 - 2 q.x and the nearest items are exactly the top inner products. IVF k-means and PQ are
-made for L2: clustering by direction *and* norm, they send each query to far fewer lists for the
-same recall than inner-product assignment does, which favours large-norm centroids. Results carry
-the exact inner products (re-scored from the stored vectors), as with any other index.
+made for L2: clustering by direction *and* norm, they need far fewer lists per query for the same
+recall when item norms vary, as trained ones do, than inner-product assignment, which favours
+long centroids. Results carry the exact inner products (re-scored from the stored vectors), as
+with any other index.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class ItemIndex:
         self._vectors = vectors
         self._ids = ids
         self._order = np.argsort(ids, kind="stable")
+        self._sorted_ids = ids[self._order]
         self._is_exact = isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
         self._params = _read_params(index)
         self._index, self._device, self._gpu_resources = _place(index, device, spec, gpu_layout)
@@ -216,6 +218,7 @@ class ItemIndex:
         self._vectors = np.concatenate([self._vectors, vectors])
         self._ids = np.concatenate([self._ids, ids])
         self._order = np.argsort(self._ids, kind="stable")
+        self._sorted_ids = self._ids[self._order]
         self._cpu_copy = None
 
     # ----------------------------------------------------------------------------- queries
@@ -248,7 +251,7 @@ class ItemIndex:
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """Raw vectors [len(ids), d] of the given item ids (unknown ids are a PixelrecError)."""
         ids = np.asarray(ids, dtype=np.int64)
-        positions, found = _positions(self._ids[self._order], ids)
+        positions, found = _positions(self._sorted_ids, ids)
         if not found.all():
             raise PixelrecError(f"item id(s) not in the index: {_preview(ids[~found])}")
         return np.asarray(self._vectors[self._order[positions]])
@@ -302,7 +305,7 @@ class ItemIndex:
     def _exact_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """[B, F] inner products of queries [B, d] (as searched) with the stored vectors of ids [B, F]
         (-inf where the id is -1 padding)."""
-        positions, found = _positions(self._ids[self._order], np.maximum(ids, 0))
+        positions, found = _positions(self._sorted_ids, np.maximum(ids, 0))
         found &= ids >= 0
         rows = self._order[positions]
         scores = np.full(ids.shape, -np.inf, dtype=np.float32)
