@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from pixelrec.index import tuning
-from pixelrec.index.faiss_index import ItemIndex, brute_force_search
+from pixelrec.index.faiss_index import ItemIndex, brute_force_search, split_ip_to_l2
 from pixelrec.runtime import set_quiet
 
 NOISE = 1.5  # within-cluster spread vs unit-variance centres: clusters overlap, as real embeddings do
@@ -274,7 +274,7 @@ def tune_candidates(text: str, n_items: int, dim: int) -> list[tuning.Candidate]
     if text == "auto":
         return tuning.default_candidates(n_items, dim)
     specs = [spec.strip() for spec in text.split(";") if spec.strip()]
-    return [tuning.hnsw_candidate(spec, n_items) if spec.removeprefix(f"{tuning.IP_TO_L2},").startswith("HNSW") else
+    return [tuning.hnsw_candidate(spec, n_items) if split_ip_to_l2(spec)[1].startswith("HNSW") else
             tuning.ivf_candidate(spec, tuning.REFINE_K_FACTOR if spec.endswith(",RFlat") else None)
             for spec in specs]
 

@@ -421,7 +421,7 @@ def new_faiss_index(spec: str, dim: int) -> tuple[faiss.Index, str]:
     index over dim + 1 coordinates (fill it with `faiss_rows`)."""
     if re.fullmatch(r"(.+,)?IVF\d+(_\w+)?", spec):
         spec += ",Flat"
-    reduced, body = _split_ip_to_l2(spec)
+    reduced, body = split_ip_to_l2(spec)
     if reduced and not body:
         raise PixelrecError(f"index spec {spec!r}: {IP_TO_L2}, must be followed by a FAISS spec, "
                             f"e.g. '{IP_TO_L2},IVF1024,Flat'")
@@ -437,7 +437,7 @@ def new_faiss_index(spec: str, dim: int) -> tuple[faiss.Index, str]:
         ) from None
 
 
-def _split_ip_to_l2(spec: str) -> tuple[bool, str]:
+def split_ip_to_l2(spec: str) -> tuple[bool, str]:
     """(whether `spec` asks for the inner-product-to-L2 reduction, the FAISS spec after the prefix)."""
     head, _, rest = spec.partition(",")
     return (True, rest) if head == IP_TO_L2 else (False, spec)
@@ -449,7 +449,7 @@ def faiss_rows(vectors: np.ndarray, metric: str, spec: str,
     cosine), plus for an "IP2L2," spec the coordinate sqrt(R^2 - |x|^2), R the largest norm unless
     given (items added to an existing index must not be longer: `ItemIndex.add` checks)."""
     data = _for_metric(vectors, metric)
-    if not _split_ip_to_l2(spec)[0]:
+    if not split_ip_to_l2(spec)[0]:
         return data, None
     norms2 = _squared_norms(data)
     if radius is None:
@@ -702,7 +702,7 @@ def _read_index(path: Path, meta: dict[str, Any]) -> faiss.Index:
 
 def _read_radius(path: Path, meta: dict[str, Any]) -> float | None:
     """R of an "IP2L2," index from index.json (None for other specs)."""
-    if not _split_ip_to_l2(str(meta["spec"]))[0]:
+    if not split_ip_to_l2(str(meta["spec"]))[0]:
         return None
     radius = meta.get("ip2l2_radius")
     if not isinstance(radius, (int, float)) or not np.isfinite(radius) or radius < 0:

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import PixelrecError
 from ..runtime import is_quiet, log, set_quiet
-from .faiss_index import IP_TO_L2, ItemIndex, faiss_rows, new_faiss_index
+from .faiss_index import IP_TO_L2, ItemIndex, faiss_rows, new_faiss_index, split_ip_to_l2
 
 TUNING_FILE = "tuning.json"  # sidecar in an index directory: what the tuner measured and chose
 TRAIN_POINTS_PER_LIST = 32  # IVF training sample per list (FAISS advises 39; 32 loses no recall here)...
@@ -164,7 +164,7 @@ def default_candidates(num_items: int, dim: int, metric: str = "ip") -> list[Can
 
 def ivf_candidate(spec: str, k_factor: int | None = None) -> Candidate:
     """An IVF spec ("[IP2L2,]IVF<n>...") swept over nprobe 1 .. n / NPROBE_SHARE."""
-    nlist = int(spec.removeprefix(f"{IP_TO_L2},").split(",")[0].split("_")[0].removeprefix("IVF"))
+    nlist = int(split_ip_to_l2(spec)[1].split(",")[0].split("_")[0].removeprefix("IVF"))
     return Candidate(spec, "nprobe", breadth_grid(1, max(1, nlist // NPROBE_SHARE)), k_factor)
 
 
@@ -204,6 +204,7 @@ def build_candidate(vectors: np.ndarray, ids: np.ndarray, candidate: Candidate, 
                     seed: int = 0) -> Built:
     """The candidate's index over `vectors` under `ids`, trained on a seeded sample of the vectors."""
     start = time.perf_counter()
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     index, spec = new_faiss_index(candidate.spec, vectors.shape[1])
     data, radius = faiss_rows(vectors, metric, spec)
     try:
