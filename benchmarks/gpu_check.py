@@ -11,7 +11,9 @@ Sections (each run in its own process by gpu_check.sh, under its own time limit)
     fit        s/epoch of `partial` against `e2e`, top 2 blocks trained, with AMP and without
                (benchmarks/fit_cost.py's setting: 300 users x 150 items)
     faiss      FAISS Flat and IVF on the GPU against the CPU, and whether Flat's results are equal
-               (skipped, with a note, when FAISS has no GPU support)
+               (skipped, with a note, when FAISS has no GPU support); the exact search
+               (`ItemIndex.search`, torch on the GPU) per batch size against FAISS's GPU Flat and a
+               plain torch.mm + topk, and whether its results are identical for every batch size
     pixel200k  a Pixel200K-shaped epoch of `id` and `partial` (benchmarks/pixel200k.py's data)
     torchrun   `fit` under `python -m torch.distributed.run --nproc-per-node 2` against one process
                (skipped with one GPU)
@@ -252,7 +254,7 @@ def section_faiss(sec: Section, sizes: Sizes, work: Path) -> None:
     if not gpu:
         sec.note("skipped the GPU rows: this FAISS build has no GPU support (install faiss-gpu: pixelrec[gpu]); "
                  "the CPU rows ran")
-    devices = ["cpu"] + (["cuda"] if gpu else [])
+    devices = ["cpu"] + (["cuda"] if gpu else [])  # exact search on the GPU needs no faiss-gpu: see above
     exact: dict[str, tuple] = {}
     for spec in ("Flat", sizes.faiss_ivf):
         for device in devices:
@@ -271,6 +273,46 @@ def section_faiss(sec: Section, sizes: Sizes, work: Path) -> None:
                 row["flat_equal_to_cpu"] = bool(np.array_equal(found, exact["cpu"][1])
                                                 and np.allclose(scores, exact["cpu"][0], rtol=1e-4, atol=1e-4))
             sec.row(**row)
+    exact_search_rows(sec, items, ids, queries, histories, sizes.device, gpu)
+
+
+def exact_search_rows(sec: Section, items: np.ndarray, ids: np.ndarray, queries: np.ndarray, histories: list,
+                      device: str, faiss_gpu: bool) -> None:
+    """Rows of the exact search on `device`: queries/s per batch size of `ItemIndex.search` (torch,
+    pixelrec/index/exact.py), FAISS's Flat on the same device (GPU: only with faiss-gpu) and a
+    plain torch.mm + topk; then whether batches of 1, 7, 64 and all give identical ids and scores."""
+    import faiss
+    import torch
+
+    from pixelrec.index.faiss_index import ItemIndex
+    from retrieval import exact_methods, rate
+
+    index = ItemIndex.build(items, ids, device=device)
+    methods = exact_methods(index, items, 10)
+    if device != "cpu":
+        gpu_flat = None
+        if faiss_gpu:
+            resources = faiss.StandardGpuResources()
+            gpu_flat = faiss.index_cpu_to_gpu(resources, 0, index._index)
+        del methods["FAISS Flat (before)"]  # ItemIndex keeps FAISS on the CPU for Flat: time FAISS's GPU Flat
+        if gpu_flat is not None:  # its raw search of the over-fetch 20 excluded ids need (k + 32 + 1), no filter
+            methods["FAISS GPU Flat, raw k+33"] = lambda q, h: gpu_flat.search(q, 10 + 32 + 1)
+    for batch in (1, 8, 64, 512, 4096):
+        row = {"index": "Flat", "device": index.device, "batch": batch}
+        for name, search in methods.items():
+            if search is not None:
+                row[f"{name} q/s"] = round(rate(search, queries, histories, min(batch, len(queries)), 0.5), 1)
+        sec.row(**row)
+    torch.cuda.synchronize() if device != "cpu" else None
+    scores, found = index.search(queries, 10, exclude=histories)
+    some = min(len(queries), 256)  # batch 1 and 7 on the first 256 queries (time)
+    same = True
+    for batch, users in ((1, some), (7, some), (64, len(queries))):
+        parts = [index.search(queries[s:min(s + batch, users)], 10, exclude=histories[s:min(s + batch, users)])
+                 for s in range(0, users, batch)]
+        same &= np.array_equal(np.concatenate([p[1] for p in parts]), found[:users])
+        same &= np.concatenate([p[0] for p in parts]).tobytes() == scores[:users].tobytes()
+    sec.row(index="Flat", device=index.device, identical_for_batches_1_7_64_all=bool(same))
 
 
 def best_time(call: Callable[[], Any], repeat: int = 2) -> tuple[float, Any]:

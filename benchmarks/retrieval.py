@@ -7,7 +7,8 @@ exact Flat top-k for:
 
 - torch brute force, full stable sort (`brute_force_search`, the exact reference);
 - torch brute force with topk instead of a full sort (what PixelRec-style evaluation loops do);
-- FAISS Flat through `ItemIndex.search` (exact) and each approximate spec of `--specs`.
+- FAISS Flat through `ItemIndex.search_with_faiss`, the exact `ItemIndex.search` (torch), and each
+  approximate spec of `--specs`.
 
 Brute force is timed on a subset of users when N is large (`--bf-budget` = users x items scored);
 queries/s are per-query rates, so they compare directly. Example:
@@ -21,6 +22,18 @@ whole frontier (recall vs speed-up over Flat of every measured setting). Default
 
     python benchmarks/retrieval.py --target-recall 0.95 --k 10
     python benchmarks/retrieval.py --target-recall 0.95 --tune-specs HNSW32   # plain HNSW at 1M too
+
+`--exact` compares exact (Flat) search paths batch by batch instead: queries/s at each catalogue
+size for batches of `--batches` queries (default 1, 8, 64, 512, 4096), with `--history` excluded
+items per query, of FAISS's Flat search as `ItemIndex` ran it before (`search_with_faiss`), of
+today's `ItemIndex.search` (`pixelrec/index/exact.py`: fixed-shape torch products) and of a plain
+`torch.mm` + `torch.topk` of the same shapes without exclusions (the matrix-product limit); each
+batch's ids and scores are also compared, bit for bit, with one search of the first 64 queries.
+`--evaluate-scale 0.1,1` adds evaluation at the Pixel200K shape (users and items of
+benchmarks/pixel200k.py at that scale, the users' histories excluded, batches of 1,024, k 20) on
+at most `--evaluate-users` users, with the time for all users extrapolated:
+
+    OMP_NUM_THREADS=1 python benchmarks/retrieval.py --exact --evaluate-scale 0.1,1
 
 `--vectors fitted:RUN_DIR` replaces the synthetic clusters by vectors with a trained model's
 structure: Gaussian mixtures fitted to the run's item vectors (32 components) and to its users'
@@ -48,6 +61,7 @@ from pixelrec.index import tuning
 from pixelrec.index.faiss_index import ItemIndex, brute_force_search, split_ip_to_l2
 from pixelrec.runtime import set_quiet
 
+SAME_ROWS = 64  # exact mode: rows compared, bit for bit, between a batch size and one search of them
 NOISE = 1.5  # within-cluster spread vs unit-variance centres: clusters overlap, as real embeddings do
 
 
@@ -69,6 +83,10 @@ class Row:
 
 def int_list(text: str) -> list[int]:
     return [int(float(part)) for part in text.split(",") if part]
+
+
+def float_list(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part]
 
 
 def parse_args() -> argparse.Namespace:
@@ -95,6 +113,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tune-specs", default="auto",
                         help="tuning mode: 'auto' (the tuner's default candidates) or specs separated by ';' "
                              "(',RFlat' = refine step with k_factor 8)")
+    parser.add_argument("--exact", action="store_true", help="exact-search mode: batch sizes, before / now / limit")
+    parser.add_argument("--batches", type=int_list, default=[1, 8, 64, 512, 4096],
+                        help="exact mode: queries per search call, comma-separated")
+    parser.add_argument("--min-time", type=float, default=2.0,
+                        help="exact mode: seconds each method searches per measurement (at least one batch)")
+    parser.add_argument("--evaluate-scale", type=float_list, default=[],
+                        help="exact mode: Pixel200K scales to evaluate at (e.g. 0.1,1)")
+    parser.add_argument("--evaluate-users", type=int, default=20_000,
+                        help="exact mode: users searched per evaluate scale (time extrapolated to all)")
     args = parser.parse_args()
     if args.quick:
         args.items, args.users, args.dim = [10_000], min(args.users, 2000), args.dim[:1]
@@ -196,8 +223,9 @@ def measure_size(n_items: int, dim: int, args: argparse.Namespace) -> tuple[list
     batch = max(1, (1 << 24) // n_items)
 
     flat, flat_build = timed(ItemIndex.build, items, ids, device=args.device)
-    (_, exact), flat_s = timed(flat.search, queries, args.k, exclude=histories, repeat=args.repeat)
-    _, plain_s = timed(flat.search, queries, args.k, repeat=args.repeat)
+    (_, exact), flat_s = timed(flat.search_with_faiss, queries, args.k, exclude=histories, repeat=args.repeat)
+    _, plain_s = timed(flat.search_with_faiss, queries, args.k, repeat=args.repeat)
+    (_, now), now_s = timed(flat.search, queries, args.k, exclude=histories, repeat=args.repeat)
 
     (_, brute), brute_s = timed(brute_force_search, items, ids, queries[:bf_users], args.k,
                                 exclude=histories[:bf_users], device=args.device)
@@ -210,6 +238,8 @@ def measure_size(n_items: int, dim: int, args: argparse.Namespace) -> tuple[list
         Row("torch matmul+topk", bf_users / topk_s, recall_vs(topk, exact[:bf_users]), note=f"{bf_users} users"),
         Row("FAISS Flat", len(queries) / flat_s, 1.0, flat_build, flat.serialized_size() / 2**20),
         Row("FAISS Flat without exclusion", len(queries) / plain_s, note="plain top-k: cost of over-fetch + filter"),
+        Row("ItemIndex.search (Flat, torch)", len(queries) / now_s, recall_vs(now, exact),
+            note="the exact path ItemIndex.search takes (pixelrec/index/exact.py)"),
     ]
     nlist = round(4 * math.sqrt(n_items))
     for template in filter(None, args.specs.split(";")):
@@ -306,8 +336,112 @@ def measure_tuning(n_items: int, dim: int, args: argparse.Namespace) -> None:
     print(tuning.frontier_table(result.points, chosen))
 
 
+# --------------------------------------------------------------------------------- exact mode
+def matmul_limit(table: torch.Tensor, queries: np.ndarray, k: int, entries: int = 1 << 24) -> None:
+    """A plain torch.mm of the queries with the items [d, N], then torch.topk, in item chunks of
+    at most `entries` scores (no exclusions, no merge across chunks): what a matrix product costs."""
+    query = torch.from_numpy(queries).to(table.device)
+    chunk = max(k, entries // len(queries))
+    for start in range(0, table.shape[1], chunk):
+        top = torch.topk(torch.mm(query, table[:, start:start + chunk]), min(k, table.shape[1] - start), dim=1)
+    top.indices.cpu()  # waits for a GPU
+
+
+def rate(search, queries: np.ndarray, histories: list, batch: int, min_time: float) -> float:
+    """Queries/s of `search(queries, histories)` called on consecutive batches until `min_time` passed."""
+    done, start = 0, time.perf_counter()
+    while done == 0 or time.perf_counter() - start < min_time:
+        first = done % (len(queries) - batch + 1) if len(queries) > batch else 0
+        search(queries[first:first + batch], histories[first:first + batch])
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def exact_methods(index: ItemIndex, items: np.ndarray, k: int) -> dict:
+    """name -> search(queries, histories) of the three exact paths compared (the limit on the
+    index's device)."""
+    device = "cpu" if index.device.startswith("cpu") else index.device
+    table = torch.from_numpy(np.ascontiguousarray(items.T)).to(device)
+    return {"FAISS Flat (before)": lambda q, h: index.search_with_faiss(q, k, exclude=h),
+            "ItemIndex.search (now)": lambda q, h: index.search(q, k, exclude=h),
+            "torch.mm + topk (limit)": lambda q, h: matmul_limit(table, q, k)}
+
+
+def measure_exact(n_items: int, dim: int, args: argparse.Namespace) -> None:
+    """Exact mode at one catalogue size: queries/s per batch size of every method, interleaved."""
+    pool = max(max(args.batches), SAME_ROWS)
+    items, ids, queries, histories = synthetic(n_items, dim, pool, args.history, args.seed)
+    index = ItemIndex.build(items, ids)
+    methods = exact_methods(index, items, args.k)
+    reference = {name: methods[name](queries[:SAME_ROWS], histories[:SAME_ROWS]) for name in list(methods)[:2]}
+    print(f"\nN={n_items:,} items, d={dim}, k={args.k}, {args.history} excluded items/query, {index.describe()}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"{'batch':>6}" + "".join(f"{name:>26}" for name in methods) + f"{'now / before':>14}{'now / limit':>13}"
+          f"  first {SAME_ROWS} rows identical to one search of them (before / now)")
+    for batch in args.batches:
+        best = {name: 0.0 for name in methods}
+        for _ in range(args.repeat):
+            for name, search in methods.items():
+                best[name] = max(best[name], rate(search, queries, histories, batch, args.min_time))
+        same = []
+        for name in list(methods)[:2]:
+            parts = [methods[name](queries[s:s + batch], histories[s:s + batch])
+                     for s in range(0, max(batch, SAME_ROWS), batch)]
+            scores = np.concatenate([p[0] for p in parts])[:SAME_ROWS]
+            found = np.concatenate([p[1] for p in parts])[:SAME_ROWS]
+            same.append(np.array_equal(found, reference[name][1])
+                        and scores.tobytes() == reference[name][0].tobytes())
+        before, now, limit = best.values()
+        print(f"{batch:>6}" + "".join(f"{q:>26,.0f}" for q in best.values()) + f"{now / before:>13.1f}x"
+              f"{now / limit:>12.2f}x  {'yes' if same[0] else 'NO'} / {'yes' if same[1] else 'NO'}", flush=True)
+
+
+def measure_evaluate_shape(scale: float, args: argparse.Namespace) -> None:
+    """Exact mode: evaluation's searches at the Pixel200K shape (batches of 1,024 users, k 20)."""
+    from pixel200k import ITEMS, USERS, sequence_lengths
+
+    rng = np.random.default_rng(args.seed)
+    n_items, n_users = round(ITEMS * scale), round(USERS * scale)
+    users = min(n_users, args.evaluate_users)
+    lengths = sequence_lengths(scale, rng)[rng.permutation(n_users)[:users]]
+    items, ids, queries, _ = synthetic(n_items, 64, users, 0, args.seed)
+    # each user's history: all but the held-out target, random ids
+    histories = [rng.choice(ids, size=min(int(n) - 1, n_items), replace=False) for n in lengths]
+    index = ItemIndex.build(items, ids)
+    methods = exact_methods(index, items, 20)
+    times = {name: math.inf for name in methods}
+    for _ in range(args.repeat):
+        for name, search in methods.items():
+            start = time.perf_counter()
+            for first in range(0, users, 1024):
+                search(queries[first:first + 1024], histories[first:first + 1024])
+            times[name] = min(times[name], time.perf_counter() - start)
+    limit = times["torch.mm + topk (limit)"]
+    print(f"\nevaluate at the Pixel200K shape, scale {scale}: {n_users:,} users ({users:,} timed), {n_items:,} items, "
+          f"d 64, {np.mean(lengths) - 1:.1f} excluded items/user, batches of 1,024, k 20; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    for name, seconds in times.items():
+        print(f"  {name:<26} {seconds:8.1f} s for {users:,} users = {seconds * n_users / users:8.1f} s for all "
+              f"{n_users:,} ({seconds / limit:.2f}x the limit)", flush=True)
+
+
+def main_exact(args: argparse.Namespace) -> None:
+    set_quiet(True)
+    print(f"exact search benchmark: {os.cpu_count()} CPU cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads); "
+          f"queries/s, best of {args.repeat} interleaved runs of >= {args.min_time} s", flush=True)
+    for dim in args.dim if args.batches else []:  # --batches '': the evaluate shapes only
+        for n_items in args.items:
+            measure_exact(n_items, dim, args)
+    for scale in args.evaluate_scale:
+        measure_evaluate_shape(scale, args)
+
+
 def main() -> None:
     args = parse_args()
+    if args.exact:
+        main_exact(args)
+        return
     if args.target_recall is not None:
         set_quiet(False)  # the tuner's progress lines (bars stay off inside it)
         print(f"retrieval tuning benchmark: {os.cpu_count()} CPU cores, faiss {faiss.__version__} "

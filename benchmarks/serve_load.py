@@ -24,6 +24,15 @@ covers -> fit a frozen-tower SASRec), in a temporary directory:
 
     python benchmarks/serve_load.py                      # about 3 minutes on 2 cores
     python benchmarks/serve_load.py --run runs/frozen --requests 2000 --seconds 30
+
+`--flat-items N` measures instead the part of a served query that grows with the catalogue, at a
+size no quick run reaches: a Flat `ItemIndex` over N random 64-dimensional items (ids 1..N) behind
+the server's own `MicroBatcher` (window `--windows`' last value, the server's default max batch
+256), with 8 and 64 (`--clients`) concurrent asyncio clients, each sending one query vector with
+20 excluded items at a time; no HTTP and no user tower. Each configuration runs with FAISS's Flat
+search (`search_with_faiss`, the path before) and with `ItemIndex.search` (today's exact path):
+
+    OMP_NUM_THREADS=1 python benchmarks/serve_load.py --flat-items 1000000 --clients 8,64 --seconds 20
 """
 
 from __future__ import annotations
@@ -88,6 +97,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch / OpenMP threads of the server and of the in-process library (0 = their default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flat-items", type=int, default=0,
+                        help="measure the micro-batched search over a Flat index of this many items instead")
     return parser.parse_args()
 
 
@@ -321,11 +332,74 @@ def machine() -> str:
             f"torch threads {torch.get_num_threads()}")
 
 
+# ------------------------------------------------------------------------------------ --flat-items
+async def batched_load(compute, clients: int, window_ms: float, queries: np.ndarray, histories: list,
+                       max_requests: int, max_seconds: float) -> Load:
+    """`clients` tasks submitting one query at a time to a MicroBatcher over `compute`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pixelrec.runs.serving.batching import MicroBatcher
+
+    result = Load(clients, window_ms)
+    batches: list[int] = []
+    with ThreadPoolExecutor(1) as executor:
+        batcher = MicroBatcher(compute, executor, window_ms / 1000, 256, on_batch=batches.append)
+        started = time.perf_counter()
+        deadline = started + max_seconds
+
+        async def one_client(seed: int) -> None:
+            rng = random.Random(seed)
+            while result.requests < max_requests and time.perf_counter() < deadline:
+                row = rng.randrange(len(queries))
+                t0 = time.perf_counter()
+                await batcher.submit([(queries[row], histories[row])])
+                result.latencies_ms.append((time.perf_counter() - t0) * 1000)
+                result.requests += 1
+
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+        result.seconds = time.perf_counter() - started
+        await batcher.close()
+    result.mean_batch = sum(batches) / len(batches) if batches else None
+    return result
+
+
+def flat_index_load(args: argparse.Namespace) -> None:
+    """--flat-items: micro-batched exact search over a large Flat index, FAISS before against now."""
+    from pixelrec.index.faiss_index import ItemIndex
+
+    rng = np.random.default_rng(args.seed)
+    n = args.flat_items
+    started = time.perf_counter()
+    index = ItemIndex.build(rng.standard_normal((n, 64), dtype=np.float32), np.arange(1, n + 1, dtype=np.int64))
+    queries = rng.standard_normal((2000, 64), dtype=np.float32)
+    histories = [rng.integers(1, n + 1, 20) for _ in range(len(queries))]
+    window = [float(w) for w in args.windows.split(",")][-1]
+    print(f"Flat index over {n:,} items, d 64 (built in {time.perf_counter() - started:.0f} s); micro-batching "
+          f"window {window:g} ms, max batch 256, one query of k {args.k} and 20 excluded items per request; "
+          f"{machine()}")
+    paths = {"FAISS Flat (before)": index.search_with_faiss, "ItemIndex.search (now)": index.search}
+    print("| clients | search | requests | throughput (req/s) | p50 (ms) | p99 (ms) | mean batch |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for clients in [int(c) for c in args.clients.split(",")]:
+        for name, search in paths.items():
+            def compute(batch, search=search):
+                scores, ids = search(np.stack([q for q, _ in batch]), args.k, exclude=[h for _, h in batch])
+                return list(zip(ids, scores))
+            load = asyncio.run(batched_load(compute, clients, window, queries, histories, args.requests,
+                                            args.seconds))
+            batch = f"{load.mean_batch:.1f}" if load.mean_batch else "-"
+            print(f"| {clients} | {name} | {load.requests} | {load.throughput:.1f} | {load.percentile(50):.0f} | "
+                  f"{load.percentile(99):.0f} | {batch} |", flush=True)
+
+
 def main() -> None:
     args = parse_args()
     set_quiet(True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.flat_items:
+        flat_index_load(args)
+        return
     work = Path(tempfile.mkdtemp(prefix="pixelrec-serve-load-"))
     try:
         started = time.perf_counter()

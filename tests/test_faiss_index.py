@@ -45,6 +45,7 @@ def overlap(a, b):
     return np.mean([len(np.intersect1d(x, y)) / len(y) for x, y in zip(a, b)])
 
 
+@pytest.mark.smoke
 def test_flat_equals_brute_force_exactly(gaussian):
     vectors, ids, queries, histories = gaussian
     scores, found = ItemIndex.build(vectors, ids).search(queries, K, exclude=histories)
@@ -259,29 +260,33 @@ def test_cuda_device(gaussian):
     if not torch.cuda.is_available():
         with pytest.raises(PixelrecError, match="CUDA is not available"):
             ItemIndex.build(vectors, ids, device="cuda")
-    elif not hasattr(__import__("faiss"), "StandardGpuResources"):
-        with pytest.raises(PixelrecError, match=r"pixelrec\[gpu\]"):
-            ItemIndex.build(vectors, ids, device="cuda")
-    else:
-        gpu = ItemIndex.build(vectors, ids, device="cuda")
-        assert gpu.device.startswith("cuda")
+    else:  # an exact index searches with torch on the GPU: no faiss-gpu needed
+        gpu = ItemIndex.build(vectors, ids, device="cuda:0")
+        assert gpu.device == "cuda:0"
         _, ref = brute_force_search(vectors, ids, queries, K)
         np.testing.assert_array_equal(gpu.search(queries, K)[1], ref)
+        if not hasattr(__import__("faiss"), "StandardGpuResources"):
+            with pytest.raises(PixelrecError, match=r"pixelrec\[gpu\]"):
+                ItemIndex.build(vectors, ids, spec="IVF16", device="cuda:0")
     assert ItemIndex.build(vectors[:50], ids[:50], device="auto").device in ("cpu", "cuda:0")
 
 
 def test_one_faiss_call_per_group_without_ties(gaussian, monkeypatch):
-    """Rows are searched again only for ties at the cut, which continuous data does not have."""
+    """FAISS's own search (approximate indexes; Flat kept to compare with) searches rows again only
+    for ties at the cut, which continuous data does not have; it equals the exact search."""
     vectors, ids, queries, histories = gaussian
     index = ItemIndex.build(vectors, ids)
     calls = []
     search = index._faiss_search
     monkeypatch.setattr(index, "_faiss_search", lambda q, fetch: calls.append(fetch) or search(q, fetch))
-    index.search(queries, K)
+    found = index.search_with_faiss(queries, K)[1]
     assert calls == [K + 1]
+    np.testing.assert_array_equal(found, index.search(queries, K)[1])
     calls.clear()
-    index.search(queries[:2], K, exclude=[ids[:20], ids[:3]])
+    index.search_with_faiss(queries[:2], K, exclude=[ids[:20], ids[:3]])
     assert sorted(calls) == [K + 4 + 1, K + 32 + 1]
+    index.search(queries[:2], K, exclude=[ids[:20], ids[:3]])
+    assert len(calls) == 2  # the exact (Flat) search does not go through FAISS
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Evaluation (PixelRec's protocol): user vectors searched against the item index, the user's history excluded.
 
-Full ranking over the whole catalogue: the exact (Flat) FAISS top-k equals a brute-force full sort,
+Full ranking over the whole catalogue: the exact (Flat) top-k (`ItemIndex.search`, whose results
+do not depend on how users are batched) equals a brute-force full sort,
 so Recall@k / NDCG@k are the PixelRec protocol's. A user's earlier items (for test: training items
 and the validation item) are excluded from the ranking, as in the reference code, so a target that
 repeats an earlier item counts as a miss. Reports break the metrics down by the target's

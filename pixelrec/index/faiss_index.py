@@ -5,16 +5,24 @@
 L2-normalised, then inner product). Results are item vocabulary ids (int64, never 0; -1 marks
 padding), kept through `faiss.IndexIDMap`.
 
+An exact (Flat) index on the CPU or one GPU is not searched by FAISS: `ExactSearch`
+(pixelrec/index/exact.py) scores the items with torch matrix products of one fixed shape, so a
+query's ids and scores do not depend on the batch it came in, and runs at the speed of a matrix
+product for any batch size (FAISS uses BLAS only from 2,000 queries at d 64). FAISS still holds
+the index (files, additions) and searches every approximate index, and a Flat index spread over
+several GPUs (`search_with_faiss`).
+
 Conventions shared by `ItemIndex.search` and the torch reference `brute_force_search`:
 
 - each user's excluded ids (their history) never appear in the results;
 - rows are sorted by score (descending); equal scores are ordered by the **smaller item id first**,
   so for the exact (Flat) index both give identical lists, ties included, whenever the two score
-  computations agree bit for bit (FAISS and torch use different BLAS kernels, which can differ in
-  the last float32 bit; that can only swap items whose scores agree to ~1e-7 relative);
+  computations agree bit for bit (a BLAS can round a product of 1-3 rows differently from one of
+  more rows; that can only swap items whose scores agree to ~1e-7 relative);
 - rows with fewer than k eligible items (tiny catalogue, long history) end with id -1, score -inf.
 
-History exclusion is exact: a user with h excluded ids is searched for k + h' + 1 candidates
+The exact search sets the excluded ids' scores to -inf. FAISS's search excludes exactly too: a
+user with h excluded ids is searched for k + h' + 1 candidates
 (h' = h rounded up to a power of two, so users are grouped into few over-fetch sizes), the
 excluded ids are dropped and the first k kept; at most h candidates can be dropped, so k remain.
 The one spare candidate shows whether the k-th score is tied with items that were not fetched;
@@ -44,6 +52,7 @@ import torch
 
 from ..errors import PixelrecError
 from ..runtime import atomic_path, file_sha256, log, progress, resolve_device, write_json
+from .exact import ExactSearch
 
 METRICS = ("ip", "cosine")
 EXAMPLE_SPECS = ("Flat", "IVF1024,Flat", "IVF1024,PQ16", "HNSW32", "OPQ16,IVF1024,PQ16", "PQ16", "SQ8")
@@ -77,7 +86,13 @@ class ItemIndex:
         self._sorted_ids = ids[self._order]
         self._is_exact = isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
         self._params = _read_params(index)
-        self._index, self._device, self._gpu_resources = _place(index, device, spec, gpu_layout)
+        exact_device = _exact_device(device, gpu_layout) if self._is_exact else None
+        if exact_device is None:
+            self._index, self._device, self._gpu_resources = _place(index, device, spec, gpu_layout)
+        else:  # FAISS keeps the CPU index (files, adds); searches run in torch on exact_device
+            self._index, self._device, self._gpu_resources = index, str(exact_device), None
+        self._faiss_on_gpu = self._index is not index
+        self._exact = self._exact_search() if exact_device is not None else None
         self._cpu_copy: faiss.Index | None = None
 
     # ----------------------------------------------------------------------------- construction
@@ -192,7 +207,7 @@ class ItemIndex:
     # ----------------------------------------------------------------------------- changes
     def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Change nprobe (IVF) and/or efSearch (HNSW) without rebuilding; None leaves a value as is."""
-        _set_params(self._index, self.spec, nprobe, ef_search, gpu=self._device != "cpu")
+        _set_params(self._index, self.spec, nprobe, ef_search, gpu=self._faiss_on_gpu)
         self._params.update({k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None})
         self._cpu_copy = None
 
@@ -220,6 +235,8 @@ class ItemIndex:
         self._order = np.argsort(self._ids, kind="stable")
         self._sorted_ids = self._ids[self._order]
         self._cpu_copy = None
+        if self._exact is not None:
+            self._exact = self._exact_search()
 
     # ----------------------------------------------------------------------------- queries
     def search(self, queries: np.ndarray, k: int,
@@ -229,8 +246,33 @@ class ItemIndex:
         `exclude[u]` lists item ids user u must not get (their history; ids not in the index are
         harmless). See the module docstring for the ordering, tie and padding conventions; an
         approximate index can also pad a row when its nprobe / efSearch reaches too few items.
-        Queries are grouped by over-fetch size and processed in chunks, so memory stays bounded.
+        An exact (Flat) index on one device searches with `ExactSearch` (pixelrec/index/exact.py):
+        matrix products of one fixed shape, so results do not depend on the batch; other indexes
+        (and Flat over several GPUs) with FAISS, see `search_with_faiss`. Queries are processed in
+        chunks, so memory stays bounded.
         """
+        if self._exact is None:
+            return self.search_with_faiss(queries, k, exclude)
+        queries = _prepare_queries(queries, self.dim, self.metric)
+        _check_k(k, self.ntotal)
+        excluded = _exclusion_lists(exclude, len(queries))
+        scores = np.empty((len(queries), k), dtype=np.float32)
+        ids = np.empty((len(queries), k), dtype=np.int64)
+        step = max(1, _CHUNK_ENTRIES // k)
+        with progress(total=len(queries), desc="search", unit="user") as bar:
+            for start in range(0, len(queries), step):
+                part = slice(start, start + step)
+                scores[part], ids[part] = self._exact.search(queries[part], k, excluded[part])
+                bar.update(len(scores[part]))
+        return scores, ids
+
+    def search_with_faiss(self, queries: np.ndarray, k: int,
+                          exclude: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`search` through the FAISS index itself, whatever its kind: approximate indexes always
+        search this way; for a Flat index it is the path before `ExactSearch`, kept to compare
+        with (`benchmarks/retrieval.py --exact`). Users are grouped by over-fetch size (see the
+        module docstring); a Flat index's results may then differ in the last bit between batch
+        sizes (FAISS uses BLAS only from 2,000 queries at d 64)."""
         queries = _prepare_queries(queries, self.dim, self.metric)
         _check_k(k, self.ntotal)
         excluded = _exclusion_lists(exclude, len(queries))
@@ -293,7 +335,7 @@ class ItemIndex:
         the exact inner products, so its rows are ranked like every other index's."""
         data = queries if self._radius is None else _with_extra_coordinate(queries, np.zeros(len(queries)))
         index = self._index
-        if self._device != "cpu" and fetch > GPU_MAX_K:
+        if self._faiss_on_gpu and fetch > GPU_MAX_K:
             if self._cpu_copy is None:
                 self._cpu_copy = self._cpu_index()
             index = self._cpu_copy
@@ -318,7 +360,12 @@ class ItemIndex:
         return scores
 
     def _cpu_index(self) -> faiss.Index:
-        return self._index if self._device == "cpu" else faiss.index_gpu_to_cpu(self._index)
+        return faiss.index_gpu_to_cpu(self._index) if self._faiss_on_gpu else self._index
+
+    def _exact_search(self) -> ExactSearch:
+        """The torch exact search over the current vectors (as searched: normalised for cosine)."""
+        return ExactSearch(_for_metric(np.asarray(self._vectors, dtype=np.float32), self.metric), self._ids,
+                           torch.device(self._device))
 
 
 def brute_force_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int,
@@ -563,6 +610,19 @@ def _faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def _exact_device(device: str, gpu_layout: str) -> torch.device | None:
+    """Where an exact index searches with `ExactSearch` (torch; no faiss-gpu needed): the CPU or one
+    GPU. None for "cuda" on a machine with several GPUs: FAISS's multi-GPU Flat (`_place`)."""
+    if gpu_layout not in GPU_LAYOUTS:
+        raise PixelrecError(f"unknown GPU layout {gpu_layout!r}; expected one of {', '.join(GPU_LAYOUTS)}")
+    target = resolve_device(device)
+    if target.type != "cuda":
+        return torch.device("cpu")
+    if target.index is None and torch.cuda.device_count() > 1:
+        return None
+    return torch.device("cuda", target.index or 0)
+
+
 def _place(index: faiss.Index, device: str, spec: str, gpu_layout: str = "shard") -> tuple[faiss.Index, str, Any]:
     """(index to search, device name, GPU resources to keep alive) for the requested device."""
     if gpu_layout not in GPU_LAYOUTS:
@@ -721,3 +781,10 @@ def _check_consistent(directory: Path, meta: dict[str, Any], index: faiss.Index,
         if len(set(values.values())) > 1:
             listing = ", ".join(f"{name} {value}" for name, value in values.items())
             raise PixelrecError(f"{directory}: inconsistent {what} ({listing}); {_REBUILD_HINT}")
+    # files from elsewhere: the ids must be usable as table rows, and the ones FAISS answers with
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or (len(ids) and int(ids.min()) < 0) or \
+            len(np.unique(ids)) != len(ids) or vectors.dtype.kind != "f":
+        raise PixelrecError(f"{directory}: {IDS_FILE} must hold distinct non-negative integer ids and {VECTORS_FILE} "
+                            f"floats; {_REBUILD_HINT}")
+    if not np.array_equal(faiss.vector_to_array(index.id_map), ids):
+        raise PixelrecError(f"{directory}: {INDEX_FILE} maps its vectors to other ids than {IDS_FILE}; {_REBUILD_HINT}")
