@@ -1,11 +1,13 @@
-"""The softmax cost rule against measured training steps (`--softmax auto`, README "Performance").
+"""The softmax cost rule against measured training steps (`--softmax auto`, docs/performance.md).
 
 For catalogues of several sizes (random sequences, id tower, default SASRec or GRU4Rec, batch 128)
-it prints what the rule models (trained positions per step, the full softmax's share of a step,
-its choice and negatives) beside measured steps (forward, backward and AdamW; median of 20 after 5
-warm-up steps, one thread): the full softmax's step, the sampled softmax's step with the rule's
-negatives, and the full softmax's measured share of its step, taken as 1 - (the step without any
-softmax) / (the full step). The rule switches where that share passes `full_softmax_max_share` (0.5).
+it prints what the rule models on CPU (trained positions per step, the full softmax's share of a
+step, the negatives it weighs, the modelled saving of a sampled step and its choice) beside measured
+steps (forward, backward and AdamW; median of 20 after 5 warm-up steps, one thread): the full
+softmax's step, the sampled softmax's step with the weighed negatives, and the full softmax's
+measured share of its step, taken as 1 - (the step without any softmax) / (the full step). The rule
+samples where the modelled saving is at least 3x (`losses.MIN_SAVING`); the measured full / sampled
+column is the saving it models. Test quality of the choice: benchmarks/softmax_quality.py.
 
     python benchmarks/softmax_choice.py [--items 1682,5000,10000,30000,96282] [--model sasrec]
 
@@ -130,9 +132,9 @@ def main() -> None:
 
     set_quiet(True)
     print(f"{args.model}, id tower, defaults, batch 128, {args.threads} thread(s)")
-    print("| items | positions/step | modelled full share | rule | full step ms | no-softmax step ms | "
-          "measured full share | sampled step ms (rule's negatives) | full / sampled |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    print("| items | positions/step | modelled full share | modelled saving | rule | full step ms | "
+          "no-softmax step ms | measured full share | sampled step ms (weighed negatives) | full / sampled |")
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for n in [int(x) for x in args.items.split(",")]:
         data = random_data(n)
         cfg = FitConfig(interactions="-", out="-")
@@ -145,8 +147,8 @@ def main() -> None:
         sampled = step_ms(data, args.model, "sampled", negatives)
         rule = "full" if plan.full else f"sampled, {plan.negatives} negatives"
         print(f"| {n:,} | {cfg.train.batch_size * mean_trained_per_window(cfg, data):.0f} | {plan.full_share:.2f} | "
-              f"{rule} | {full:.1f} | {bare:.1f} | {1 - bare / full:.2f} | {sampled:.1f} ({negatives}) | "
-              f"{full / sampled:.1f}x |", flush=True)
+              f"{plan.saving:.1f}x | {rule} | {full:.1f} | {bare:.1f} | {1 - bare / full:.2f} | "
+              f"{sampled:.1f} ({negatives}) | {full / sampled:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

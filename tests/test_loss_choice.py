@@ -1,5 +1,6 @@
 """The softmax choice by modelled cost (`losses.plan_softmax`, `build.resolve_softmax`): the cost
-model's arithmetic against hand-computed cases, the positions and distinct targets it counts against
+model's arithmetic against hand-computed cases (the issue's 24K-item setting, a million items, CPU
+against CUDA, the quarter cap), the positions and distinct targets it counts against
 the real windows and brute force, what `fit` records in config.json, and the explicit overrides."""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pixelrec.recommend.build import (
     softmax_plan,
 )
 from pixelrec.recommend.config import FitConfig
-from pixelrec.recommend.losses import logit_macs, plan_softmax, sequence_macs
+from pixelrec.recommend.losses import device_kind, logit_macs, plan_softmax, sequence_macs
 from pixelrec.recommend.towers import IdTower
 from pixelrec.runs.fit import fit
 
@@ -59,47 +60,93 @@ def test_sequence_macs_hand_cases():
     assert logit_macs(64) == 192
 
 
-def test_full_softmax_while_it_costs_at_most_the_rest_of_the_step():
-    # 100 items, 10 positions, d 4: a candidate costs 10 * 12 = 120, the full softmax 12,000
+SASREC_REST = 3 * 2_560 * 2 * (4 * 64**2 + 8 * 64**2 + 40 * 64)  # SASRec defaults, batch 128: 794,296,320
+
+
+@pytest.mark.smoke
+def test_full_softmax_where_sampling_saves_little():
+    # 100 items: 4,096 negatives (the rule's fewest) would be more than a quarter of the catalogue
     plan = plan_softmax(100, positions=10, dim=4, other_macs=12_000)
-    assert plan.full and plan.negatives == 0 and plan.full_macs == 12_000 and plan.full_share == 0.5
-    # a share of 0.25 allows 4,000 (= 12,000 * 0.25 / 0.75)
-    assert plan_softmax(100, positions=10, dim=4, other_macs=36_000, max_share=0.25).full
-    assert not plan_softmax(100_000, positions=10, dim=4, other_macs=35_999, max_share=0.25).full
+    assert plan.full and plan.full_macs == 12_000 and plan.full_share == 0.5 and plan.negatives == 4_096
+    assert plan.reason == "4,096 negatives would be more than a quarter of the 100 items"
+    assert plan_softmax(16_383, positions=10, dim=64, other_macs=1.0).full  # never under 4 x 4,096 items
+    assert not plan_softmax(16_384, positions=10, dim=64, other_macs=1.0).full  # 16,384 / 4,106 = 4x cheaper
+    # 10,000 items, 100 positions, d 10: full 3e7; the budget 2e7 buys (6,666.7 - 100) / 0.99 = 6,633
+    # negatives, capped at 2,500 -> 2,304 (with a floor of 1,024); sampled (100 + 2,304 x 0.99) x 3,000 =
+    # 7.14e6: the step is (2e7 + 3e7) / (2e7 + 7.14e6) = 1.84x cheaper, short of 3x
+    plan = plan_softmax(10_000, positions=100, dim=10, other_macs=2e7, min_negatives=1024)
+    assert plan.full and plan.negatives == 2_304
+    assert plan.sampled_macs == pytest.approx((100 + 2_304 * 0.99) * 3_000)
+    assert plan.saving == pytest.approx(5e7 / (2e7 + (100 + 2_304 * 0.99) * 3_000))
+    assert plan.reason == "sampling 2,304 negatives would make the step only 1.8x cheaper (< 3x)"
 
 
 def test_sampled_negatives_are_what_the_budget_buys():
     # 100,000 items, 100 positions, d 10: a candidate costs 3,000; budget 3e7 buys 10,000 candidates;
     # 100 are in-batch targets, and a uniform negative is new with probability 1 - 100/1e5:
-    # (10,000 - 100) / 0.999 = 9,909.9 -> 9,728 (multiples of 256)
+    # (10,000 - 100) / 0.999 = 9,909.9 -> 9,728 (multiples of 256); the step: 3.3e8 against
+    # 3e7 + (100 + 9,728 x 0.999) x 3,000 = 5.945e7, 5.55x cheaper
     plan = plan_softmax(100_000, positions=100, dim=10, other_macs=3e7)
     assert not plan.full and plan.negatives == 9_728
     assert plan.full_macs == 3e8 and plan.full_share == pytest.approx(3e8 / 3.3e8)
-    # a small budget still gets min_negatives
-    assert plan_softmax(100_000, positions=100, dim=10, other_macs=3e5).negatives == 1024
+    assert plan.saving == pytest.approx(3.3e8 / (3e7 + (100 + 9_728 * 0.999) * 3_000))
+    # a small budget still gets min_negatives: the rule's 4,096 by default
+    assert plan_softmax(100_000, positions=100, dim=10, other_macs=3e5).negatives == 4_096
+    assert plan_softmax(100_000, positions=100, dim=10, other_macs=3e5, min_negatives=1024).negatives == 1024
     # the tower's per-item cost is paid per candidate: 3,000 + 7,000 per candidate -> 3,000 candidates
     # (3,000 - 100) / 0.999 = 2,902.9 -> 2,816
-    assert plan_softmax(100_000, positions=100, dim=10, other_macs=3e7, item_macs=7_000).negatives == 2_816
+    assert plan_softmax(100_000, positions=100, dim=10, other_macs=3e7, item_macs=7_000,
+                        min_negatives=1024).negatives == 2_816
 
 
-def test_full_softmax_is_kept_when_sampling_would_still_score_half_the_catalogue():
-    # 4,000 items, 2,500 distinct in-batch targets: full costs 4,000 x 3,000 = 1.2e7 > budget 1e7; the
-    # budget buys (3,333 - 2,500) / 0.375 = 2,222 -> 2,048 negatives, and the sampled softmax would score
-    # 2,500 + 2,048 * (1 - 2,500/4,000) = 3,268 > 2,000 items
-    plan = plan_softmax(4_000, positions=1_000, dim=1, other_macs=1e7, batch_items=2_500)
-    assert plan.full
-    # 300 distinct targets, budget 4e6: (1,333 - 300) / 0.925 = 1,117 -> 1,024 negatives;
-    # 300 + 1,024 * 0.925 = 1,247 <= 2,000: it samples
-    plan = plan_softmax(4_000, positions=1_000, dim=1, other_macs=4e6, batch_items=300)
-    assert not plan.full and plan.negatives == 1024
+def test_the_issues_24k_catalogue_keeps_the_full_softmax():
+    # SASRec defaults on 24,000 items with 372 trained positions and 340 distinct targets a step: the
+    # former rule (negatives up to the budget, up to half the catalogue) took (794,296,320 / 71,424 -
+    # 340) / (1 - 340 / 24,000) = 10,935 -> 10,752 negatives, 45% of the catalogue. Now: at most a
+    # quarter (5,888), and the step would be only (7.94e8 + 1.714e9) / (7.94e8 + 6,144.6 x 71,424) =
+    # 2.0x cheaper: full.
+    per_candidate = 372 * 192
+    assert (SASREC_REST / per_candidate - 340) / (1 - 340 / 24_000) // 256 * 256 == 10_752
+    plan = plan_softmax(24_000, positions=372, dim=64, other_macs=SASREC_REST, batch_items=340)
+    assert plan.full and plan.negatives == 5_888
+    assert plan.saving == pytest.approx((SASREC_REST + 24_000 * per_candidate)
+                                        / (SASREC_REST + (340 + 5_888 * (1 - 340 / 24_000)) * per_candidate))
+    assert 2.0 < plan.saving < 2.1
 
 
-def test_sampled_candidates_stop_at_half_the_catalogue():
-    # 10,000 items, 100 positions, d 10: full = 3e7 > budget 2e7; the budget buys (6,666.7 - 100) / 0.99
-    # = 6,633 negatives, but half the catalogue is (5,000 - 100) / 0.99 = 4,949.5 -> 4,864
-    plan = plan_softmax(10_000, positions=100, dim=10, other_macs=2e7)
-    assert not plan.full and plan.negatives == 4_864
-    assert plan_softmax(10_000, positions=100, dim=10, other_macs=3e7).full  # 3e7 <= budget 3e7
+def test_a_million_items_sample_on_cpu_and_cuda():
+    # 1,000 positions, 900 distinct targets: a candidate costs 192,000 on CPU; the budget buys (4,137 - 900)
+    # / 0.9991 = 3,240 -> 3,072 negatives, raised to the rule's 4,096; the step is
+    # 1.928e11 / (7.94e8 + (900 + 4,096 x 0.9991) x 192,000) = 110x cheaper
+    cpu = plan_softmax(1_000_000, positions=1_000, dim=64, other_macs=SASREC_REST, batch_items=900)
+    assert not cpu.full and cpu.negatives == 4_096 and 109.5 < cpu.saving < 110.5
+    # CUDA counts a logit at a tenth: the same budget buys 10x the candidates: (41,370 - 900) / 0.9991 =
+    # 40,506 -> 40,448 negatives, still 4% of the catalogue and a 12.6x cheaper step
+    cuda = plan_softmax(1_000_000, positions=1_000, dim=64, other_macs=SASREC_REST, batch_items=900, device="cuda")
+    assert not cuda.full and cuda.negatives == 40_448 and 12 < cuda.saving < 13
+    assert cuda.full_macs == pytest.approx(cpu.full_macs / 10)
+
+
+def test_cpu_and_cuda_differ_at_50k_items():
+    # 50,000 items, 1,000 positions: sampling makes a CPU step 6.0x cheaper, a CUDA step 1.7x: CUDA keeps full
+    cpu = plan_softmax(50_000, positions=1_000, dim=64, other_macs=SASREC_REST, batch_items=900)
+    cuda = plan_softmax(50_000, positions=1_000, dim=64, other_macs=SASREC_REST, batch_items=900, device="cuda")
+    assert not cpu.full and cpu.negatives == 4_096 and 5.9 < cpu.saving < 6.1
+    assert cuda.full and 1.6 < cuda.saving < 1.8 and cuda.reason.endswith("(< 3x)")
+    assert device_kind(torch.device("cuda", 1)) == device_kind("cuda:0") == "cuda"
+    assert device_kind(torch.device("cpu")) == device_kind("mps") == "cpu"  # uncalibrated devices: CPU's constants
+
+
+def test_never_more_negatives_than_a_quarter_of_the_catalogue():
+    # a generous budget (share 0.9: 9x the rest of the step) would buy (90,000 - 100) / 0.999 = 89,990
+    # negatives; the cap is 25,000 -> 24,832, and the step is still 3.3e8 / (3e7 + 7.45e7) = 3.15x cheaper
+    plan = plan_softmax(100_000, positions=100, dim=10, other_macs=3e7, max_share=0.9)
+    assert not plan.full and plan.negatives == 24_832
+    for items, positions, rest, share in itertools.product((3_000, 4_096, 20_000, 250_000), (50, 1_000),
+                                                          (1e6, 1e8, 1e10), (0.5, 0.9)):
+        plan = plan_softmax(items, positions=positions, dim=64, other_macs=rest, max_share=share)
+        assert plan.full or (plan.negatives <= items / 4 and plan.saving >= 3), (items, positions, rest, share)
+        assert plan.full or plan.negatives >= 4_096
 
 
 def test_expected_distinct_targets_brute_force():
@@ -131,7 +178,7 @@ def test_small_catalogue_keeps_the_full_softmax():
 
 
 def test_large_catalogue_samples_with_the_planned_negatives():
-    data = random_data(20_000, users=2_000)
+    data = random_data(40_000, users=4_000)
     cfg = config()
     tower = build_tower(cfg, data)
     plan = softmax_plan(cfg, data, tower)
@@ -139,14 +186,19 @@ def test_large_catalogue_samples_with_the_planned_negatives():
     # positions; the full softmax: every item with training interactions x positions x 192
     positions = 128 * mean_trained_per_window(cfg, data)
     known = int((data.train_counts[1:] > 0).sum())
-    assert 18_000 < known < 20_000  # some items occur only as a validation or test target
+    assert 36_000 < known < 40_000  # some items occur only as a validation or test target
     assert plan.other_macs == 3 * 2_560 * 2 * (4 * 64**2 + 8 * 64**2 + 40 * 64)
     assert plan.full_macs == pytest.approx(known * positions * 192, rel=1e-12)
-    assert not plan.full and plan.negatives >= 1024 and plan.negatives % 256 == 0
+    assert not plan.full and plan.negatives >= 4_096 and plan.negatives % 256 == 0
     resolve_softmax(cfg, data, tower)
     assert cfg.loss.softmax == "sampled" and cfg.loss.negatives == plan.negatives
     model = build_recommender(config(), data)  # build_recommender resolves the same way
     assert not model.loss_cfg.use_full_softmax(model.tower) and model.loss_cfg.uniform_negatives() == plan.negatives
+    assert model.softmax_choice["decided_by"] == "auto" and model.softmax_choice["negatives"] == plan.negatives
+    # on CUDA the same 40K items keep the full softmax (a logit counts a tenth: sampling saves < 3x)
+    cuda = build_recommender(config(), data, torch.device("cuda", 0))
+    assert cuda.loss_cfg.use_full_softmax(cuda.tower) and cuda.softmax_choice["device"] == "cuda"
+    assert cuda.softmax_choice["rule"] == "full" and cuda.softmax_choice["saving"] < 3
 
 
 def test_explicit_choices_win():
@@ -201,15 +253,45 @@ def test_fit_records_the_resolved_choice_and_resumes(tmp_path):
     ds = synth_dataset()
     cfg = tiny_config(ds.interactions, tmp_path / "run", epochs=1)
     fit(cfg)
-    loss = json.loads((tmp_path / "run" / "config.json").read_text())["config"]["loss"]
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    loss, choice = meta["config"]["loss"], meta["softmax"]
     assert loss["softmax"] == "full" and loss["negatives"] == 0  # 80 items: the full softmax is cheap
+    # the modelled costs behind it: 4,096 negatives are more than a quarter of the catalogue
+    assert choice["softmax"] == "full" and choice["rule"] == "full" and choice["decided_by"] == "auto"
+    assert choice["device"] == "cpu" and choice["logit_weight"] == 1.0 and choice["weighed_negatives"] == 4_096
+    assert choice["reason"].startswith("4,096 negatives would be more than a quarter of the ")
+    rest = choice["rest_of_step_macs"]
+    assert rest > 0 and choice["full_step_macs"] > rest and choice["sampled_step_macs"] > rest
+    assert choice["saving"] == pytest.approx(choice["full_step_macs"] / choice["sampled_step_macs"], abs=1e-3)
     again = tiny_config(ds.interactions, tmp_path / "run", epochs=2)
     fit(again, resume=True)  # the same settings resolve the same way: the resume is accepted
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["loss"]["softmax"] == "full"
     sampled = tiny_config(ds.interactions, tmp_path / "sampled", epochs=1, negatives=16)
     fit(sampled)
-    loss = json.loads((tmp_path / "sampled" / "config.json").read_text())["config"]["loss"]
-    assert (loss["softmax"], loss["negatives"]) == ("sampled", 16)
+    meta = json.loads((tmp_path / "sampled" / "config.json").read_text())
+    assert (meta["config"]["loss"]["softmax"], meta["config"]["loss"]["negatives"]) == ("sampled", 16)
+    assert (meta["softmax"]["decided_by"], meta["softmax"]["rule"]) == ("--negatives 16", "full")
+
+
+def test_resume_keeps_the_rules_choice_of_the_run(tmp_path):
+    """The rule's choice depends on the device: a run it sampled (say on CPU) resumes sampled where the
+    rule now picks full (say on CUDA), instead of being refused for different settings."""
+    ds = synth_dataset()
+    fit(tiny_config(ds.interactions, tmp_path / "run", epochs=1))
+    path = tmp_path / "run" / "config.json"
+    meta = json.loads(path.read_text())
+    meta["config"]["loss"].update(softmax="sampled", negatives=16)  # as if the rule had sampled 16
+    meta["softmax"].update(softmax="sampled", negatives=16, rule="sampled")
+    path.write_text(json.dumps(meta))
+    fit(tiny_config(ds.interactions, tmp_path / "run", epochs=2), resume=True)
+    after = json.loads(path.read_text())
+    assert (after["config"]["loss"]["softmax"], after["config"]["loss"]["negatives"]) == ("sampled", 16)
+    assert after["softmax"]["rule"] == "sampled"  # the run's own record is kept
+    # an explicit --softmax full is not the rule's choice: it is refused as a different setting
+    full = tiny_config(ds.interactions, tmp_path / "run", epochs=3)
+    full.loss.softmax = "full"
+    with pytest.raises(PixelrecError, match="different settings"):
+        fit(full, resume=True)
 
 
 def test_a_run_from_before_the_rule_resumes(tmp_path):

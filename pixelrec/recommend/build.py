@@ -11,7 +11,7 @@ from ..errors import PixelrecError
 from .batches import window_bounds
 from .config import MIN_NEGATIVES, FitConfig
 from .image_towers import build_image_tower
-from .losses import SoftmaxPlan, plan_softmax, sequence_macs
+from .losses import SoftmaxPlan, device_kind, plan_softmax, sequence_macs
 from .model import Recommender
 from .sequence import build_sequence_encoder
 from .towers import IdTower, ItemTower
@@ -24,27 +24,33 @@ def build_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
     return build_image_tower(cfg, data)
 
 
-def build_recommender(cfg: FitConfig, data: SequenceData) -> Recommender:
-    """The model `cfg` describes; resolves `cfg.loss` (full or sampled softmax, the negatives) first."""
+def build_recommender(cfg: FitConfig, data: SequenceData, device: object = "cpu") -> Recommender:
+    """The model `cfg` describes; resolves `cfg.loss` (full or sampled softmax, the negatives) first,
+    for training on `device` (the cost rule's constants depend on it). `model.softmax_choice` holds
+    what config.json records about the choice (`softmax_choice`; None for bpr)."""
     counts = torch.from_numpy(data.train_counts.astype("float64"))
     popularity = counts / counts.sum().clamp(min=1)
     tower = build_tower(cfg, data)
-    resolve_softmax(cfg, data, tower)
-    return Recommender(
+    asked = (cfg.loss.softmax, cfg.loss.negatives)
+    plan = resolve_softmax(cfg, data, tower, device)
+    model = Recommender(
         tower=tower,
         encoder=build_sequence_encoder(cfg.model),
         max_len=cfg.model.max_len,
         loss=cfg.loss,
         popularity=popularity,
     )
+    model.softmax_choice = softmax_choice(cfg, plan, tower, *asked)
+    return model
 
 
-def resolve_softmax(cfg: FitConfig, data: SequenceData, tower: ItemTower) -> SoftmaxPlan | None:
+def resolve_softmax(cfg: FitConfig, data: SequenceData, tower: ItemTower, device: object = "cpu"
+                    ) -> SoftmaxPlan | None:
     """Settle `cfg.loss.softmax` to full or sampled and, for sampled, `cfg.loss.negatives` to the count
     used, so that config.json records what trained. Returns the cost rule's plan (None for bpr).
 
-    --softmax auto (the default) follows `plan_softmax`: full softmax while its modelled cost is at
-    most `full_softmax_max_share` of a step, else sampled with the negatives the same budget buys.
+    --softmax auto (the default) follows `plan_softmax`: sampled only where the modelled step is at
+    least 3x cheaper with 4,096 or more negatives, at most a quarter of the catalogue; else full.
     Towers that are not cheap (image blocks run per item) always sample; --negatives N means sampled
     with N; --softmax full|sampled is kept as given.
     """
@@ -55,7 +61,7 @@ def resolve_softmax(cfg: FitConfig, data: SequenceData, tower: ItemTower) -> Sof
         raise PixelrecError(f"--softmax full needs every item's vector at every step, which --items "
                             f"{cfg.items.kind} cannot afford (it runs image blocks per item); use --softmax "
                             f"sampled or auto")
-    plan = softmax_plan(cfg, data, tower)
+    plan = softmax_plan(cfg, data, tower, device)
     if loss.softmax == "auto":
         loss.softmax = "full" if plan.full and tower.cheap and not loss.negatives else "sampled"
     if loss.softmax == "sampled" and not loss.negatives:
@@ -63,15 +69,32 @@ def resolve_softmax(cfg: FitConfig, data: SequenceData, tower: ItemTower) -> Sof
     return plan
 
 
-def softmax_plan(cfg: FitConfig, data: SequenceData, tower: ItemTower) -> SoftmaxPlan:
-    """The cost rule's plan for this configuration and data (see `losses.plan_softmax`)."""
+def softmax_choice(cfg: FitConfig, plan: SoftmaxPlan | None, tower: ItemTower, asked_softmax: str,
+                   asked_negatives: int) -> dict | None:
+    """config.json's "softmax" object: the rule's modelled costs and choice (`SoftmaxPlan.record`), what
+    trained, and what decided it (the rule, an option, or a tower that runs image blocks per item)."""
+    if plan is None:
+        return None
+    if asked_negatives:
+        decided = f"--negatives {asked_negatives}"
+    elif asked_softmax != "auto":
+        decided = f"--softmax {asked_softmax}"
+    elif not tower.cheap:
+        decided = f"--items {cfg.items.kind} (image blocks per item: always sampled)"
+    else:
+        decided = "auto"
+    return {**plan.record(), "softmax": cfg.loss.softmax, "negatives": cfg.loss.negatives, "decided_by": decided}
+
+
+def softmax_plan(cfg: FitConfig, data: SequenceData, tower: ItemTower, device: object = "cpu") -> SoftmaxPlan:
+    """The cost rule's plan for this configuration and data on `device` (see `losses.plan_softmax`)."""
     m = cfg.model
     batch = cfg.train.batch_size
     other = sequence_macs(m.model, batch * m.max_len, m.dim, m.layers or 1, m.max_len, m.inner_mult, m.gru_hidden)
     item = 3.0 * _dense_weights(tower)
     positions = batch * mean_trained_per_window(cfg, data)
     return plan_softmax(plan_items(cfg, data), positions, m.dim, other, item, cfg.loss.full_softmax_max_share,
-                        MIN_NEGATIVES, batch_items=expected_distinct(data.train_counts[1:], positions))
+                        batch_items=expected_distinct(data.train_counts[1:], positions), device=device_kind(device))
 
 
 def expected_distinct(counts: np.ndarray, draws: float) -> float:
