@@ -34,6 +34,7 @@ def make_data(seqs: list[list[int]], num_items: int) -> SequenceData:
 # ---- window_bounds -----------------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 def test_sliding_hand_case():
     # span 5; windows end at 12, 10, 8, 6 training their 2 newest targets; the oldest, (0, 4),
     # trains the 3 targets left (items 1, 2, 3)

@@ -32,6 +32,7 @@ def cfg(**items) -> FitConfig:
 # ---- validate ----------------------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 def test_defaults_validate():
     c = cfg()
     c.validate()
@@ -55,12 +56,14 @@ def test_given_layers_and_lr_are_kept():
     assert (c.model.layers, c.train.lr) == (3, 5e-4)
 
 
-def test_preset_sets_layers_and_lr_for_every_model():
+@pytest.mark.parametrize("model, layers, dim, batch", [("sasrec", 2, 512, 64), ("gru4rec", 1, 512, 64),
+                                                       ("nextitnet", 3, 1024, 64), ("lightsans", 1, 512, 512)])
+def test_preset_sets_each_models_own_reference_values(model, layers, dim, batch):
     c = cfg()
-    c.model.model = "gru4rec"
+    c.model.model = model
     apply_preset(c, "pixelrec")
     c.validate()
-    assert (c.model.layers, c.train.lr) == (2, 1e-4)
+    assert (c.model.layers, c.model.dim, c.train.batch_size, c.train.lr) == (layers, dim, batch, 1e-4)
 
 
 def test_unknown_model():
@@ -250,7 +253,8 @@ def test_runs_written_before_positions_existed_load_as_absolute():
 
 
 def test_windows_default_per_model():
-    for model, windows, stride in (("sasrec", "sliding", 3), ("gru4rec", "overlapping", 10)):
+    for model, windows, stride in ((("sasrec", "sliding", 3), ("gru4rec", "overlapping", 10), ("nextitnet", "sliding", 3),
+                                    ("lightsans", "prefixes", 1))):
         c = FitConfig(interactions="i.csv", out="o")
         c.model.model = model
         c.validate()
@@ -260,7 +264,7 @@ def test_windows_default_per_model():
     c.validate()
     assert (c.train.windows, c.train.stride) == ("sliding", 3)
     c.train.windows = "windmill"
-    with pytest.raises(PixelrecError, match="--windows 'windmill'; expected sliding, overlapping or chunks"):
+    with pytest.raises(PixelrecError, match="--windows 'windmill'; expected sliding, overlapping, chunks or prefixes"):
         c.validate()
 
 
@@ -336,7 +340,7 @@ def test_validate_is_resolve_then_check(monkeypatch):
 def test_check_sees_a_bad_value_even_when_resolve_cannot_fill_it():
     c = FitConfig(interactions="i.csv", out="o")
     c.model.model = "bert4rec"  # no per-model defaults: layers stay None
-    with pytest.raises(PixelrecError, match="unknown --model 'bert4rec'; expected sasrec or gru4rec"):
+    with pytest.raises(PixelrecError, match="unknown --model 'bert4rec'; expected sasrec, gru4rec, nextitnet or lightsans"):
         c.validate()
 
 
@@ -396,3 +400,36 @@ def test_get_and_set_by_key():
     c.set("model.dim", 8)
     c.set("init_from", "/runs/a")
     assert c.get("model.dim") == 8 == c.model.dim and c.get("init_from") == "/runs/a"
+
+
+# ---- settings a tower or model does not read: null in config.json ---------------------------------
+@pytest.mark.parametrize("kind, branch, model, read, unread", [
+    ("id", "frozen", "sasrec", {"model.heads"}, {"items.encoder", "items.adapter", "items.hybrid", "model.gru_hidden"}),
+    ("frozen", "frozen", "sasrec", {"items.adapter", "items.feature_norm", "items.head"},
+     {"items.encoder", "items.tune_blocks", "items.tune_head", "items.id_dropout"}),
+    ("partial", "frozen", "gru4rec", {"items.tune_blocks", "items.tune_head", "model.gru_hidden"},
+     {"items.feature_norm", "items.pretrained", "model.heads", "model.positions"}),
+    ("e2e", "frozen", "sasrec", {"items.encoder", "items.pretrained", "items.adapter"}, {"items.image_branch"}),
+    ("hybrid", "partial", "sasrec", {"items.id_dropout", "items.image_branch", "items.tune_blocks"},
+     {"items.encoder", "items.feature_norm"}),
+])
+def test_record_writes_unread_settings_as_null(kind, branch, model, read, unread):
+    c = cfg(kind=kind, image_branch=branch, **inputs_of(kind))
+    c.model.model = model
+    c.validate()
+    record = c.record()
+    for key in read:
+        section, name = key.split(".")
+        assert record[section][name] is not None, key
+    for key in unread:
+        section, name = key.split(".")
+        assert record[section][name] is None, key
+    again = FitConfig.from_dict(json.loads(json.dumps(record)))
+    assert again.record() == record
+    assert again.items.encoder == ("ViT-B-32" if kind != "e2e" else c.items.encoder)  # null -> the default
+
+
+def test_a_null_setting_the_run_reads_is_not_defaulted():
+    record = cfg().validate().record()
+    record["model"]["dim"] = None
+    assert FitConfig.from_dict(record).model.dim is None  # rundir refuses it by name (test_run_reliability)

@@ -69,6 +69,7 @@ def test_softmax_loss_hand_case():
     assert softmax_loss(states, cands, labels).item() == pytest.approx(plain, rel=1e-6)
 
 
+@pytest.mark.smoke
 def test_softmax_loss_matches_cross_entropy():
     torch.manual_seed(1)
     s, c = torch.randn(5, 3), torch.randn(9, 3)

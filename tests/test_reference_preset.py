@@ -28,8 +28,8 @@ from pixelrec.errors import PixelrecError
 from pixelrec.recommend import preset_check
 from pixelrec.recommend.batches import sample_negatives, training_windows, window_bounds
 from pixelrec.recommend.build import build_optimizer, build_recommender
-from pixelrec.recommend.config import (PIXELREC_PRESET, PRECISIONS, FitConfig, SequenceConfig, TrainConfig,
-                                       apply_preset)
+from pixelrec.recommend.config import (MODEL_SPECS, PRECISIONS, FitConfig, SequenceConfig, TrainConfig,
+                                       apply_preset, preset_values)
 from pixelrec.recommend.sequence import SASRec, Block
 from pixelrec.runs.fit import fit
 
@@ -74,9 +74,49 @@ FIT_ROWS = [
                                       "removed (REC/model/load.py:115-117)"),
 ]
 
+# The other models' own values (their ModelSpec presets, models/registry.py): PixelNet/<model>.yaml for
+# the architecture, the README's PixelNet table (else its IDNet table) for lr / batch / weight decay.
+# Where README and yaml disagree the yaml wins (docs/reproducing-pixelrec.md lists the disagreements).
+MODEL_ROWS = {
+    "gru4rec": [
+        ("model.dim", 512, "PixelNet/gru4rec.yaml:3 embedding_size: 512 (README IDNet table: 2048, IDNet yaml)"),
+        ("model.layers", 1, "PixelNet/gru4rec.yaml:2 num_layers: 1"),
+        ("model.gru_hidden", 512, "PixelNet/gru4rec.yaml:4 hidden_size: 1 (times embedding_size; README: inner size [2])"),
+        ("model.dropout", 0.0, "PixelNet/gru4rec.yaml:5 dropout_prob: 0"),
+        ("train.lr", 1e-4, "README.md IDNet table, GRU4Rec row: γ [0.0001] (no PixelNet row)"),
+        ("train.batch_size", 64, "README.md IDNet table, GRU4Rec row: B [64]"),
+        ("train.weight_decay", 0.01, "README.md IDNet table, GRU4Rec row: β [0.01]"),
+    ],
+    "nextitnet": [
+        ("model.dim", 1024, "PixelNet/nextitnet.yaml:2 embedding_size: 1024"),
+        ("model.layers", 3, "PixelNet/nextitnet.yaml:4 block_num: 3 (README: block number [3])"),
+        ("model.dilations", "1,4", "PixelNet/nextitnet.yaml:5 dilations: [1,4] (kernel_size: 3, line 3, is fixed)"),
+        ("model.dropout", 0.0, "PixelNet/nextitnet.yaml: no dropout key; REC/model/IDNet/nextitnet.py:31-77 no "
+                               "dropout layer"),
+        ("train.lr", 1e-4, "README.md PixelNet table, NextItNet row: γ [0.0001] (IDNet row: 0.0005)"),
+        ("train.batch_size", 64, "README.md PixelNet table, NextItNet row: B [64]"),
+        ("train.weight_decay", 0.01, "README.md PixelNet table, NextItNet row: β [0.01]"),
+    ],
+    "lightsans": [
+        ("model.layers", 1, "PixelNet/lightsans.yaml:2 n_layers: 1"),
+        ("model.heads", 4, "PixelNet/lightsans.yaml:3 n_heads: 4"),
+        ("model.dim", 512, "PixelNet/lightsans.yaml:4 embedding_size: 512"),
+        ("model.inner_mult", 2, "PixelNet/lightsans.yaml:5 inner_size: 2 (times embedding_size)"),
+        ("model.interests", 3, "PixelNet/lightsans.yaml:6 k_interests: 3"),
+        ("model.dropout", 0.1, "PixelNet/lightsans.yaml:7 hidden_dropout_prob: 0.1"),
+        ("model.attn_dropout", 0.1, "PixelNet/lightsans.yaml:8 attn_dropout_prob: 0.1"),
+        ("train.windows", "prefixes", "REC/data/dataload.py:152-203 AUGSEQ: every prefix -> its next item "
+                                      "(REC/data/dataset/trainset.py:256-290)"),
+        ("train.lr", 1e-4, "README.md PixelNet table, LightSANs row: γ [0.0001]"),
+        ("train.batch_size", 512, "README.md PixelNet table, LightSANs row: B [512]"),
+        ("train.weight_decay", 0.1, "README.md PixelNet table, LightSANs row: β [0.1]"),
+    ],
+}
+MODEL_ROW_CASES = [(m, *row) for m, rows in MODEL_ROWS.items() for row in rows]
+
 # What `encode --preset pixelrec` applies (cli.ENCODE_PIXELREC_PRESET), with the reference's source.
 ENCODE_ROWS = [
-    ("model", "ViT-B-32-quickgelu", "overall/ViT.yaml:17-18 clip-vit-base-patch32 from transformers (QuickGELU)"),
+    ("encoder", "ViT-B-32-quickgelu", "overall/ViT.yaml:17-18 clip-vit-base-patch32 from transformers (QuickGELU)"),
     ("pooling", "mean", "overall/ViT.yaml:30 method: mean over all tokens (REC/model/layers.py:125-128)"),
     ("split_block", 2, "overall/ViT.yaml:26 tune_scale: 165: the last 2 blocks are trained"),
     ("float32", True, "no half precision anywhere in the reference: tokens are cached as float32"),
@@ -90,8 +130,19 @@ def test_fit_preset_setting(key, value, source):
     assert cfg.get(key) == value, f"{key}: reference {source}"
 
 
+@pytest.mark.parametrize("model, key, value, source", MODEL_ROW_CASES, ids=[f"{r[0]}-{r[1]}" for r in MODEL_ROW_CASES])
+def test_fit_preset_setting_of_each_model(model, key, value, source):
+    cfg = FitConfig(interactions="i.csv", out="o")
+    cfg.model.model = model
+    cfg = apply_preset(cfg, "pixelrec").validate()
+    assert cfg.get(key) == value, f"{model} {key}: reference {source}"
+
+
 def test_every_preset_setting_has_a_row():
-    assert {k for k, _, _ in FIT_ROWS} == set(PIXELREC_PRESET)
+    assert {k for k, _, _ in FIT_ROWS} == set(preset_values("pixelrec", "sasrec"))
+    for model, rows in MODEL_ROWS.items():
+        assert {k for k, _, _ in rows} == set(MODEL_SPECS[model].presets["pixelrec"]), model
+    assert set(MODEL_ROWS) | {"sasrec"} == set(MODEL_SPECS)
     assert {k for k, _, _ in ENCODE_ROWS} == set(ENCODE_PIXELREC_PRESET)
 
 
@@ -254,7 +305,7 @@ def preset_cache():
     out = session_root() / "preset-cache.h5"
     if not out.exists():
         r = CliRunner().invoke(cli, ["encode", "--preset", "pixelrec", "--images", str(synth_dataset().covers),
-                                     "--out", str(out), "--model", "pixelrec-tiny-vit-quickgelu", "--device", "cpu",
+                                     "--out", str(out), "--encoder", "pixelrec-tiny-vit-quickgelu", "--device", "cpu",
                                      "--workers", "0"])
         assert r.exit_code == 0, r.output
         preset_cache_output.text = r.output
@@ -301,7 +352,7 @@ def test_pixelrec_groups_decay_id_embeddings_and_the_default_grouping_does_not()
 # ------------------------------------------------------------------------------ fp32 end to end
 def test_preset_encode_prints_its_settings_and_stores_fp32_tokens(preset_cache):
     text = preset_cache_output.text or _reencode_output(preset_cache)
-    for flag in ("--model pixelrec-tiny-vit-quickgelu (given)", "--pooling mean", "--split-block 2", "--float32",
+    for flag in ("--encoder pixelrec-tiny-vit-quickgelu (given)", "--pooling mean", "--split-block 2", "--float32",
                  "--precision fp32", "mean = std = 0.5"):
         assert flag in text, text
     assert "warning: --preset pixelrec with --pretrained none" in text
@@ -321,7 +372,7 @@ class preset_cache_output:  # noqa: N801 - the CLI output of the module fixture,
 def _reencode_output(cache) -> str:
     """Run the same preset encode again (already complete: it only prints the settings)."""
     r = CliRunner().invoke(cli, ["encode", "--preset", "pixelrec", "--images", str(synth_dataset().covers),
-                                 "--out", str(cache), "--model", "pixelrec-tiny-vit-quickgelu", "--device", "cpu",
+                                 "--out", str(cache), "--encoder", "pixelrec-tiny-vit-quickgelu", "--device", "cpu",
                                  "--workers", "0"])
     assert r.exit_code == 0, r.output
     return r.output
@@ -346,7 +397,7 @@ def test_precision_fp32_keeps_fp32_tensors(preset_cache):
 # ------------------------------------------------------------------------------ QuickGELU
 def test_openai_layout_checkpoint_is_refused_for_a_gelu_tower():
     path = openai_layout_checkpoint()
-    with pytest.raises(PixelrecError, match="QuickGELU.*--model pixelrec-tiny-vit-quickgelu"):
+    with pytest.raises(PixelrecError, match="QuickGELU.*--encoder pixelrec-tiny-vit-quickgelu"):
         build_encoder(EncoderConfig(model="pixelrec-tiny-vit", pretrained=str(path)))
 
 
@@ -426,7 +477,7 @@ def test_preset_refuses_a_cache_of_other_settings_naming_each_one():
     for part in ("preprocessing default (the preset wants pixelrec)", "pooling model (the preset wants mean)",
                  "stored values float16 (the preset wants float32)", "ViT blocks GELU (the preset wants QuickGELU)",
                  "split block 1 (the preset wants 2)",
-                 "pixelrec encode --preset pixelrec --images COVERS --out CACHE.h5 --model pixelrec-tiny-vit-quickgelu"):
+                 "pixelrec encode --preset pixelrec --images COVERS --out CACHE.h5 --encoder pixelrec-tiny-vit-quickgelu"):
         assert part in msg, msg
     assert "\n" not in msg
     cfg.items.kind = "frozen"  # frozen reads pooled embeddings only: the split does not matter

@@ -15,6 +15,9 @@ ways to cut windows:
   short and long context. Measured better for GRU4Rec on ML-100K; SASRec does better with ``sliding``.
 - ``chunks`` (the PixelRec reference): non-overlapping chunks of L + 1 items, every target trained;
   the oldest ``len % (L + 1)`` items of a longer sequence are dropped, as the reference code does.
+- ``prefixes`` (prefix -> next; the PixelRec code's AUGSEQ): one window per prefix of two or more
+  items, training only its newest target, i.e. only the window's last position. The one cut that
+  suits models whose states are not causal (``prefix`` objective, models/registry.py).
 
 A one-item training sequence has no transition and gives no window, unless `keep_single` asks for
 it as a window that trains nothing (the PixelRec code keeps it: with the loss averaged over a
@@ -31,7 +34,7 @@ import torch
 
 from ..data.sequences import SequenceData
 
-WindowMode = Literal["sliding", "overlapping", "chunks"]
+WindowMode = Literal["sliding", "overlapping", "chunks", "prefixes"]
 
 
 @dataclass
@@ -53,10 +56,12 @@ def window_bounds(length: int, max_len: int, mode: WindowMode, stride: int, keep
     targets, i.e. the transitions into items end - trained .. end - 1.
     """
     span = max_len + 1
-    if not 1 <= stride <= max_len and mode != "chunks":
+    if not 1 <= stride <= max_len and mode not in ("chunks", "prefixes"):
         raise ValueError(f"stride must be in [1, max_len] (got {stride}, max_len {max_len})")
     if length < 2:
         return [(0, 1, 0)] if keep_single and length == 1 else []  # no transition to learn
+    if mode == "prefixes":
+        return [(max(0, end - span), end, 1) for end in range(2, length + 1)]
     if length <= span:
         return [(0, length, length - 1)]  # one window holds every transition, in every mode
     if mode == "chunks":

@@ -6,7 +6,7 @@ choice list, shared with `check`) and the numeric bounds. `pixelrec fit` builds 
 these fields (`fit_options`), and `FitConfig.check` refuses values outside them. The few fields
 that are deliberately not command-line options are listed in `NOT_OPTIONS` with the reason.
 
-Defaults are our own (tuned on real data, see README "Results"); `--preset pixelrec` switches to
+Defaults are our own (tuned on real data, see docs/results.md); `--preset pixelrec` switches to
 the PixelRec reference code's choices so that its paper figures can be reproduced. Every setting
 is written to the run's config.json.
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import PixelrecError
+from .models.registry import MODEL_SETTINGS, MODEL_SPECS, default_of, model_spec
 
 if TYPE_CHECKING:
     from .towers import ItemTower
@@ -38,7 +39,7 @@ HYBRID_GATES = ("none", "count")
 FEATURE_NORMS = ("none", "standardize", "whiten")
 IMAGE_BRANCHES = ("frozen", "partial")
 CACHE_IN_MEMORY = ("auto", "yes", "no")
-MODELS = ("sasrec", "gru4rec")
+MODELS = tuple(MODEL_SPECS)  # the sequence models: one ModelSpec each (models/registry.py)
 POSITIONS = ("relative", "absolute")
 NORMS = ("pre", "post")  # SASRec LayerNorm placement
 NEGATIVE_POOLS = ("train", "all")  # items sampled negatives come from
@@ -49,20 +50,15 @@ TIES = ("earlier", "later")  # which epoch early stopping keeps when validation 
 LOSSES = ("softmax", "bpr")
 SOFTMAXES = ("auto", "full", "sampled")  # full or sampled softmax; auto = by modelled cost
 MIN_NEGATIVES = 1024  # uniform negatives of a sampled softmax when none are asked for, at least
-WINDOWS = ("sliding", "overlapping", "chunks")
+WINDOWS = ("sliding", "overlapping", "chunks", "prefixes")
 PRESET_NAMES = ("default", "pixelrec")
 
 # ------------------------------------------------------------------------- per-model defaults
-# Layers when none are asked for: the best on MovieLens-100K with full ranking of the leave-one-out
-# test item (benchmarks/ml100k.py); a second GRU layer cost GRU4Rec about 0.01 NDCG@10 there.
-DEFAULT_LAYERS = {"sasrec": 2, "gru4rec": 1}
-# Learning rate when none is asked for, per sequence model: the best on ML-100K under the same
-# protocol (benchmarks/ml100k.py). GRU4Rec at 1e-3 reached the same quality in about twice the epochs.
-DEFAULT_LR = {"sasrec": 1e-3, "gru4rec": 2e-3}
-# How training sequences are cut when not asked for (batches.py): on ML-100K SASRec gained about
-# 0.005 NDCG@10 and 0.01 Recall@10 from `sliding` (each target once, most context) over `overlapping`;
-# GRU4Rec did best with `overlapping` every max_len / 2 (each target twice, short and long context).
-DEFAULT_WINDOWS = {"sasrec": "sliding", "gru4rec": "overlapping"}
+# Declared by each model's ModelSpec (models/registry.py, with the measurements behind them); these
+# views serve the help texts and `resolve_defaults`.
+DEFAULT_LAYERS = default_of("model.layers")
+DEFAULT_LR = default_of("train.lr")
+DEFAULT_WINDOWS = default_of("train.windows")
 
 SEED_MAX = 2**32 - 1  # numpy's seed range
 IMAGE_SIZE_MAX = 1024  # e2e encoder input side in pixels, as for `encode --image-size` (larger ones exhaust memory)
@@ -167,28 +163,34 @@ class ItemsConfig:
 
 @dataclass
 class SequenceConfig:
-    """The sequence encoder (user tower): SASRec or GRU4Rec."""
+    """The sequence encoder (user tower): one of the models of models/registry.py. Fields other than
+    SHARED_SETTINGS (registry) are read only by the models whose ModelSpec lists them (`--help` marks them)."""
 
-    model: str = setting("sasrec", choices=MODELS, help="Sequence model.")
+    model: str = setting("sasrec", choices=MODELS, help="Sequence model (docs/models.md).")
     dim: int = setting(64, at_least=1, help="Item/user vector size.")
     max_len: int = setting(20, at_least=1, help="Items of history the model sees.")
     layers: int | None = setting(None, at_least=1, default_text=per_model(DEFAULT_LAYERS),
-                                 help="Transformer blocks / GRU layers.")
-    heads: int = setting(2, at_least=1, help="SASRec attention heads (must divide --dim).")
-    inner_mult: int = 4  # SASRec feed-forward width = inner_mult * dim (not an option: NOT_OPTIONS)
+                                 help="Transformer blocks / GRU layers / repetitions of NextItNet's --dilations.")
+    heads: int = setting(2, at_least=1, help="Attention heads (must divide --dim).")
+    inner_mult: int = 4  # transformer feed-forward width = inner_mult * dim (not an option: NOT_OPTIONS)
     dropout: float = setting(0.3, at_least=0, below=1, help="Dropout in the sequence model.")
     attn_dropout: float = setting(0.3, at_least=0, below=1,
-                                  help="SASRec: dropout on the attention weights (0 with --dropout 0 makes "
+                                  help="Dropout on the attention weights (0 with --dropout 0 makes "
                                        "training free of dropout, e.g. to compare runs exactly).")
     positions: str = setting(
         "relative", choices=POSITIONS,
-        help="SASRec positions: relative (attention bias by distance, trains every position as it is served) "
+        help="Positions: relative (attention bias by distance, trains every position as it is served) "
              "or absolute (learned embeddings, original SASRec / PixelRec).")
     norm: str = setting(
         "pre", choices=NORMS,
-        help="SASRec LayerNorm placement: pre (x + f(LN(x)), a final LayerNorm) or post (LN(x + f(x)), eps 1e-12, "
-             "no final LayerNorm: RecBole / PixelRec). pre measured better on ML-100K (README).")
+        help="LayerNorm placement: pre (x + f(LN(x)), a final LayerNorm) or post (LN(x + f(x)), eps 1e-12, "
+             "no final LayerNorm: RecBole / PixelRec). pre measured better on ML-100K (docs/results.md).")
     gru_hidden: int = 0  # GRU4Rec hidden size; 0 = 2 * dim (not an option: NOT_OPTIONS)
+    dilations: str = setting(
+        "1,4",
+        help="Dilations of one repetition of residual blocks, comma-separated; each block convolves at d "
+             "then 2d (kernel 3), so 1,4 gives dilations 1,2,4,8 (the PixelRec code's).")
+    interests: int = setting(3, at_least=1, help="Latent interests the history is aggregated into (k).")
 
 
 @dataclass
@@ -197,8 +199,9 @@ class LossConfig:
     softmax: str = setting(
         "auto", choices=SOFTMAXES,
         help="Softmax loss over the whole catalogue (full) or over the batch's targets plus uniform negatives, "
-             "log-q corrected (sampled). auto: full unless its modelled cost would exceed the rest of the training "
-             "step (README \"Performance\"); config.json records the choice.")
+             "log-q corrected (sampled). auto: sampled only where that makes the modelled training step at least 3x "
+             "cheaper with at most a quarter of the catalogue as negatives, else full (docs/performance.md); "
+             "config.json records the choice and its modelled costs.")
     negatives: int = setting(
         0, at_least=0,
         help="Sampled softmax: uniform negatives per batch (0 = as many as the cost rule affords, at least 1024).")
@@ -211,7 +214,8 @@ class LossConfig:
         "positions", choices=LOSS_MEANS,
         help="A step's loss: the mean over its trained positions, or (sequences, PixelRec) each window's positions "
              "summed and averaged over the batch's windows, one-item windows kept as members with no target.")
-    # auto picks full softmax while its modelled share of a training step stays at most this (NOT_OPTIONS)
+    # the cost rule's budget: a sampled softmax may cost max_share / (1 - max_share) of the rest of the
+    # step (0.5: as much as the rest), which sets its negatives (losses.plan_softmax; NOT_OPTIONS)
     full_softmax_max_share: float = 0.5
 
     def use_full_softmax(self, tower: ItemTower) -> bool:
@@ -237,7 +241,8 @@ class TrainConfig:
     windows: str | None = setting(
         None, choices=WINDOWS, default_text=per_model(DEFAULT_WINDOWS),
         help="How training sequences are cut: sliding (each target once, in the window where it has the most "
-             "context), overlapping (every target of every window), chunks (PixelRec's non-overlapping chunks).")
+             "context), overlapping (every target of every window), chunks (PixelRec's non-overlapping chunks), "
+             "prefixes (every prefix -> its next item, one target per window: the only one for lightsans).")
     stride: int = setting(
         0, help="Sliding windows: a window ends every STRIDE items and trains its newest STRIDE targets "
                 "(1 = one sample per prefix, as RecBole). 0 = auto: max-len/6 for id/frozen, max-len/2 for "
@@ -268,29 +273,22 @@ class TrainConfig:
 NOT_OPTIONS: dict[str, str] = {
     "model.inner_mult": "architecture detail of SASRec's feed-forward block; only --preset pixelrec changes it (to 2)",
     "model.gru_hidden": "GRU4Rec's hidden size follows --dim (2 x dim); a separate knob has not been worth it",
-    "loss.full_softmax_max_share": "the cost rule's threshold (full softmax while it is at most this share of "
-                                   "a step); --softmax full|sampled and --negatives N already override the rule",
+    "loss.full_softmax_max_share": "the cost rule's budget for the sampled softmax (its logits may cost s / (1 - s) "
+                                   "of the rest of the step; 0.5: as much); --softmax full|sampled and --negatives N "
+                                   "already override the rule",
     "train.eval_batch_size": "only trades memory for speed during validation; results do not depend on it",
     "train.cold_threshold": "an evaluation setting: `pixelrec evaluate --cold-threshold N` reports any threshold "
                             "from the trained run",
 }
 
-# The PixelRec reference code's choices (westlake-repl/PixelRec, code/: `PixelNet/sasrec.yaml` with
-# `overall/ViT.yaml`, launched on four GPUs). Keys are "section.field"; tests/test_reference_preset.py
-# checks each one against the reference file and line it comes from.
+# The PixelRec reference code's choices (westlake-repl/PixelRec, code/: `PixelNet/<model>.yaml` with
+# `overall/ViT.yaml`, launched on four GPUs) shared by every model; each model's own (architecture,
+# lr, batch, weight decay) are in its ModelSpec's presets and win over these (`preset_values`).
+# Keys are "section.field"; tests/test_reference_preset.py checks each one against the reference
+# file and line it comes from.
 PIXELREC_PRESET: dict[str, Any] = {
-    "model.dim": 512,
-    "model.layers": 2,
-    "model.heads": 4,
-    "model.inner_mult": 2,
-    "model.dropout": 0.1,
-    "model.attn_dropout": 0.1,
     "model.max_len": 10,
-    "model.positions": "absolute",
-    "model.norm": "post",
     "train.windows": "chunks",
-    "train.lr": 1e-4,
-    "train.weight_decay": 0.1,
     "train.encoder_lr": 1e-4,
     "train.encoder_weight_decay": 0.0,
     "train.decay_groups": "pixelrec",
@@ -298,7 +296,6 @@ PIXELREC_PRESET: dict[str, Any] = {
     # `cur_step > max_step`); ours stops after `patience` epochs without one
     "train.patience": 31,
     "train.ties": "later",
-    "train.batch_size": 64,  # global: 16 per GPU x 4 GPUs (split across ranks under torchrun)
     "train.precision": "fp32",
     "loss.loss": "bpr",
     "loss.negatives_from": "all",
@@ -309,6 +306,11 @@ PIXELREC_PRESET: dict[str, Any] = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {"default": {}, "pixelrec": PIXELREC_PRESET}
+
+
+def preset_values(name: str, model: str) -> dict[str, Any]:
+    """What preset `name` sets for sequence model `model`: the shared values, then the model's own."""
+    return {**PRESETS[name], **model_spec(model).presets.get(name, {})}
 
 
 @dataclass
@@ -327,29 +329,42 @@ class FitConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def record(self) -> dict[str, Any]:
+        """The settings as config.json records them: `to_dict`, with the settings this item tower and
+        sequence model do not read (`unused_settings`) written as null."""
+        d = self.to_dict()
+        for key in unused_settings(self.items.kind, self.items.image_branch, self.model.model):
+            section, _, name = key.partition(".")
+            d[section][name] = None
+        return d
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FitConfig":
+        """The inverse of `record` (and of `to_dict`): a null setting that the run's tower or model
+        does not read takes its default; missing settings (runs written before they existed) too."""
+        items, model = d.get("items", {}), d.get("model", {})
+        unused = unused_settings(items.get("kind") or "id", items.get("image_branch") or "frozen",
+                                 model.get("model") or "sasrec")
+        sections = {name: _drop_unused(d.get(name, {}), name, unused) for name in ("items", "model", "loss", "train")}
         return cls(
             interactions=d["interactions"],
             out=d["out"],
-            items=_load(ItemsConfig, d.get("items", {})),
+            items=_load(ItemsConfig, sections["items"]),
             # runs written before `positions` existed used absolute positions
-            model=_load(SequenceConfig, {"positions": "absolute", **d.get("model", {})}),
-            loss=_load(LossConfig, d.get("loss", {})),
-            train=_load(TrainConfig, _train_section(d.get("train", {}))),
+            model=_load(SequenceConfig, {"positions": "absolute", **sections["model"]}),
+            loss=_load(LossConfig, sections["loss"]),
+            train=_load(TrainConfig, _train_section(sections["train"])),
             preset=d.get("preset", "default"),
             init_from=d.get("init_from"),
         )
 
     def resolve_defaults(self) -> "FitConfig":
-        """Settings left at None (or stride 0) take the chosen sequence model's default, so that
-        config.json records what was used. Settings already given are kept."""
-        if self.model.layers is None:
-            self.model.layers = DEFAULT_LAYERS.get(self.model.model)
-        if self.train.lr is None:
-            self.train.lr = DEFAULT_LR.get(self.model.model)
-        if self.train.windows is None:
-            self.train.windows = DEFAULT_WINDOWS.get(self.model.model)
+        """Settings left at None (or stride 0) take the chosen sequence model's default (its ModelSpec),
+        so that config.json records what was used. Settings already given are kept."""
+        spec = MODEL_SPECS.get(self.model.model)
+        for key, value in (spec.defaults.items() if spec else ()):
+            if self.get(key) is None:
+                self.set(key, value)
         if self.train.stride == 0:
             self.train.stride = default_stride(self)
         return self
@@ -374,6 +389,7 @@ class FitConfig:
         if self.train.stride != 0 and not 1 <= self.train.stride <= self.model.max_len:
             raise PixelrecError(f"--stride must be between 1 and --max-len ({self.model.max_len}), or 0 for auto "
                                 f"(got {self.train.stride})")
+        self._check_model()
         for name, value, low in (("model.inner_mult", self.model.inner_mult, 1),
                                  ("model.gru_hidden", self.model.gru_hidden, 0),
                                  ("train.eval_batch_size", self.train.eval_batch_size, 1),
@@ -390,6 +406,19 @@ class FitConfig:
         if self.loss.softmax == "full" and self.loss.negatives:
             raise PixelrecError(f"--softmax full scores every item and samples no negatives: drop --negatives "
                                 f"{self.loss.negatives} or use --softmax sampled")
+
+    def _check_model(self) -> None:
+        """The training windows suit the model's objective, and its own settings are valid."""
+        spec, windows = model_spec(self.model.model), self.train.windows
+        if spec.objective == "prefix" and windows not in (None, "prefixes"):
+            raise PixelrecError(f"--windows {windows} trains several positions of a window at once, which needs a "
+                                f"causal model; --model {spec.name} attends over its whole window: use --windows "
+                                f"prefixes (one target per prefix)")
+        if windows == "prefixes" and self.train.stride not in (0, 1):
+            raise PixelrecError(f"--stride applies to sliding and overlapping windows, not to --windows prefixes "
+                                f"(every prefix is one window); drop --stride {self.train.stride}")
+        if "dilations" in spec.reads:
+            parse_dilations(self.model.dilations)
 
     def _check_inputs(self) -> None:
         """The chosen item tower has the inputs it reads, and no input it would ignore."""
@@ -430,10 +459,72 @@ def default_stride(cfg: FitConfig) -> int:
     (L 20, benchmarks/ml100k.py, 3-4 seeds) SASRec's mean test NDCG@10 was 0.113 at stride 5 and
     0.119 at stride 3; for GRU4Rec, sliding windows did worse than overlapping ones (DEFAULT_WINDOWS).
     """
+    if cfg.train.windows == "prefixes":
+        return 1  # a window ends at every item
     image_blocks = cfg.items.kind in ("partial", "e2e") or (cfg.items.kind == "hybrid" and cfg.items.image_branch == "partial")
     if image_blocks or cfg.train.windows != "sliding":
         return max(1, cfg.model.max_len // 2)
     return max(1, cfg.model.max_len // 6)
+
+
+# ------------------------------------------------------------------ settings a run does not read
+# Item-tower settings and the image branches that read them (a hybrid's branch is --image-branch);
+# every other tower ignores them, and config.json records them as null.
+_ITEM_SETTING_BRANCHES: dict[str, tuple[str, ...]] = {
+    "encoder": ("e2e",),
+    "pretrained": ("e2e",),
+    "image_size": ("e2e",),
+    "tune_blocks": ("partial", "e2e"),  # partial: the split block `--preset pixelrec` checks the cache for
+    "adapter": ("frozen", "partial", "e2e"),
+    "dropout": ("frozen", "partial", "e2e"),
+    "feature_norm": ("frozen",),
+    "head": ("frozen", "partial", "e2e"),  # frozen: the pooling `--preset pixelrec` checks the cache for
+    "tune_head": ("partial", "e2e"),
+    "grad_checkpointing": ("partial", "e2e"),
+    "cache_in_memory": ("partial", "e2e"),
+}
+_HYBRID_SETTINGS = ("hybrid", "image_branch", "id_dropout", "hybrid_gate", "image_to_id")
+# Sequence-model settings and the models that read them: models/registry.py (MODEL_SETTINGS).
+
+
+def unused_settings(kind: str, image_branch: str, model: str) -> set[str]:
+    """Keys ("section.field") of the settings that item tower `kind` (over `image_branch` when it is
+    a hybrid) and sequence model `model` never read: config.json writes them as null."""
+    branch = image_branch if kind == "hybrid" else kind
+    out = {f"items.{name}" for name, branches in _ITEM_SETTING_BRANCHES.items() if branch not in branches}
+    if kind != "hybrid":
+        out |= {f"items.{name}" for name in _HYBRID_SETTINGS}
+    out |= {f"model.{name}" for name, readers in MODEL_SETTINGS.items() if model not in readers}
+    return out
+
+
+def parse_dilations(text: str) -> tuple[int, ...]:
+    """"1,4" -> (1, 4); PixelrecError naming --dilations for anything but positive integers."""
+    try:
+        values = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise PixelrecError(f"--dilations must be positive integers separated by commas, e.g. 1,4 (got {text!r})")
+    return values
+
+
+def check_model_options(model: str, given: set[str] | frozenset[str]) -> None:
+    """Refuse (one line naming the model) a setting given for a sequence model that does not read it."""
+    spec = model_spec(model)
+    for key in sorted(given):
+        section, _, name = key.partition(".")
+        if section == "model" and name in MODEL_SETTINGS and model not in MODEL_SETTINGS[name]:
+            flag = next((o.flag for o in fit_options() if o.key == key), key)
+            raise PixelrecError(f"{flag} is not a setting of --model {spec.name} (it is read by --model "
+                                f"{_one_of(MODEL_SETTINGS[name])}); drop it")
+
+
+def _drop_unused(section: Any, name: str, unused: set[str]) -> Any:
+    """A config.json section without the null settings its run does not read (they take defaults)."""
+    if not isinstance(section, dict):
+        return section
+    return {k: v for k, v in section.items() if not (v is None and f"{name}.{k}" in unused)}
 
 
 def _train_section(train: dict[str, Any]) -> dict[str, Any]:
@@ -449,11 +540,13 @@ def _load(cls, d: dict[str, Any]):
 
 
 def apply_preset(cfg: FitConfig, name: str, explicit: set[str] = frozenset()) -> FitConfig:
-    """Set the preset's values on cfg, except for keys the user gave explicitly ("section.field")."""
+    """Set the preset's values for cfg's sequence model on cfg, except for keys the user gave explicitly
+    ("section.field"); a given setting the model does not read is refused (`check_model_options`)."""
     if name not in PRESETS:
         raise PixelrecError(f"unknown --preset {name!r}; expected one of {', '.join(PRESETS)}")
+    check_model_options(cfg.model.model, explicit)
     cfg.preset = name
-    for key, value in PRESETS[name].items():
+    for key, value in preset_values(name, cfg.model.model).items():
         if key not in explicit:
             cfg.set(key, value)
     return cfg
@@ -496,8 +589,14 @@ def _options_of(cls: type, prefix: str = "") -> list[FitOption]:
         if dataclasses.is_dataclass(hint):
             out += _options_of(hint, f"{f.name}.")
         elif OPTION in f.metadata:
-            out.append(FitOption(prefix + f.name, _plain_type(hint), f.default, f.metadata[OPTION]))
+            out.append(FitOption(prefix + f.name, _plain_type(hint), f.default, _marked(prefix, f.name, f.metadata[OPTION])))
     return out
+
+
+def _marked(prefix: str, name: str, spec: OptionSpec) -> OptionSpec:
+    """A model-specific option's help starts with the models that read it: "[sasrec, lightsans] ..."."""
+    readers = MODEL_SETTINGS.get(name) if prefix == "model." else None
+    return dataclasses.replace(spec, help=f"[{', '.join(readers)}] {spec.help}") if readers else spec
 
 
 def _plain_type(hint: Any) -> type:
@@ -510,6 +609,12 @@ _FIT_OPTIONS = tuple(_options_of(FitConfig))
 
 
 # ------------------------------------------------------------------------------------- checks
+def check_option_value(opt: FitOption, value: Any) -> None:
+    """Raise PixelrecError (naming the option) when `value` is outside the option's choices or bounds."""
+    _check_choice(opt, value)
+    _check_number(opt, value)
+
+
 def _one_of(choices: tuple[str, ...]) -> str:
     """'a, b or c'."""
     return choices[0] if len(choices) == 1 else f"{', '.join(choices[:-1])} or {choices[-1]}"

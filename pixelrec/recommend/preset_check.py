@@ -97,5 +97,5 @@ def encode_command(attrs: dict[str, Any], tune_blocks: int) -> str:
         model += "-quickgelu"
     pretrained = str(attrs.get("pretrained", "none"))
     split = f" --split-block {tune_blocks}" if tune_blocks > 0 and tune_blocks != 2 else ""
-    return (f"pixelrec encode --preset pixelrec --images COVERS --out CACHE.h5 --model {model} "
+    return (f"pixelrec encode --preset pixelrec --images COVERS --out CACHE.h5 --encoder {model} "
             f"--pretrained {pretrained if pretrained not in ('', 'none') else 'ViT-B-32.pt'}{split}")

@@ -14,7 +14,8 @@ from ..recommend.model import Recommender
 from .rundir import RunDir, run_cache_identity, strip_prefix
 
 # Settings of the sequence encoder that must match for its weights to load.
-ENCODER_KEYS = ("model", "dim", "layers", "heads", "inner_mult", "max_len", "gru_hidden", "positions")
+ENCODER_KEYS = ("model", "dim", "layers", "heads", "inner_mult", "max_len", "gru_hidden", "positions", "dilations",
+                "interests")
 
 
 def init_from_run(model: Recommender, cfg: FitConfig) -> dict[str, int]:
