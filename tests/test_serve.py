@@ -35,10 +35,11 @@ from pixelrec.runs.serving.config import ServeConfig
 
 
 @contextmanager
-def served(run_dir, **settings):
-    """A TestClient on a fresh app for `run_dir` (lifespan started: batcher and manifest follower)."""
+def served(run_dir, base_url: str = "http://127.0.0.1:8000", **settings):
+    """A TestClient on a fresh app for `run_dir` (lifespan started: batcher and manifest follower),
+    sending requests as a client of 127.0.0.1:8000 would (the Host header is checked on loopback)."""
     settings.setdefault("poll_s", 0)
-    with TestClient(create_app(ServeConfig(str(run_dir), **settings))) as client:
+    with TestClient(create_app(ServeConfig(str(run_dir), **settings)), base_url=base_url) as client:
         yield client
 
 
@@ -160,7 +161,7 @@ def test_similar_items_are_the_nearest_item_vectors(id_run):
     index = ItemIndex.load(RunDir(id_run).published().index_dir)
     with served(id_run, batch_window_ms=0) as client:
         for position in (1, 40):
-            answer = client.get(f"/items/{items[position - 1]}/similar", params={"k": 6}).json()
+            answer = client.get(f"/items/{items[position - 1]}/similar", params={"k": 6, "metric": "ip"}).json()
             scores, ids = index.search(index.reconstruct(np.array([position])), 6, exclude=[np.array([position])])
             assert answer["items"] == [items[i - 1] for i in ids[0]]
             assert answer["scores"] == [round(float(s), 6) for s in scores[0]]
@@ -171,7 +172,8 @@ def test_health_stats_and_openapi(id_run):
     with served(id_run) as client:
         health = client.get("/health").json()
         assert health == {"status": "ok", "run_dir": str(id_run), "items": 80,
-                          "index_version": RunDir(id_run).published().version, "image_tower": False}
+                          "index_version": RunDir(id_run).published().version, "image_tower": False,
+                          "ingestion": "open"}
         for user in users_of(id_run)[:3]:
             client.post("/recommend", json={"user_id": user})
         client.post("/recommend/batch", json={"queries": [{"user_id": u} for u in users_of(id_run)[:4]]})
@@ -207,6 +209,14 @@ def test_bad_queries_are_4xx_with_one_line(id_run):
         ("post", "/recommend", {"json": {"history": []}}, 422, ["history is empty"]),
         ("post", "/recommend", {"json": {"history": "i00001"}}, 422, ["history"]),
         ("post", "/recommend", {"json": {"user": user}}, 422, ["user"]),
+        # strict types: nothing is converted
+        ("post", "/recommend", {"json": {"user_id": user, "k": True}}, 422, ["k:"]),
+        ("post", "/recommend", {"json": {"user_id": user, "k": "10"}}, 422, ["k:"]),
+        ("post", "/recommend", {"json": {"user_id": user, "k": 10.0}}, 422, ["k:"]),
+        ("post", "/recommend", {"json": {"history": [item, 7]}}, 422, ["history[1]"]),
+        ("post", "/recommend", {"json": {"user_id": 17}}, 422, ["user_id"]),
+        ("post", "/recommend", {"json": {"user_id": user, "exclude_history": "yes"}}, 422, ["exclude_history"]),
+        ("post", "/recommend/batch", {"json": {"queries": [{"user_id": user, "k": "3"}]}}, 422, ["queries[0].k"]),
         ("post", "/recommend/batch", {"json": {"queries": []}}, 422, ["queries"]),
         ("post", "/recommend/batch", {"json": {"queries": [{"user_id": user}, {"user_id": "ghost"}]}}, 404,
          ["queries[1]", "'ghost'"]),
@@ -241,6 +251,9 @@ def test_bad_uploads_are_refused_and_add_nothing(image_run, tmp_path):
             ({"files": good * 2}, 422, ["more than one cover"]),
             ({"data": {"ids": ["x"]}}, 422, ["covers"]),
             ({"json": {"covers": []}}, 422, ["covers"]),
+            ({"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=b"}}, 422,
+             ["malformed request body"]),
+            ({"content": b"garbage", "headers": {"content-type": "multipart/form-data"}}, 422, ["malformed", "boundary"]),
         ]
         for kwargs, status, needles in cases:
             assert_refused(client.post("/items", **kwargs), status, *needles)

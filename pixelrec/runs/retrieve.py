@@ -1,7 +1,8 @@
 """`pixelrec retrieve`: top-k items for users of a run, ad-hoc histories, or a file of users.
 
 The query is the user vector after the history's last item; the history itself is excluded from
-the results. Batch retrieval streams JSONL (one object per user) and writes files atomically.
+the results. Batch retrieval streams JSONL (one object per user) and writes files atomically;
+`--html` writes one standalone page with the covers instead (`retrieve_html`, `html_report.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from .. import distributed
 from ..errors import PixelrecError
 from ..runtime import atomic_path, progress
+from .rundir import refuse_output_inside
 from .trained import TrainedRun, load_trained
 
 
@@ -44,19 +46,62 @@ class BatchRetrieval:
 def retrieve_one(run_dir: str, user: str | None = None, history: list[str] | None = None, k: int = 10,
                  device: str = "cpu") -> Recommendation:
     trained = load_trained(run_dir, device=device)
+    return _recommendation(*_query(trained, user, history, k))
+
+
+def _query(trained: TrainedRun, user: str | None, history: list[str] | None, k: int
+           ) -> tuple[TrainedRun, str | None, np.ndarray, np.ndarray, np.ndarray]:
+    """(trained, user, history index ids, result index ids, scores) of one query."""
     if user is not None:
         u = trained.data.user_index.get(str(user))
         if u is None:
-            raise PixelrecError(f"unknown user {user!r}: not among the {trained.data.num_users} users of {run_dir}")
+            raise PixelrecError(f"unknown user {user!r}: not among the {trained.data.num_users} users of "
+                                f"{trained.run.path}")
         hist = trained.data.history(u, "all")
     else:
         hist = _history_indices(trained, history or [])
     vec = trained.model.encode_histories([hist], item_table=trained.table)
     scores, ids = trained.index.search(vec, k, exclude=[hist])
     keep = ids[0] >= 0
+    return trained, user, np.asarray(hist), ids[0][keep], scores[0][keep]
+
+
+def _recommendation(trained: TrainedRun, user: str | None, hist: np.ndarray, ids: np.ndarray,
+                    scores: np.ndarray) -> Recommendation:
     return Recommendation(user_id=user, history=[str(trained.item_names[i]) for i in hist],
-                          items=[str(trained.item_names[i]) for i in ids[0][keep]],
-                          scores=[round(float(s), 6) for s in scores[0][keep]])
+                          items=[str(trained.item_names[i]) for i in ids],
+                          scores=[round(float(s), 6) for s in scores])
+
+
+def retrieve_html(run_dir: str, out: str, user: str | None = None, history: list[str] | None = None,
+                  users: str | None = None, k: int = 10, images: str | None = None, device: str = "cpu") -> dict:
+    """`retrieve --html`: a standalone page of one query's (or a users file's) history and top-k
+    covers (`html_report`). An `out` inside the run is refused first; so are more users than one
+    page shows. Returns {"queries", "unknown", "covers"}."""
+    from .html_report import MAX_HTML_QUERIES, ShownItem, ShownQuery, write_html
+
+    refuse_output_inside(out, run_dir, "--html")
+    trained = load_trained(run_dir, device=device)
+    unknown: list[str] = []
+    if users is not None:
+        wanted = read_user_ids(users, trained.data.user_ids)
+        if len(wanted) > MAX_HTML_QUERIES:
+            raise PixelrecError(f"--users {users}: {len(wanted)} users; one --html page shows at most "
+                                f"{MAX_HTML_QUERIES} (give fewer, or use --out for JSONL)")
+        unknown = [u for u in wanted if u not in trained.data.user_index]
+        asked = [(u, None) for u in wanted if u in trained.data.user_index]
+    else:
+        asked = [(user, history)]
+    counts = trained.data.train_counts
+    shown = []
+    for who, items in asked:
+        _, _, hist, ids, scores = _query(trained, who, items, k)
+        history_items = [ShownItem(str(trained.item_names[i]), int(i)) for i in hist]
+        results = [ShownItem(str(trained.item_names[i]), int(i), round(float(s), 6),
+                             bool(0 < i < len(counts) and counts[i] > 0)) for i, s in zip(ids, scores)]
+        shown.append(ShownQuery(f"user {who}" if who is not None else "history", history_items, results))
+    embedded = write_html(out, trained, shown, k, images)
+    return {"queries": len(shown), "unknown": unknown, "covers": embedded}
 
 
 def _history_indices(trained: TrainedRun, names: list[str]) -> np.ndarray:
@@ -115,7 +160,10 @@ def retrieve_batch(run_dir: str, users: str, k: int = 10, out: str | None = None
 
     Under torchrun each rank answers a contiguous run of `batch_size` batches of users; rank 0
     writes the lines in the order of the users file, the same bytes as one process writes.
+    An `out` inside the run directory is refused before anything is read or written.
     """
+    if out is not None:
+        refuse_output_inside(out, run_dir, "--out")
     world = distributed.init(device)
     trained = world.agree(lambda: load_trained(run_dir, device=world.device(device)))
     wanted = world.agree(lambda: read_user_ids(users, trained.data.user_ids)) if users != "-" else \

@@ -5,6 +5,8 @@
 - `engine.py`   queries answered from one snapshot, as `pixelrec retrieve` answers them;
 - `batching.py` micro-batching of concurrent requests;
 - `uploads.py`  uploaded covers checked and laid out for `index --add-images`;
+- `covers.py`   item covers from the configured stores, as JPEG thumbnails (also for `retrieve --html`);
+- `static/`     the browsing page at / (one HTML page, a script, a style sheet);
 - `service.py`  the current snapshot, its swap, additions;
 - `stats.py`    counters and latency percentiles;
 - `schemas.py`  the typed request and response bodies;

@@ -4,13 +4,19 @@ Endpoints (request and response models in `schemas.py`; the OpenAPI schema is se
 
     POST /recommend              one query: {user_id} or {history}, k, exclude_history
     POST /recommend/batch        {queries: [...]}: many queries in one request
-    GET  /items/{item_id}/similar?k=   nearest items by the run's item vectors
+    GET  /items/{item_id}/similar?k=&metric=   nearest items by cosine (default) or inner product
+    GET  /items/{item_id}/cover?size=          the item's cover as JPEG (a thumbnail with size)
     POST /items                  multipart covers (+ ids): encoded through the run's item tower and added
-    GET  /health, GET /stats
+    GET  /health, GET /stats, GET /run (the run's summary: model, tower, encoder, test metrics)
+    GET  /                       the browsing page (static/: one HTML page, a script and a style sheet)
+    GET  /docs, /redoc           API docs, their assets served from the fastapi-offline package
 
 Every error is JSON `{"detail": "<one line>"}` with a 4xx status for bad input: 404 for an unknown
-user or item, 422 for a bad k, a malformed body or an upload that is not an image, 413 for a body
-over --max-upload-mb, 409 for an addition the run cannot take (an id run, another writer).
+user or item, 422 for a bad k, a malformed or wrongly typed body or an upload that is not an image
+(or is above the pixel cap), 413 for a body over --max-upload-mb or more covers than
+--max-upload-files, 408 for a body slower than --body-timeout-s, 409 for an addition the run cannot
+take (an id run, another writer); 401 / 403 for a mutating request that `guards.py` refuses; 507
+when the disk fills up during an addition (nothing is added).
 """
 
 from __future__ import annotations
@@ -21,26 +27,37 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import AsyncIterator, Sequence
 
 from fastapi import FastAPI, File, Form, Query as QueryParam, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ... import __version__
+from ...errors import PixelrecError
 from ...runtime import set_quiet
 from .batching import MicroBatcher
-from .config import ServeConfig
+from .config import ServeConfig, read_api_key
+from .covers import MAX_SIZE, MIN_SIZE
 from .engine import Answer, Query, RecommendAnswer, ServeError, SimilarAnswer, SimilarQuery
+from .guards import BodyLimit, RequestGuard
 from .schemas import (AddedItem, AddItemsResponse, BatchRequest, BatchResponse, Health, Problem, RecommendRequest,
-                      RecommendResponse, SimilarResponse, StatsResponse)
+                      RecommendResponse, RunSummary, SimilarResponse, StatsResponse)
 from .service import Service
+from .snapshot import Snapshot
 from .uploads import pair_covers
 
 logger = logging.getLogger("pixelrec.serve")
 _ERRORS = {status: {"model": Problem} for status in (404, 409, 413, 422)}
+_WRITE_ERRORS = {status: {"model": Problem} for status in (401, 403, 408, 409, 413, 422, 507)}
+_TOO_MANY_PARTS = ("Too many files", "Too many fields")  # Starlette's multipart limits (1000 each), 400
+STATIC_DIR = Path(__file__).with_name("static")
+_COVER_CACHE = "public, max-age=300"
 
 
 def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
@@ -68,10 +85,15 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
                 await batcher.close()
             executor.shutdown(wait=False)
 
-    app = FastAPI(title="pixelrec", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="pixelrec", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Recommendations from the trained run {config.run_dir}.")
     app.state.service = service
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    covers = service.covers
+    _add_pages(app)
+    app.state.max_upload_files = config.max_upload_files
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
+    api_key = read_api_key(config.api_key_file) if config.api_key_file is not None else None
+    app.add_middleware(RequestGuard, config=config, api_key=api_key)  # outermost: before any body is read
     _add_error_handlers(app)
 
     async def run_queries(queries: Sequence[Query], batch: bool = False) -> list[Answer]:
@@ -103,13 +125,37 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
 
     @app.get("/items/{item_id:path}/similar", response_model=SimilarResponse, responses=_ERRORS, tags=["queries"])
     async def similar(item_id: str, k: int = QueryParam(10, description="How many items to return.",
-                                                         json_schema_extra={"minimum": 1})) -> SimilarResponse:
-        """The k items nearest to `item_id` by the run's item vectors (items added at run time included)."""
-        [answer] = await run_queries([SimilarQuery(item_id, k)])
+                                                         json_schema_extra={"minimum": 1}),
+                      metric: str = QueryParam("cosine", description='"cosine" (exact scan over unit-length '
+                                                                     'vectors) or "ip" (the run\'s index, by '
+                                                                     'inner product).')) -> SimilarResponse:
+        """The k items nearest to `item_id` by the run's item vectors (items added at run time included),
+        by cosine by default: an exact copy of a cover finds its original first."""
+        [answer] = await run_queries([SimilarQuery(item_id, k, metric)])
         assert isinstance(answer, SimilarAnswer)
         return SimilarResponse.of(answer)
 
-    @app.post("/items", response_model=AddItemsResponse, status_code=201, responses=_ERRORS, tags=["items"])
+    @app.get("/items/{item_id:path}/cover", response_class=Response, tags=["items"],
+             responses={200: {"content": {"image/jpeg": {}}, "description": "The cover, JPEG."}, **_ERRORS})
+    async def cover(request: Request, item_id: str,
+                    size: int | None = QueryParam(None, description=f"Scale to at most this many pixels a side "
+                                                                    f"({MIN_SIZE} to {MAX_SIZE}); default: "
+                                                                    f"the cover's own size.")) -> Response:
+        """The item's cover from the run's cover store (training covers: `serve --images` or what the
+        run records; added items: RUN_DIR/added/covers), as JPEG with an ETag; 404 when it has none."""
+        rendered = await run_in_threadpool(covers.cover, service.snapshot, item_id, size)
+        headers = {"ETag": rendered.etag, "Cache-Control": _COVER_CACHE}
+        if rendered.etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        return Response(rendered.data, media_type=rendered.media_type, headers=headers)
+
+    @app.get("/run", response_model=RunSummary, tags=["service"])
+    async def run() -> RunSummary:
+        """The run being served: model, item tower, encoder, test metrics, where its covers are, and
+        whether this server takes uploads (what the browsing page shows)."""
+        return await run_in_threadpool(run_summary, service.snapshot, config, covers.describe())
+
+    @app.post("/items", response_model=AddItemsResponse, status_code=201, responses=_WRITE_ERRORS, tags=["items"])
     async def add_items(response: Response,
                         covers: list[UploadFile] = File(description="Cover images (JPEG, PNG or any format "
                                                                     "Pillow reads), one per new item."),
@@ -118,7 +164,9 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
                                                                        "its extension.")) -> AddItemsResponse:
         """Encode new covers through the run's item tower and add them to its index, persistently
         (a new published index version); searchable as soon as this returns. Ids the run already
-        has are skipped."""
+        has are skipped. Needs the --api-key token when the server has one; off with --read-only."""
+        if len(covers) > config.max_upload_files:
+            raise ServeError(413, _too_many_covers(len(covers), config.max_upload_files))
         files = [(c.filename or f"cover {n}", await c.read()) for n, c in enumerate(covers)]
         addition = await run_in_threadpool(service.add_covers, pair_covers(files, ids))
         snapshot = addition.snapshot
@@ -133,7 +181,7 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
         """Liveness, and what is being served."""
         snapshot = service.snapshot
         return Health(status="ok", run_dir=config.run_dir, items=snapshot.size, index_version=snapshot.version,
-                      image_tower=snapshot.has_image_tower)
+                      image_tower=snapshot.has_image_tower, ingestion=config.ingestion)
 
     @app.get("/stats", response_model=StatsResponse, tags=["service"])
     async def stats() -> StatsResponse:
@@ -162,6 +210,59 @@ async def _follow_manifest(service: Service, every_s: float) -> None:
                            " ".join(str(error).split()))
 
 
+# -------------------------------------------------------------------------------------- pages
+def docs_assets() -> Path:
+    """The Swagger UI and ReDoc files shipped by the fastapi-offline package (no CDN)."""
+    import fastapi_offline
+
+    return Path(fastapi_offline.__file__).with_name("static")
+
+
+def _add_pages(app: FastAPI) -> None:
+    """The browsing page at /, its files under /static, and /docs and /redoc with local assets."""
+    app.mount("/static/docs", StaticFiles(directory=docs_assets()), name="docs-assets")
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="pixelrec API",
+                                   swagger_js_url="/static/docs/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/docs/swagger-ui.css",
+                                   swagger_favicon_url="/static/docs/favicon.png",
+                                   swagger_ui_parameters={"validatorUrl": None})
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="pixelrec API",
+                              redoc_js_url="/static/docs/redoc.standalone.js",
+                              redoc_favicon_url="/static/docs/favicon.png", with_google_fonts=False)
+
+
+def run_summary(snapshot: Snapshot, config: ServeConfig, covers: str) -> RunSummary:
+    """What GET /run answers: the served run's settings, its test metrics and this server's ingestion."""
+    trained = snapshot.trained
+    cfg = trained.cfg
+    meta = trained.run.read_config()
+    encoder = None
+    if cfg.items.kind == "e2e":
+        encoder = cfg.items.encoder
+    elif isinstance(meta.get("cache"), dict):
+        encoder = meta["cache"].get("model")
+    try:
+        test = {k: v for k, v in trained.run.read_results().items() if k != "published"}
+    except PixelrecError:
+        test = None
+    return RunSummary(run_dir=config.run_dir, model=cfg.model.model, tower=cfg.items.kind, encoder=encoder,
+                      dim=cfg.model.dim, max_len=cfg.model.max_len, users=trained.data.num_users,
+                      items=snapshot.size, trained_items=trained.data.num_items, index_version=snapshot.version,
+                      best_epoch=snapshot.published.best_epoch, test=test, covers=covers,
+                      image_tower=snapshot.has_image_tower, ingestion=config.ingestion)
+
+
 # ------------------------------------------------------------------------------------- errors
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
@@ -174,8 +275,17 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return JSONResponse({"detail": " ".join(str(error.detail).split())}, status_code=error.status_code,
-                            headers=getattr(error, "headers", None))
+        detail, status = " ".join(str(error.detail).split()), error.status_code
+        if status == 400 and detail.startswith(_TOO_MANY_PARTS):
+            detail, status = _too_many_covers(None, app.state.max_upload_files), 413
+        elif status == 400:  # the multipart parser's: a malformed body is 422 like a malformed JSON body
+            detail, status = f"malformed request body: {detail}", 422
+        return JSONResponse({"detail": detail}, status_code=status, headers=getattr(error, "headers", None))
+
+
+def _too_many_covers(given: int | None, limit: int) -> str:
+    what = f"{given} covers" if given is not None else "too many covers or fields"
+    return f"{what} in one request; at most {limit} covers (pixelrec serve --max-upload-files): send several requests"
 
 
 def describe_validation(errors: Sequence[dict]) -> str:
@@ -199,36 +309,3 @@ def _where(loc: Sequence) -> str:
     for part in parts:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "body"
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` is refused with 413, before it is read when
-    its Content-Length says so, otherwise as soon as the bytes received pass the limit."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large()(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise HTTPException(413, self._message())
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    def _too_large(self) -> JSONResponse:
-        return JSONResponse({"detail": self._message()}, status_code=413, headers={"Connection": "close"})
-
-    def _message(self) -> str:
-        return f"request body over the {self.max_bytes / 1e6:g} MB limit (pixelrec serve --max-upload-mb)"

@@ -5,6 +5,10 @@ The computation is that of `pixelrec retrieve` (`runs.retrieve.retrieve_one`): t
 the state after the history's last item (the tower reads the last `max_len` items), the whole
 history is excluded from the results, rows are ordered by score then smaller index id, and scores
 are rounded to 6 decimals. A batch gives each query the same answer as on its own.
+
+Item-item similarity (`SimilarQuery`) is by cosine by default: an exact scan over the unit-length
+item vectors (`Snapshot.unit_vectors`), so an exact copy of a cover finds its original first
+whatever the vectors' norms; `metric="ip"` searches the run's index by inner product instead.
 """
 
 from __future__ import annotations
@@ -48,7 +52,10 @@ class SimilarQuery:
 
     item_id: str
     k: int = 10
+    metric: str = "cosine"  # or "ip": the run's index, by inner product
 
+
+SIMILARITY_METRICS = ("cosine", "ip")
 
 Query = Union[RecommendQuery, SimilarQuery]
 
@@ -59,6 +66,7 @@ class RecommendAnswer:
     history: list[str]  # the query's items, oldest first
     items: list[str]
     scores: list[float]
+    warm: list[bool]  # per item: whether it had training interactions (cold: never in training, or added later)
     history_used: int  # the most recent history items the user tower read (at most max_len)
     history_truncated: bool  # the history was longer than max_len
     index_version: int
@@ -69,6 +77,9 @@ class SimilarAnswer:
     item_id: str
     items: list[str]
     scores: list[float]
+    warm: list[bool]
+    item_warm: bool  # whether the query's item had training interactions
+    metric: str
     index_version: int
 
 
@@ -92,9 +103,14 @@ def answer(snapshot: Snapshot, queries: Sequence[Query]) -> list[Answer | ServeE
             resolved.append((position, _resolve(snapshot, query)))
         except ServeError as error:
             results[position] = error
-    if resolved:
-        vectors = _query_vectors(snapshot, [r for _, r in resolved])
-        for (position, r), row in zip(resolved, _search(snapshot, [r for _, r in resolved], vectors)):
+    by_cosine = [(p, r) for p, r in resolved if isinstance(r.query, SimilarQuery) and r.query.metric == "cosine"]
+    for position, r in by_cosine:
+        results[position] = _answer(snapshot, r, *_cosine_neighbours(snapshot, r))
+    scanned = {p for p, _ in by_cosine}
+    searched = [(p, r) for p, r in resolved if p not in scanned]
+    if searched:
+        vectors = _query_vectors(snapshot, [r for _, r in searched])
+        for (position, r), row in zip(searched, _search(snapshot, [r for _, r in searched], vectors)):
             results[position] = _answer(snapshot, r, *row)
     return results  # type: ignore[return-value]
 
@@ -103,6 +119,8 @@ def answer(snapshot: Snapshot, queries: Sequence[Query]) -> list[Answer | ServeE
 def _resolve(snapshot: Snapshot, query: Query) -> _Resolved:
     check_k(query.k, snapshot.size)
     if isinstance(query, SimilarQuery):
+        if query.metric not in SIMILARITY_METRICS:
+            raise ServeError(422, f"metric {query.metric!r}: expected one of {', '.join(SIMILARITY_METRICS)}")
         item = snapshot.items.get(query.item_id)
         if item is None:
             raise ServeError(404, f"unknown item {query.item_id!r}: not in the run's vocabulary or index")
@@ -164,13 +182,28 @@ def _search(snapshot: Snapshot, resolved: list[_Resolved], vectors: np.ndarray
     return rows  # type: ignore[return-value]
 
 
+def _cosine_neighbours(snapshot: Snapshot, r: _Resolved) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, index ids) of the k items of largest cosine to the query's item (itself excluded),
+    by score then smaller index id: an exact scan over the unit-length vectors."""
+    ids, unit = snapshot.unit_vectors
+    row = int(np.searchsorted(ids, r.item))
+    scores = unit @ unit[row]
+    scores[row] = -np.inf
+    k = min(r.query.k, len(ids) - 1)
+    top = np.argpartition(-scores, k - 1)[:k] if 0 < k < len(ids) else np.arange(len(ids))[:k]
+    top = top[np.lexsort((ids[top], -scores[top]))]
+    return scores[top], ids[top]
+
+
 def _answer(snapshot: Snapshot, r: _Resolved, scores: np.ndarray, ids: np.ndarray) -> Answer:
     keep = ids >= 0  # rows with fewer eligible items than k end in padding
     items = [snapshot.name(int(i)) for i in ids[keep]]
     rounded = [round(float(s), 6) for s in scores[keep]]
+    warm = [snapshot.is_warm(int(i)) for i in ids[keep]]
     if isinstance(r.query, SimilarQuery):
-        return SimilarAnswer(r.query.item_id, items, rounded, snapshot.version)
+        return SimilarAnswer(r.query.item_id, items, rounded, warm, snapshot.is_warm(int(r.item)), r.query.metric,
+                             snapshot.version)
     history = r.history if r.history is not None else np.empty(0, dtype=np.int64)
     return RecommendAnswer(user_id=r.query.user_id, history=[snapshot.name(int(i)) for i in history], items=items,
-                           scores=rounded, history_used=min(len(history), snapshot.max_len),
+                           scores=rounded, warm=warm, history_used=min(len(history), snapshot.max_len),
                            history_truncated=len(history) > snapshot.max_len, index_version=snapshot.version)

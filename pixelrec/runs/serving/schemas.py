@@ -11,9 +11,12 @@ _K = "How many items to return: 1 up to the number of items in the index."
 
 
 class RecommendRequest(BaseModel):
-    """A user of the run (their whole history is the query) or an ad-hoc history of item ids."""
+    """A user of the run (their whole history is the query) or an ad-hoc history of item ids.
 
-    model_config = ConfigDict(coerce_numbers_to_str=True, extra="forbid")
+    Types are strict: ids are JSON strings, `k` a JSON integer, `exclude_history` true or false;
+    `"k": "10"`, `"k": true` or a number as an id are refused with 422, never converted."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     user_id: str | None = Field(None, description="A user id of the run's data.", examples=["u1"])
     history: list[str] | None = Field(None, description="Item ids, oldest first.", examples=[["i1", "i7"]])
@@ -38,6 +41,8 @@ class RecommendResponse(BaseModel):
     history: list[str] = Field(description="The query's items, oldest first.")
     items: list[str]
     scores: list[float]
+    warm: list[bool] = Field(description="Per item: whether it had training interactions (false: a cold item, "
+                                         "never in training or added after it).")
     history_used: int = Field(description="The most recent history items the model read (at most its max length).")
     history_truncated: bool = Field(description="True when the history is longer than the model's max length: "
                                                 "only its last items were read (all of them are still excluded).")
@@ -51,7 +56,7 @@ class RecommendResponse(BaseModel):
 class BatchRequest(BaseModel):
     """Many queries answered together in one request."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     queries: list[RecommendRequest] = Field(min_length=1, max_length=MAX_QUERIES_PER_REQUEST)
 
@@ -65,7 +70,10 @@ class SimilarResponse(BaseModel):
 
     item_id: str
     items: list[str]
-    scores: list[float]
+    scores: list[float] = Field(description="Cosine similarities (metric cosine) or inner products (metric ip).")
+    warm: list[bool] = Field(description="Per item: whether it had training interactions.")
+    item_warm: bool = Field(description="Whether the query's item had training interactions.")
+    metric: str = Field(description='"cosine" (the default) or "ip".')
     index_version: int
 
     @classmethod
@@ -94,6 +102,30 @@ class Health(BaseModel):
     items: int
     index_version: int
     image_tower: bool = Field(description="Whether POST /items can encode covers for this run.")
+    ingestion: str = Field(description='What POST /items takes: "open" (loopback, no key), "api-key" (requests '
+                                       'carrying the --api-key token) or "off" (--read-only, or beyond loopback '
+                                       'without a key).')
+
+
+class RunSummary(BaseModel):
+    """The run being served (what the browsing page shows above its results)."""
+
+    run_dir: str
+    model: str = Field(description="Sequence model (sasrec, ...).")
+    tower: str = Field(description="Item tower: id, frozen, partial, e2e or hybrid.")
+    encoder: str | None = Field(description="The image encoder behind the item tower (None for an id run).")
+    dim: int
+    max_len: int
+    users: int
+    items: int = Field(description="Items in the index now (added items included).")
+    trained_items: int = Field(description="Items of the training vocabulary.")
+    index_version: int
+    best_epoch: int
+    test: dict | None = Field(description="Test metrics of the published model (results.json), None when the "
+                                          "run has none.")
+    covers: str = Field(description="Where the training covers are read from, or why there are none.")
+    image_tower: bool
+    ingestion: str = Field(description='What POST /items takes: "open", "api-key" or "off".')
 
 
 class Latency(BaseModel):

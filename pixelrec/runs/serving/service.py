@@ -10,23 +10,23 @@ which holds the run's writer lock and publishes a new index version atomically.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Sequence
 
 from ...errors import PixelrecError
-from ...runtime import describe_os_error
+from ...runtime import describe_os_error, is_disk_full
 from ..item_index import add_images_to_run
 from .config import ServeConfig
+from .covers import CoverStores
 from .engine import Answer, Query, ServeError, answer
 from .snapshot import Snapshot, load_snapshot, refresh_snapshot
 from .stats import Stats
-from .uploads import Cover, write_covers
+from .uploads import Cover, remove_stale_upload_dirs, upload_dir, write_covers
+
+_SPACE_WORDS = ("no space left on device", "disk quota exceeded")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ class Service:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.stats = Stats()
+        remove_stale_upload_dirs()  # left by a server killed during an upload
         self._snapshot = load_snapshot(config.run_dir, config.device)
+        self.covers = CoverStores(config.run_dir, config.images)  # --images is opened (and checked) now
         self._swap_lock = threading.Lock()
         self._add_lock = threading.Lock()
 
@@ -73,23 +75,34 @@ class Service:
         if not self._snapshot.has_image_tower:
             raise ServeError(409, f"{self.config.run_dir} is an id run: it has no image tower to encode covers "
                                   f"with (POST /items needs a run trained with --items frozen|partial|e2e|hybrid)")
-        with self._add_lock, _run_dir_flock(self.config.run_dir), tempfile.TemporaryDirectory(
-                prefix="pixelrec-serve-upload-") as tmp:
-            write_covers(covers, Path(tmp))
+        with self._add_lock, _run_dir_flock(self.config.run_dir), upload_dir() as tmp:
             try:
+                write_covers(covers, tmp)
                 before = self.refresh()  # what another worker or process published meanwhile counts as known
-                summary = add_images_to_run(self.config.run_dir, tmp, device=self.config.device, workers=0)
+                summary = add_images_to_run(self.config.run_dir, str(tmp), device=self.config.device, workers=0)
                 after = self.refresh()
-            except PixelrecError as error:
-                raise ServeError(409, f"cannot add the covers: {error}") from None
-            except OSError as error:
-                status = 507 if error.errno in (errno.ENOSPC, errno.EDQUOT) else 500
-                raise ServeError(status, f"cannot add the covers: {describe_os_error(error)}") from None
+            except ServeError:
+                raise
+            except Exception as error:  # noqa: BLE001 - a full disk is 507 whatever wrote (h5py, torch, faiss, json)
+                if _disk_full(error):
+                    raise ServeError(507, f"cannot add the covers: no space left on device; nothing was added "
+                                          f"(free space on the disk of {self.config.run_dir} or of the temporary "
+                                          f"directory and retry)") from None
+                if isinstance(error, PixelrecError):
+                    raise ServeError(409, f"cannot add the covers: {error}") from None
+                if isinstance(error, OSError):
+                    raise ServeError(500, f"cannot add the covers: {describe_os_error(error)}") from None
+                raise
         self.stats.record_added(summary.added)
         wanted = [c.item_id for c in covers]
         return Addition(added={i: after.items[i] for i in wanted if i in after.items and i not in before.items},
                         skipped=[i for i in wanted if i in before.items], failed=dict(summary.failed),
                         snapshot=after)
+
+
+def _disk_full(error: BaseException) -> bool:
+    """A full disk or quota, whatever wrote (h5py, torch.save, faiss, json), also as pixelrec's own one line."""
+    return is_disk_full(error) or any(words in str(error).lower() for words in _SPACE_WORDS)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ never half of it. Nothing inside a snapshot is modified after it is built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
@@ -16,9 +17,10 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from ...data.ids import UNUSED_NAME
 from ...errors import PixelrecError
 from ...index.faiss_index import ItemIndex
-from ..rundir import UNUSED_NAME, Published, RunDir
+from ..rundir import Published, RunDir
 from ..trained import TrainedRun, load_index_version, load_trained, read_added_items
 
 _ATTEMPTS = 3  # reads retried when a writer publishes meanwhile
@@ -58,6 +60,24 @@ class Snapshot:
 
     def name(self, index_id: int) -> str:
         return str(self.trained.item_names[index_id])
+
+    def is_warm(self, index_id: int) -> bool:
+        """Whether the item had training interactions (cold: never in training, or added after it)."""
+        counts = self.trained.data.train_counts
+        return 0 < index_id < len(counts) and bool(counts[index_id] > 0)
+
+    def is_added(self, index_id: int) -> bool:
+        """Whether the item was added after training (its cover is kept in RUN_DIR/added/covers)."""
+        return index_id > self.trained.data.num_items
+
+    @functools.cached_property
+    def unit_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(index ids sorted [N], their item vectors scaled to unit length [N, d]) for cosine scans;
+        computed on first use (a zero vector stays zero)."""
+        ids = np.sort(np.asarray(self.index.ids, dtype=np.int64))
+        vectors = self.trained.table[torch.from_numpy(ids)].numpy().astype(np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return ids, vectors / np.maximum(norms, np.float32(1e-12))
 
 
 def load_snapshot(run_dir: str, device: str = "cpu") -> Snapshot:
