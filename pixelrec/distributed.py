@@ -10,7 +10,11 @@ failure, gathering per-rank pieces in rank order).
 
 Failures: a command step that only rank 0 runs (`World.on_main`) or that every rank runs
 (`World.agree`) reports a PixelrecError on any rank to every rank, so all of them stop together;
-rank 0 prints the one-line error and the others stay quiet (`PeerFailed`).
+rank 0 prints the one-line error and the others stay quiet (`PeerFailed`). A rank that dies (killed,
+out of memory, machine lost) cannot report anything: the survivors' next collective fails with the
+backend's connection error, which `lost_peer_line` words as "rank N stopped; <how to rerun>". N is
+found from the ranks' (host, pid) exchanged at `init`: a rank on this host whose process is gone
+(or a zombie) is one that stopped; with two ranks the peer is the only candidate.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import datetime
 import hashlib
 import json
 import os
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -32,6 +38,11 @@ from .runtime import resolve_device, set_quiet
 TIMEOUT_ENV = "PIXELREC_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks
 DEFAULT_TIMEOUT_S = 1800
 T = TypeVar("T")
+# words of gloo's / NCCL's / c10d's errors when a peer's connection went away or a collective timed out
+_LOST_PEER_WORDS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+                    "timed out", "Timed out", "Timeout", "NCCL communicator was aborted", "remote process exited",
+                    "Socket Timeout", "recvValue failed", "sendBytes failed", "recvBytes failed")
+_job: dict[str, Any] = {"peers": [], "rerun": "rerun the same command", "lost": False}
 
 
 class PeerFailed(PixelrecError):
@@ -203,12 +214,14 @@ def env_world() -> World:
     return World(rank=rank, size=size, local_rank=local_rank, local_size=local_size)
 
 
-def init(device: str = "auto") -> World:
+def init(device: str = "auto", rerun: str = "rerun the same command") -> World:
     """Join the job's process group (once per process) and return this rank's World.
 
     NCCL when this rank's device is a GPU, gloo on CPU; collectives time out after
-    PIXELREC_DIST_TIMEOUT seconds (default 1800). A world of one joins nothing.
+    PIXELREC_DIST_TIMEOUT seconds (default 1800). A world of one joins nothing. `rerun`: how to
+    continue after a lost rank (the end of the line `lost_peer_line` gives).
     """
+    _job["rerun"] = rerun
     world = env_world()
     if not world.is_distributed or dist.is_initialized():
         return world
@@ -231,13 +244,72 @@ def init(device: str = "auto") -> World:
         raise PixelrecError(f"{TIMEOUT_ENV}={os.environ.get(TIMEOUT_ENV)!r}: expected seconds") from None
     dist.init_process_group(backend=backend, timeout=timeout)
     atexit.register(_leave)
+    _job["peers"] = world.gather((socket.gethostname(), os.getpid()))  # to name a rank that dies later
     return world
 
 
 def _leave() -> None:
-    """Leave the process group at exit (a process group torn down by the interpreter can abort)."""
-    if dist.is_initialized():
+    """Leave the process group at exit (a process group torn down by the interpreter can abort); not
+    after a lost rank, where tearing the group down can wait for the dead one."""
+    if dist.is_initialized() and not _job["lost"]:
         dist.destroy_process_group()
+
+
+def lost_peer_line(exc: BaseException) -> str | None:
+    """'rank N stopped; <rerun>' when `exc` is a collective that failed because another rank of this
+    job died or stopped answering; None for any other exception."""
+    if not (dist.is_available() and dist.is_initialized()) or not _is_lost_peer(exc):
+        return None
+    _job["lost"] = True
+    world = env_world()
+    stopped = _stopped_ranks(world)
+    if stopped:
+        who = f"rank {stopped[0]}" if len(stopped) == 1 else f"ranks {', '.join(map(str, stopped))}"
+        return f"{who} stopped; {_job['rerun']}"
+    others = [r for r in range(world.size) if r != world.rank]
+    if len(others) == 1:
+        return f"rank {others[0]} stopped or became unreachable; {_job['rerun']}"
+    return f"another rank of the job stopped or became unreachable (not one on this host); {_job['rerun']}"
+
+
+def _is_lost_peer(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (RuntimeError, ConnectionError)):
+            text = str(current)
+            if any(words in text for words in _LOST_PEER_WORDS):
+                return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _stopped_ranks(world: World, wait_s: float = 1.0) -> list[int]:
+    """Ranks on this host whose process is gone or a zombie (waiting up to `wait_s` for a dying one)."""
+    host = socket.gethostname()
+    local = [(r, int(pid)) for r, (h, pid) in enumerate(_job["peers"]) if h == host and r != world.rank]
+    deadline = time.monotonic() + wait_s
+    while True:
+        stopped = [r for r, pid in local if not _alive(pid)]
+        if stopped or time.monotonic() >= deadline:
+            return stopped
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            state = handle.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
+        return True
 
 
 def current() -> World:

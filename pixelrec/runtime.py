@@ -12,10 +12,13 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -169,6 +172,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def plain_data(obj: Any) -> Any:
+    """`obj` as plain data (dicts, lists, str, int, float, bool, None): numpy scalars and arrays become
+    numbers and lists, so a weights_only load (see `load_tensors`) rebuilds it."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (np.integer,)):
         return int(obj)
@@ -227,8 +236,11 @@ class FileLock:
             if same:
                 break
             os.close(fd)  # the holder removed the file as we opened it: lock the new one
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        except OSError:  # a full disk: the lock holds without the holder's note (the write that needs room says so)
+            pass
         self._fd = fd
         return self
 
@@ -307,3 +319,84 @@ def describe_os_error(exc: OSError) -> str:
     if exc.filename2 is not None:
         where = f"{exc.filename} -> {exc.filename2}"
     return f"{where}: {words}" if where else words
+
+
+# ------------------------------------------------------------------------------ full disks
+
+_DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
+_WRITE_ERROR_PATH = re.compile(r"write error in (.+?): \d+ != \d+")  # faiss's wording
+
+
+def disk_full_error(exc: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError behind `exc`, else None.
+
+    torch.save and faiss report a full disk as a RuntimeError: torch.save writing to a Python file
+    chains the file's OSError (as __cause__ or __context__), faiss puts the strerror in its message
+    ("write error in PATH: ... (No space left on device)"). Both are turned back into the OSError.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        number = current.errno if isinstance(current, OSError) else None
+        if number in _DISK_FULL:
+            return current  # type: ignore[return-value]
+        if number is None:  # RuntimeErrors, and h5py's OSErrors that carry the errno only in their text
+            text = str(current)
+            for candidate, words in _DISK_FULL.items():
+                if words in text:
+                    where = _WRITE_ERROR_PATH.search(text)
+                    return OSError(candidate, words, where.group(1) if where else getattr(current, "filename", None))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is (or wraps) a full disk or an exceeded quota (see `disk_full_error`)."""
+    return disk_full_error(exc) is not None
+
+
+def save_tensors(obj: Any, path: str | os.PathLike, shown: str | os.PathLike | None = None) -> None:
+    """torch.save through a Python file, so a full disk surfaces as OSError(ENOSPC) naming `shown`
+    (default `path`; e.g. the final name of a temporary file)."""
+    try:
+        with open(path, "wb") as handle:
+            torch.save(obj, handle)
+    except (RuntimeError, OSError) as exc:
+        full = disk_full_error(exc)
+        if full is None:
+            raise
+        raise OSError(full.errno, full.strerror, str(shown or path)) from None
+
+
+# ------------------------------------------------------------------------------ tensor files
+
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # torch's wording of a refused class or function
+
+
+def load_tensors(path: str | os.PathLike, map_location: Any = "cpu", what: str = "file", fix: str = "") -> Any:
+    """torch.load of a file a user handed over, with weights_only=True: only tensors and plain data
+    (dicts, lists, numbers, strings) are rebuilt, so no pickled object can run code.
+
+    A file holding anything else is refused in one line naming it (`fix`: what to do instead); a
+    damaged one too. OSErrors pass through (the CLI words them).
+    """
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols and TorchScript zips
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as exc:
+        text = " ".join(str(exc).split())
+        found = _REFUSED_GLOBAL.search(text)
+        if found is None:  # garbage, or pickle opcodes the weights_only reader does not take
+            raise PixelrecError(f"{path}: cannot read {what}: not a torch file of tensors and plain data, or "
+                                f"damaged{'; ' + fix if fix else ''}") from None
+        raise PixelrecError(f"{path}: {what} holds Python objects besides tensors and plain data (it references "
+                            f"{found.group(1)}), which pixelrec never unpickles (they can run code)"
+                            f"{'; ' + fix if fix else ''}") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types on a damaged file
+        text = " ".join(str(exc).split())
+        raise PixelrecError(f"{path}: cannot read {what}: not a torch file, or damaged "
+                            f"({type(exc).__name__}: {text[:200]})") from None

@@ -206,6 +206,28 @@ def assert_one_line_error(stderr: str, *needles: str) -> str:
     return lines[0]
 
 
+def one_error_line(result, *needles: str) -> str:
+    """A CliRunner result that failed with exit 2 and printed exactly one line `error: ...` holding every needle."""
+    assert result.exit_code == 2, result.output
+    return assert_one_line_error(result.output, *needles)
+
+
+def same_cache(a: Path, b: Path) -> None:
+    """Two HDF5 caches hold the same datasets, top-block weights and attributes (`created` aside)."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        assert set(fa) == set(fb)
+        for name in fa:
+            if name != "top_blocks":
+                assert np.array_equal(fa[name][()], fb[name][()]), name
+        for key in fa["top_blocks"]:
+            assert np.array_equal(fa["top_blocks"][key][()], fb["top_blocks"][key][()]), key
+        differ = {k for k in fa.attrs if str(fa.attrs[k]) != str(fb.attrs.get(k))}
+        assert differ <= {"created"}, differ
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -44,6 +44,7 @@ def _write(out, batches=(100, 100, 100), tokens: bool = True, finish: bool = Tru
     return writer, emb, tok
 
 
+@pytest.mark.smoke
 def test_round_trip_layout(tmp_path):
     out = tmp_path / "c.h5"
     _write(out)

@@ -25,14 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
 from ddp_gradient import batch_gradient
 from fixtures_images import cold_dataset
-from fixtures_runs import TINY_ARGS, assert_one_line_error, cli_env, read_jsonl, synth_dataset, trained_run
+from fixtures_runs import TINY_ARGS, assert_one_line_error, cli_env, read_jsonl, same_cache, synth_dataset, trained_run
 from pixelrec import distributed
 from pixelrec.encode.pipeline import EncodeConfig, encode_images
 from pixelrec.encode.encoder import EncoderConfig
@@ -206,22 +205,47 @@ def test_ranks_started_with_different_settings_are_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_lost_rank_is_named_by_the_survivor(tmp_path, victim):
+    """A rank killed mid-training: the survivor's next collective fails; it says which rank stopped and
+    how to continue, exit 2 (the ranks are started with torchrun's environment, so each one's own exit
+    status and stderr are seen, not the launcher's summary)."""
+    data = synth_dataset()
+    port, out = _free_port(), tmp_path / "run"
+    args = tiny_fit_args(data.interactions, out, "--epochs", "200", "--patience", "1000")
+    procs = [subprocess.Popen([sys.executable] + [str(a) for a in args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env={
+                                  **cli_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                  "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                  "PIXELREC_DIST_TIMEOUT": "60"})
+             for rank in (0, 1)]
+    try:
+        deadline = time.time() + 90
+        while not (out / "metrics.jsonl").is_file():  # a finished epoch: both ranks are training
+            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
+            assert time.time() < deadline
+            time.sleep(0.02)
+        procs[victim].kill()
+        survivor = procs[1 - victim]
+        _, err = survivor.communicate(timeout=90)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert survivor.returncode == 2, err
+    prefix = "" if victim == 1 else "rank 1: "  # a rank other than 0 says which it is
+    line = assert_one_line_error(err, f"error: {prefix}rank {victim} stopped; rerun with --resume")
+    assert "bug" not in line
+    assert RunDir(out).read_metrics()  # the finished epochs stay, for --resume
+
+
 # ------------------------------------------------------------------------------------- encode
 def _encode_args(covers, out, *extra) -> list:
-    return ["-m", "pixelrec", "--quiet", "encode", "--images", covers, "--out", out, "--model", "pixelrec-tiny-vit",
+    return ["-m", "pixelrec", "--quiet", "encode", "--images", covers, "--out", out, "--encoder", "pixelrec-tiny-vit",
             "--split-block", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", *extra]
 
 
-def _same_cache(a: Path, b: Path) -> None:
-    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
-        assert set(fa) == set(fb)
-        for name in fa:
-            if name != "top_blocks":
-                assert np.array_equal(fa[name][()], fb[name][()]), name
-        for key in fa["top_blocks"]:
-            assert np.array_equal(fa["top_blocks"][key][()], fb["top_blocks"][key][()]), key
-        differ = {k for k in fa.attrs if str(fa.attrs[k]) != str(fb.attrs.get(k))}
-        assert differ <= {"created"}, differ
 
 
 def test_two_rank_encode_equals_one_rank_and_resumes_after_a_killed_rank(tmp_path):
@@ -233,7 +257,7 @@ def test_two_rank_encode_equals_one_rank_and_resumes_after_a_killed_rank(tmp_pat
     r = torchrun(_encode_args(covers, two))
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("items encoded") == 1
-    _same_cache(one, two)
+    same_cache(one, two)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.h5", "two.h5"]  # shards merged and removed
 
     killed = tmp_path / "killed.h5"
@@ -254,7 +278,7 @@ def test_two_rank_encode_equals_one_rank_and_resumes_after_a_killed_rank(tmp_pat
     assert not killed.exists()  # nothing under the final name
     r = torchrun(_encode_args(covers, killed))  # the same command resumes every shard, then merges
     assert r.returncode == 0, r.stderr
-    _same_cache(one, killed)
+    same_cache(one, killed)
 
 
 def test_shards_of_another_world_size_are_refused(tmp_path):

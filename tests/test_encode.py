@@ -66,6 +66,7 @@ def direct_embeddings(images: Path, ids: list[str], cfg: EncoderConfig = TINY) -
         return encoder(torch.stack([loader(i) for i in ids])).numpy()
 
 
+@pytest.mark.smoke
 def test_encode_directory(tmp_path):
     images = tmp_path / "covers"
     ids = make_covers(images, 40)

@@ -81,7 +81,7 @@ def test_second_encode_fails_at_once_without_hdf5_locking(tmp_path):
         encode_images(EncodeConfig(images=str(images), out=str(reference), batch_size=8, num_workers=0, encoder=TINY))
         assert first.stdout.readline().strip() == "PAUSED"
         command = [sys.executable, "-m", "pixelrec", "encode", "--images", str(images), "--out", str(out),
-                   "--model", TINY_MODEL, "--batch-size", "8", "--workers", "0"]
+                   "--encoder", TINY_MODEL, "--batch-size", "8", "--workers", "0"]
         for extra in ([], ["--overwrite"]):
             second = subprocess.run(command + extra, capture_output=True, text=True, env=env, timeout=120)
             assert second.returncode == 2, second.stderr[-2000:]

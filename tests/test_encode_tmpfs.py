@@ -109,7 +109,7 @@ def test_cli_disk_full_is_one_line_and_exit_2_then_resumes(tmp_path, covers, ref
     with tmpfs(tmp_path / "disk", f"size={room_for(reference, 0.3)}") as disk:
         out = disk / "c.h5"
         command = [sys.executable, "-m", "pixelrec", "encode", "--images", str(covers), "--out", str(out),
-                   "--model", TINY_MODEL, "--split-block", "2", "--batch-size", "16", "--workers", "0"]
+                   "--encoder", TINY_MODEL, "--split-block", "2", "--batch-size", "16", "--workers", "0"]
         full = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert full.returncode == 2, full.stderr[-2000:]
         lines = full.stderr.strip().splitlines()

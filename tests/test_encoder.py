@@ -27,6 +27,7 @@ def pixels():
     return torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.smoke
 def test_tiny_vit_shape(encoders):
     enc = encoders["model"]
     assert (enc.num_blocks, enc.width, enc.dim, enc.image_size, enc.num_tokens) == (4, 64, 32, 32, 17)

@@ -436,3 +436,64 @@ def test_stores_work_in_dataloader_workers(tmp_path):
         loader = torch.utils.data.DataLoader(_Pixels(store, ids), batch_size=2, num_workers=2)
         batches = torch.cat(list(loader)).numpy()
         assert np.array_equal(batches, np.stack([arrays[i] for i in ids]))
+
+
+# ---- names and file kinds a covers folder may hold (the id rule, data.ids)
+
+
+def test_cover_files_with_invalid_or_reserved_names_are_listed_as_failed(tmp_path):
+    good = "ok"
+    hostile = {"n1\nn2": "U+000A", "cr\rx": "U+000D", "tab\tx": "U+0009", "rtl\u202ex": "RIGHT-TO-LEFT OVERRIDE",
+               "zw\u200bx": "ZERO WIDTH SPACE", "[PAD]": "reserved", "[unused]": "reserved", " lead": "space"}
+    for name in [good, *hostile]:
+        solid((10, 20, 30)).save(tmp_path / f"{name}.png")
+    long_name = "x" * 251  # 255 bytes with ".png": the longest file name; the id itself is fine
+    solid((1, 2, 3)).save(tmp_path / f"{long_name}.png")
+    store = DirImageStore(tmp_path)
+    assert store.ids() == sorted([good, long_name])
+    assert set(store.refused) == set(hostile)
+    for name, needle in hostile.items():
+        assert needle in store.refused[name] and "\n" not in store.refused[name]
+        with pytest.raises(ImageLoadError, match="not a valid item id"):
+            store.load(name)
+
+
+def test_special_files_and_links_in_a_covers_folder_are_listed_as_failed(tmp_path):
+    covers, outside = tmp_path / "covers", tmp_path / "elsewhere"
+    covers.mkdir()
+    outside.mkdir()
+    solid((200, 0, 0)).save(covers / "real.png")
+    solid((0, 200, 0)).save(outside / "secret.png")
+    os.mkfifo(covers / "fifo.jpg")
+    (covers / "dir.jpg").mkdir()
+    os.symlink(covers / "gone.png", covers / "broken.png")
+    os.symlink(covers / "loop2.png", covers / "loop1.png")
+    os.symlink(covers / "loop1.png", covers / "loop2.png")
+    os.symlink(outside / "secret.png", covers / "out.png")
+    os.symlink(covers / "real.png", covers / "inside.png")  # a link that stays in the folder is a cover
+    store = DirImageStore(covers)
+    assert store.ids() == ["inside", "real"]
+    reasons = store.refused
+    assert set(reasons) == {"fifo", "dir", "broken", "loop1", "loop2", "out"}
+    assert "FIFO" in reasons["fifo"] and "directory" in reasons["dir"]
+    assert reasons["broken"] == "broken symbolic link" and reasons["loop1"] == "symbolic link loop"
+    assert "outside the covers folder" in reasons["out"] and "--follow-symlinks" in reasons["out"]
+    assert np.array_equal(np.asarray(store.load("inside")), np.asarray(store.load("real")))
+    followed = open_image_store(covers, follow_symlinks=True)
+    assert followed.ids() == ["inside", "out", "real"] and "out" not in followed.refused
+    assert pixel(followed.load("out"))[1] == 200
+
+
+def test_lmdb_keys_that_are_not_valid_ids_are_listed_as_failed(tmp_path):
+    arr = noisy(12, 8)
+    write_raw_lmdb(tmp_path / "k.lmdb", {b"good": encode_pixelrec_record("good", arr),
+                                         b"n1\nn2": encode_pixelrec_record("x", arr),
+                                         b"[PAD]": encode_pixelrec_record("y", arr),
+                                         b"bad\xff": encode_pixelrec_record("z", arr)})
+    store = open_image_store(tmp_path / "k.lmdb")
+    assert store.ids() == ["good"]
+    assert set(store.refused) == {"n1\nn2", "[PAD]", "bad\\xff"}
+    assert "U+000A" in store.refused["n1\nn2"] and "reserved" in store.refused["[PAD]"]
+    assert "not UTF-8" in store.refused["bad\\xff"]
+    with pytest.raises(ImageLoadError, match="reserved"):
+        store.load("[PAD]")

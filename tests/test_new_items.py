@@ -6,6 +6,7 @@ without retraining.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import numpy as np
@@ -134,8 +135,8 @@ def test_encode_from_run_writes_the_runs_item_vectors(kind, tmp_path):
 def test_encode_from_run_refuses_encoder_options_and_id_runs(tmp_path):
     ds = cold_dataset()
     run, _ = cold_run("frozen")
-    res = invoke(["encode", "--from-run", run, "--images", ds.covers, "--out", tmp_path / "x.h5", "--model", "RN50"])
-    assert res.exit_code != 0 and "--model" in res.output
+    res = invoke(["encode", "--from-run", run, "--images", ds.covers, "--out", tmp_path / "x.h5", "--encoder", "RN50"])
+    assert res.exit_code != 0 and "--encoder" in res.output
     id_run, _ = cold_run("id")
     res = invoke(["encode", "--from-run", id_run, "--images", ds.covers, "--out", tmp_path / "y.h5"])
     assert res.exit_code != 0 and "id run" in res.output
@@ -148,8 +149,8 @@ def test_encode_from_run_refuses_encoder_options_and_id_runs(tmp_path):
 
 
 def added_names(run_dir) -> list[str]:
-    path = RunDir(run_dir).published().index_dir / "added_items.txt"
-    return path.read_text().splitlines() if path.is_file() else []
+    path = RunDir(run_dir).published().index_dir / "added_items.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
 @pytest.mark.parametrize("kind", ["frozen", "partial", "e2e"])
@@ -273,3 +274,107 @@ def test_new_items_refuse_a_cache_replaced_since_training(tmp_path):
                                num_workers=0, device="cpu", overwrite=True))
     with pytest.raises(PixelrecError, match="cache|encoder|weights"):
         run_item_encoder(str(run))
+
+
+# =============================================================================================
+# hostile cover names (issue: a newline in a name shifted every later name onto the next vector)
+# =============================================================================================
+
+
+def _vector_of(run_dir, name: str) -> np.ndarray:
+    """The stored vector the run serves for item `name` (name -> id through the run's names)."""
+    from pixelrec.runs.trained import load_trained
+
+    trained = load_trained(str(run_dir))
+    ids = [i for i, n in enumerate(trained.item_names) if n == name]
+    assert len(ids) == 1, (name, ids)
+    return trained.index.reconstruct(np.array(ids))[0]
+
+
+def test_a_newline_or_reserved_name_fails_and_every_other_name_keeps_its_own_vector(tmp_path):
+    src, _ = cold_run("frozen")
+    run = copy_run(src, tmp_path / "run")
+    n = len(vocabulary(run)) - 1
+    new = sorted(p.stem for p in new_covers().iterdir())  # n00000 .. n00005
+    covers = tmp_path / "covers"
+    covers.mkdir()
+    for name in new[:3]:
+        shutil.copy(new_covers() / f"{name}.jpg", covers)
+    hostile = {f"{new[0]}\n{new[1]}": "U+000A", "[PAD]": "reserved", "[unused]": "reserved"}
+    for name, source in zip(hostile, new[3:]):
+        shutil.copy(new_covers() / f"{source}.jpg", covers / f"{name}.jpg")
+
+    res = invoke(["index", run, "--add-images", covers])
+    assert res.exit_code == 0, res.output
+    assert f"added 3 items to {run} (ids {n + 1}..{n + 3}); 3 images failed" in res.output
+    assert "already indexed" not in res.output  # reserved names are not counted as known items
+    assert f"failed {repr(f'{new[0]}' + chr(10) + f'{new[1]}')}: " in res.output and "reserved" in res.output
+    assert added_names(run) == new[:3]
+    lines = (RunDir(run).published().index_dir / "added_items.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3  # one JSON string per line
+
+    want = encode_covers(run_item_encoder(str(run)), new_covers(), new[:3])
+    for name, vector in zip(new[:3], want):  # each name answers with its own cover's vector
+        assert rel_diff(_vector_of(run, name)[None], vector[None]) < 1e-5, name
+    last = invoke(["retrieve", run, "--history", new[2], "--k", "3", "--json"])
+    assert last.exit_code == 0, last.output
+    assert json.loads(last.output)["history"] == [new[2]]
+
+    summary = add_images_to_run(str(run), str(covers), workers=0)  # again: nothing new, the same failures
+    assert (summary.added, summary.skipped) == (0, 3)
+    assert set(summary.failed) == set(hostile) and all(hostile[k] in v for k, v in summary.failed.items())
+
+
+def test_an_added_items_file_of_an_earlier_version_is_read_only_when_every_name_is_valid(tmp_path):
+    from pixelrec.runs.trained import load_trained
+
+    src, _ = cold_run("frozen")
+    run = copy_run(src, tmp_path / "run")
+    add_images_to_run(str(run), str(new_covers()), workers=0)
+    index_dir = RunDir(run).published().index_dir
+    names = added_names(run)
+    (index_dir / "added_items.jsonl").unlink()
+    legacy = index_dir / "added_items.txt"
+    legacy.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    assert list(load_trained(str(run)).item_names[-6:]) == names  # an ordinary earlier run still reads
+
+    legacy.write_text("".join(f"{n}\n" for n in names[:-1]) + "[PAD]\n", encoding="utf-8")
+    with pytest.raises(PixelrecError, match=r"added_items.txt: line 6: name '\[PAD\]' is reserved.*earlier pixelrec"):
+        load_trained(str(run))
+    # what the earlier version wrote for a name holding a newline: one name more than ids
+    legacy.write_text("".join(f"{n}\n" for n in names[:2] + ["x"] + names[2:]), encoding="utf-8")
+    with pytest.raises(PixelrecError, match="names split"):
+        load_trained(str(run))
+    res = invoke(["index", run, "--spec", "Flat"])
+    assert res.exit_code == 2 and "names split" in res.output
+
+
+@pytest.mark.parametrize("line, needle", [('"a\\nb"', "U+000A"), ("42", "not a JSON string"),
+                                          ('"n00000"', "appears twice"), ("{", "not a JSON string")])
+def test_a_tampered_added_items_file_is_refused_in_one_line(tmp_path, line, needle):
+    from pixelrec.runs.trained import read_added_items
+
+    src, _ = cold_run("frozen")
+    run = copy_run(src, tmp_path / "run")
+    add_images_to_run(str(run), str(new_covers()), workers=0)
+    path = RunDir(run).published().index_dir / "added_items.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[3] = line
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(PixelrecError) as exc:
+        read_added_items(path.parent)
+    assert needle in str(exc.value) and "line 4" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_an_added_name_that_is_also_a_vocabulary_item_is_refused(tmp_path):
+    from pixelrec.runs.trained import load_trained
+
+    src, _ = cold_run("frozen")
+    run = copy_run(src, tmp_path / "run")
+    add_images_to_run(str(run), str(new_covers()), workers=0)
+    path = RunDir(run).published().index_dir / "added_items.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[2] = json.dumps(str(vocabulary(run)[5]))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(PixelrecError, match="also in the training vocabulary"):
+        load_trained(str(run))

@@ -5,8 +5,6 @@ survive every rebuild, and one-line errors for damaged run files."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +21,6 @@ from fixtures_runs import (
     assert_one_line_error,
     cli_env,
     copy_run,
-    handmade_dataset,
     invoke,
     pixelrec_cmd,
     read_jsonl,
@@ -330,7 +327,7 @@ def _other_shapes(run: Path) -> None:
 
 
 def _latin1_added(run: Path) -> None:
-    (RunDir(run).published().index_dir / "added_items.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (RunDir(run).published().index_dir / "added_items.jsonl").write_bytes("\"caf\xe9\"\n".encode("latin-1"))
 
 
 def _edited_checkpoint(run: Path) -> None:
@@ -342,7 +339,7 @@ def _edited_checkpoint(run: Path) -> None:
     (_null_dim, ["config.json", "model.dim", "None"]),
     (_no_config_section, ["config.json", "'config'"]),
     (_other_shapes, ["do not fit the settings in config.json", "size mismatch"]),
-    (_latin1_added, ["added_items.txt", "not UTF-8"]),
+    (_latin1_added, ["added_items.jsonl", "not UTF-8"]),
     (_edited_checkpoint, ["does not match the run's manifest"]),
 ])
 def test_damaged_run_files_give_one_line_errors(tmp_path, damage, needles):

@@ -64,6 +64,7 @@ def test_items_sorted_as_strings_not_numbers():
     assert seq_ids(d, "u") == ["10", "9", "010", "1"]
 
 
+@pytest.mark.smoke
 def test_time_order_with_stable_ties(data):
     assert seq_ids(data, "u1") == ["c", "b", "d", "a", "e"]
     assert seq_ids(data, "u2") == ["c", "b", "a"]

@@ -66,6 +66,7 @@ def test_sequences_are_valid_user_histories(small):
     assert not df.duplicated(["user_id", "item_id"]).any()  # no repeated item within a user
 
 
+@pytest.mark.smoke
 def test_cold_items_are_only_final_targets(small):
     df = sequences(small)
     cold = set(small.cold_item_ids)

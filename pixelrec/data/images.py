@@ -9,20 +9,25 @@ PixelRec's LMDB values are pickles of a class `LMDB_Image` defined in its script
 They are read with a restricted unpickler that maps any class named `LMDB_Image` to a local record
 class and refuses every other global, so reading an untrusted LMDB cannot execute code.
 
-Pixel limit: Pillow refuses images above ~179M pixels (its decompression-bomb check) through a
-process-wide setting. pixelrec leaves that setting as it is for everyone else; it bypasses it only
-while Pillow parses a header inside `load`, under a lock, and applies its own cap instead:
-`MAX_IMAGE_PIXELS` pixels *as decoded*. A huge JPEG therefore still loads when the caller passes
-`max_side` (decoding is reduced by 2, 4 or 8 via `Image.draft`); anything whose decoded size is
-above the cap fails with reason "image too large (W x H)", W x H being the size in the file.
+Pixel limit (every cover read: encode, `index --add-images`, uploads to `pixelrec serve`): an image
+is opened lazily, its size read from the header, and one whose size *as it would be decoded* is
+above `MAX_IMAGE_PIXELS` (40 megapixels) fails with reason "image too large (W x H); ..." before a
+single pixel is decoded, so a decompression bomb (a tiny file claiming 20000 x 20000 pixels) costs
+nothing. A JPEG larger than the cap still loads when the caller passes `max_side`: its decoding is
+reduced by 2, 4 or 8 (`Image.draft`) to no less than `max_side`. Pillow's own bomb check (a
+process-wide setting) is left as it is for everyone else; pixelrec bypasses it only while Pillow
+parses a header, under a lock, and turns Pillow's DecompressionBombError / Warning, should a
+format raise one while decoding, into the same reason.
 """
 
 from __future__ import annotations
 
 import abc
+import errno
 import io
 import os
 import pickle
+import stat
 import threading
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -33,9 +38,11 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from ..errors import PixelrecError
 from ..runtime import log
+from .ids import id_problem, shown
 
-MAX_IMAGE_PIXELS = 20000 * 20000
-"""Largest decoded image (width x height) that `load` accepts: 4e8 pixels, 1.2 GB as RGB."""
+MAX_IMAGE_PIXELS = 40_000_000
+"""Largest decoded image (width x height) that `load` accepts: 40 megapixels, 120 MB as RGB. Checked
+from the header before decoding (module doc); raise it here for covers larger than that."""
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 """Directory-store extensions, in order of preference when one id has several files."""
@@ -122,20 +129,29 @@ def _open_unlimited(fp: BinaryIO) -> Image.Image:
 
 
 def _decode(fp: BinaryIO, max_side: int | None) -> Image.Image:
-    """Open, optionally reduce (JPEG), enforce the pixel cap, decode fully, convert to RGB."""
+    """Open (header only), optionally reduce (JPEG), enforce the pixel cap, decode, convert to RGB."""
     img = _open_unlimited(fp)
     original = img.size
     if max_side and img.format == "JPEG":
         img.draft("RGB", (max_side, max_side))
-    if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
-        raise _TooLarge(original)
-    img.load()  # inside the caller's try: truncation shows up here
+    _check_pixels(img.size, original)  # before decoding: the header's size, reduced by draft
+    try:
+        img.load()  # inside the caller's try: truncation shows up here
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _TooLarge(img.size) from None  # a format whose frames grow while decoding (GIF)
+    _check_pixels(img.size, img.size)
     return to_rgb(img)
+
+
+def _check_pixels(size: tuple[int, int], reported: tuple[int, int]) -> None:
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise _TooLarge(reported)
 
 
 class _TooLarge(Exception):
     def __init__(self, size: tuple[int, int]):
-        super().__init__(f"image too large ({size[0]} x {size[1]})")
+        super().__init__(f"image too large ({size[0]} x {size[1]}); the limit is "
+                         f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels")
 
 
 def decode_image_file(path: str | os.PathLike, item_id: str, max_side: int | None = None) -> Image.Image:
@@ -174,6 +190,8 @@ class ImageStore(abc.ABC):
 
     source: str
 
+    refused: dict[str, str]  # names that cannot be item ids or covers -> why (listed as failed, not in ids())
+
     def __init__(self, source: str | os.PathLike, ids: Iterable[str]):
         self.source = str(source)
         self._ids = sorted(ids)
@@ -205,48 +223,69 @@ class ImageStore(abc.ABC):
 class DirImageStore(ImageStore):
     """A directory of `<item_id>.<ext>` covers, ext in jpg/jpeg/png/webp (any case).
 
-    Hidden files and subdirectories are ignored. When one id has several files, the first of
-    jpg > jpeg > png > webp wins; `duplicates` maps such ids to all their file names.
+    Hidden files and entries without an image extension are ignored. When one id has several
+    files, the first of jpg > jpeg > png > webp wins; `duplicates` maps such ids to all their file
+    names. An image-named entry that cannot be an item's cover is not listed in `ids()` but in
+    `refused` (name -> reason): a file name the id rule refuses (`data.ids`), a FIFO, device,
+    socket or directory, a broken symbolic link or a loop, and a symbolic link whose target lies
+    outside the directory unless `follow_symlinks`.
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, follow_symlinks: bool = False):
         self.root = Path(root)
         if not self.root.exists():
             raise PixelrecError(f"{self.root}: image directory not found")
         if not self.root.is_dir():
             raise PixelrecError(f"{self.root}: not a directory of images")
-        self._files, self.duplicates = _scan_image_dir(self.root)
-        if not self._files:
+        self.follow_symlinks = follow_symlinks
+        self._files, self.duplicates, self.refused = _scan_image_dir(self.root, follow_symlinks)
+        if not self._files and not self.refused:
             raise PixelrecError(f"no .jpg/.jpeg/.png/.webp images in {self.root}")
         if self.duplicates:
             example = next(iter(sorted(self.duplicates)))
             log(f"{self.root}: {len(self.duplicates)} item id(s) have several image files, using "
                 f"jpg > jpeg > png > webp (e.g. {', '.join(self.duplicates[example])})")
+        if self.refused:
+            example, reason = next(iter(sorted(self.refused.items())))
+            log(f"{self.root}: {len(self.refused)} file(s) cannot be covers and are listed as failed "
+                f"(e.g. {shown(example)}: {reason})")
         super().__init__(self.root, self._files)
 
     def path_of(self, item_id: str) -> Path:
         """The file that `load(item_id)` reads."""
         if item_id not in self._files:
-            raise ImageLoadError(item_id, "missing", f"no image file in {self.root}")
+            raise ImageLoadError(item_id, self.refused.get(item_id, "missing"), f"no image file in {self.root}")
         return self.root / self._files[item_id]
 
     def load(self, item_id: str, max_side: int | None = None) -> Image.Image:
-        return decode_image_file(self.path_of(item_id), item_id, max_side)
+        path = self.path_of(item_id)
+        kind = _not_a_file(path, self.root, self.follow_symlinks)  # replaced since the scan?
+        if kind is not None:
+            raise ImageLoadError(item_id, kind, str(path))
+        return decode_image_file(path, item_id, max_side)
 
     def describe(self) -> str:
         return f"image directory {self.root} ({len(self)} images)"
 
 
-def _scan_image_dir(root: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+def _scan_image_dir(root: Path, follow_symlinks: bool
+                    ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, str]]:
     found: dict[str, list[tuple[int, str]]] = {}
+    refused: dict[str, str] = {}
     with os.scandir(root) as entries:
         for entry in entries:
             stem, dot, ext = entry.name.rpartition(".")
             ext = ext.lower()
             if not dot or not stem or entry.name.startswith(".") or ext not in IMAGE_EXTENSIONS:
                 continue
-            if entry.is_file():
+            # a regular file needs no stat (the directory entry says so); anything else is looked at
+            why = None if entry.is_file(follow_symlinks=False) else _not_a_file(Path(entry.path), root, follow_symlinks)
+            if why is None and (problem := id_problem(stem)) is not None:
+                why = f"the file name is not a valid item id: {shown(stem)} {problem}"
+            if why is None:
                 found.setdefault(stem, []).append((IMAGE_EXTENSIONS.index(ext), entry.name))
+            else:
+                refused[stem] = why
     files: dict[str, str] = {}
     duplicates: dict[str, list[str]] = {}
     for item_id, candidates in found.items():
@@ -254,7 +293,32 @@ def _scan_image_dir(root: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
         files[item_id] = candidates[0][1]
         if len(candidates) > 1:
             duplicates[item_id] = [name for _, name in candidates]
-    return files, duplicates
+        refused.pop(item_id, None)  # another file of the same id is a cover
+    return files, duplicates, refused
+
+
+def _not_a_file(path: Path, root: Path, follow_outside: bool) -> str | None:
+    """Why the directory entry `path` cannot be read as a cover (None: a regular file, or a symbolic
+    link to one inside `root`, or anywhere when `follow_outside`)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "broken symbolic link" if os.path.islink(path) else "missing"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"cannot read: {exc.strerror}"
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory, not an image file"
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file")
+        return f"{kind}, not a regular file"
+    if not follow_outside and os.path.islink(path):
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            return "symbolic link to a file outside the covers folder (not followed without --follow-symlinks)"
+    return None
 
 
 class LmdbImageStore(ImageStore):
@@ -274,18 +338,35 @@ class LmdbImageStore(ImageStore):
                 listed_raw = txn.get(b"__keys__")
         except lmdb.Error as exc:
             raise PixelrecError(f"{self.path}: cannot read LMDB image store: {exc}") from None
-        stored_ids = {_decode_key(k, self.path) for k in stored}
+        self.refused: dict[str, str] = {}  # keys the id rule refuses -> reason (listed as failed)
+        stored_ids = self._valid_ids(stored)
         listed_ids = set()
         if listed_raw is not None:
             listed = _safe_unpickle(listed_raw, "__keys__", where)
             if not isinstance(listed, list):
                 raise PixelrecError(f"{self.path}: __keys__ is not a list of keys")
-            listed_ids = {_decode_key(k if isinstance(k, bytes) else str(k).encode(), self.path) for k in listed}
+            listed_ids = self._valid_ids(k if isinstance(k, bytes) else str(k).encode() for k in listed)
         self.listed_without_record = sorted(listed_ids - stored_ids)
+        if self.refused:
+            example, reason = next(iter(sorted(self.refused.items())))
+            log(f"{self.path}: {len(self.refused)} key(s) are not valid item ids and are listed as failed "
+                f"(e.g. {reason})")
         super().__init__(self.path, stored_ids | listed_ids)
+
+    def _valid_ids(self, keys: Iterable[bytes]) -> set[str]:
+        valid = set()
+        for key in keys:
+            name, why = _key_problem(key)
+            if why is None:
+                valid.add(name)
+            else:
+                self.refused[name] = why
+        return valid
 
     def load(self, item_id: str, max_side: int | None = None) -> Image.Image:
         where = f"LMDB {self.path}"
+        if item_id in self.refused:
+            raise ImageLoadError(item_id, self.refused[item_id], where)
         with _environment(self.path).begin() as txn:
             raw = txn.get(str(item_id).encode("utf-8"))
         if raw is None:
@@ -335,11 +416,14 @@ def _environment(path: Path) -> lmdb.Environment:
             f"PixelRec's generate_lmdb.py or a directory of images") from None
 
 
-def _decode_key(key: bytes, path: Path) -> str:
+def _key_problem(key: bytes) -> tuple[str, str | None]:
+    """(the key as an item id, why it cannot be one or None)."""
     try:
-        return key.decode("utf-8")
+        name = key.decode("utf-8")
     except UnicodeDecodeError:
-        raise PixelrecError(f"{path}: LMDB key {key!r} is not a utf-8 item id") from None
+        return key.decode("utf-8", "backslashreplace"), f"the LMDB key {key!r} is not UTF-8"
+    problem = id_problem(name)
+    return name, None if problem is None else f"the LMDB key is not a valid item id: {shown(name)} {problem}"
 
 
 class _LmdbRecord:
@@ -402,13 +486,14 @@ def _record_to_image(record: object) -> Image.Image:
 # Opening
 
 
-def open_image_store(path: str | os.PathLike) -> ImageStore:
+def open_image_store(path: str | os.PathLike, follow_symlinks: bool = False) -> ImageStore:
     """An LmdbImageStore for an LMDB (a directory holding data.mdb, a file, or a name ending
-    .lmdb), else a DirImageStore for a directory of covers."""
+    .lmdb), else a DirImageStore for a directory of covers (`follow_symlinks`: also read covers
+    that are symbolic links to files outside it)."""
     path = Path(path)
     if not path.exists():
         raise PixelrecError(f"{path}: image store not found (expected a directory of <item_id>.jpg "
                             f"covers or an LMDB image store)")
     if path.is_file() or path.suffix.lower() == ".lmdb" or (path / "data.mdb").is_file():
         return LmdbImageStore(path)
-    return DirImageStore(path)
+    return DirImageStore(path, follow_symlinks)

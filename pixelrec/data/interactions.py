@@ -1,6 +1,7 @@
 """Load PixelRec interaction CSVs (`item_id,user_id,timestamp`) and validate them.
 
-Ids are kept as strings exactly as written; timestamps must be integers. Column order may differ
+Ids are kept as strings exactly as written and must pass the id rule (`data.ids`: printable, one
+line, no path separators, not reserved); timestamps must be integers. Column order may differ
 and extra columns are ignored. Reading goes through pyarrow, so a 4M-row file loads in seconds.
 """
 
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import PixelrecError
+from .ids import RESERVED_IDS, SAFE_ASCII_ID, MAX_ID_BYTES, id_problem, shown
 
 REQUIRED_COLUMNS = ("item_id", "user_id", "timestamp")
 
@@ -22,7 +24,7 @@ def load_interactions(path: str | os.PathLike) -> pd.DataFrame:
 
     Rows keep their file order (row i of the frame is data row i of the file, i.e. file line i + 2).
     Raises PixelrecError naming the file (and row) for a missing file, an empty file, missing
-    columns, empty ids or non-integer timestamps.
+    columns, empty ids, ids the id rule refuses (`data.ids`) or non-integer timestamps.
     """
     path = Path(path)
     if not path.is_file():
@@ -57,6 +59,7 @@ def load_interactions(path: str | os.PathLike) -> pd.DataFrame:
         if empty.any():
             row = int(np.flatnonzero(empty.to_numpy())[0])
             raise PixelrecError(f"{path}: row {row + 2}: empty {col}")
+        _check_ids(path, df[col], col)
 
     raw_ts = df["timestamp"].str.strip()
     bad = ~raw_ts.str.fullmatch(r"[+-]?\d+").fillna(False).astype(bool)
@@ -76,6 +79,23 @@ def load_interactions(path: str | os.PathLike) -> pd.DataFrame:
             "timestamp": ts.to_numpy(dtype=np.int64),  # exact: never through float
         }
     )
+
+
+def _check_ids(path: Path, ids: pd.Series, col: str) -> None:
+    """Refuse the first row whose id breaks the id rule, naming the row and showing the id with repr().
+
+    Distinct ids are checked: plain ASCII ones by one vectorised regex, the others one by one.
+    """
+    unique = pd.Series(ids.unique(), dtype=ids.dtype)
+    plain = (unique.str.fullmatch(SAFE_ASCII_ID).fillna(False).astype(bool)
+             & (unique.str.len() <= MAX_ID_BYTES).fillna(False).astype(bool)  # ASCII: characters = bytes
+             & ~unique.isin(RESERVED_IDS)).to_numpy(dtype=bool)
+    bad = {name for name in unique[~plain].tolist() if id_problem(name) is not None}
+    if not bad:
+        return
+    row = int(np.flatnonzero(ids.isin(bad).to_numpy())[0])
+    name = ids.iloc[row]
+    raise PixelrecError(f"{path}: row {row + 2}: {col} {shown(name)} {id_problem(name)}")
 
 
 def _read_header(path: Path) -> list[str]:

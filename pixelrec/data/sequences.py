@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import PixelrecError
+from .ids import PAD
 from .interactions import load_interactions
 
-PAD = "[PAD]"
 Split = Literal["valid", "test"]
 
 

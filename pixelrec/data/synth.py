@@ -34,6 +34,7 @@ from PIL import Image
 
 from ..errors import PixelrecError
 from ..runtime import atomic_path, log, progress, write_json
+from .ids import id_problem, shown
 from .lmdb_writer import write_pixelrec_lmdb
 
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross",
@@ -135,11 +136,13 @@ def id_prefix_problem(prefix: str) -> str | None:
         return f"must be at most {MAX_PREFIX_LEN} characters (ids become file names)"
     bad = sorted({c for c in prefix if c in _FORBIDDEN_IN_IDS or not c.isprintable()})
     if bad:
-        shown = ", ".join(repr(c) for c in bad)
-        return f"must not contain {shown} (ids become file names and CSV fields)"
+        listed = ", ".join(repr(c) for c in bad)
+        return f"must not contain {listed} (ids become file names and CSV fields)"
     if prefix.startswith(".") or prefix != prefix.strip():
         return "must not start with a dot or start or end with whitespace (ids become file names)"
-    return None
+    longest = f"{prefix}{MAX_ITEMS:d}"  # the widest id a synth can make (data.ids applies to every id)
+    problem = id_problem(longest)
+    return None if problem is None else f"makes ids like {shown(longest)} that are not valid ids: {problem}"
 
 
 @dataclass

@@ -913,8 +913,14 @@ class EmbeddingCache:
         """The stored float32 weights of the last K blocks and the pooling head."""
         if "top_blocks" not in self._h5:
             raise PixelrecError(f"{self.path} has no top-block weights; encode with --split-block K")
-        group = self._h5["top_blocks"]
-        return {key: torch.from_numpy(np.asarray(group[key][()])) for key in group}  # 0-d too (BatchNorm counts)
+        group, state = self._h5["top_blocks"], {}
+        for key in group:  # plain numeric datasets only (0-d too: BatchNorm counts); HDF5 never unpickles
+            value = np.asarray(group[key][()]) if isinstance(group[key], h5py.Dataset) else None
+            if value is None or value.dtype.kind not in "fiub":
+                raise PixelrecError(f"{self.path}: top-block weight {key!r} is not a numeric array; the cache is "
+                                    f"damaged, rebuild it with pixelrec encode --overwrite")
+            state[key] = torch.from_numpy(value)
+        return state
 
     def top_blocks(self) -> TopBlocks | StageTop:
         """The exact top blocks + head that turned the cached tokens into the cached embeddings: a

@@ -53,6 +53,8 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 TINY_MODEL = "pixelrec-tiny-vit"
+# pixelrec's own tiny configs (model_configs/): test and demo models, random by design (no warning)
+TEST_MODELS = frozenset(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
 POOLINGS = ("model", "mean")
 PRESETS = ("default", "pixelrec")
 PIXELREC_MEAN_STD = (0.5, 0.5, 0.5)
@@ -421,6 +423,20 @@ def _quiet_open_clip() -> Iterator[None]:
         yield
     finally:
         logging.disable(previous)
+
+
+def is_random_init(pretrained: str | None) -> bool:
+    """Whether `--pretrained` leaves the encoder on its seeded random initialisation."""
+    return str(pretrained or "none") in ("", "none")
+
+
+def random_init_warning(model: str, pretrained: str | None) -> str | None:
+    """The one warning line for a real encoder on random weights; None with pretrained weights or for
+    pixelrec's tiny test configs (TEST_MODELS), which are random by design."""
+    if not is_random_init(pretrained) or model in TEST_MODELS:
+        return None
+    return (f"warning: {model} with --pretrained none runs on random weights (a random-init encoder): "
+            f"its image embeddings carry no pretrained knowledge; give --pretrained /path/to/checkpoint")
 
 
 def _unknown_model(name: str) -> PixelrecError:

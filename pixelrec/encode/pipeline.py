@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__, distributed
+from ..data.ids import shown
 from ..data.images import ImageLoadError, ImageStore, open_image_store
 from ..data.interactions import load_interactions
 from ..distributed import World
@@ -49,8 +50,9 @@ from .cache import (
     read_cache_attrs,
     settings_mismatch,
 )
-from .encoder import EncoderConfig, ImageEncoder, PixelLoader, build_encoder
-from .shards import check_no_foreign_shards, merge_shards, remove_shards, shard_path, shard_span
+from .encoder import EncoderConfig, ImageEncoder, PixelLoader, build_encoder, random_init_warning
+from .shards import (check_no_foreign_shards, find_shards, merge_shards, remove_shards, shard_path, shard_span,
+                     shard_world_size)
 
 MISSING = "missing"
 
@@ -73,6 +75,7 @@ class EncodeConfig:
     skip_missing: bool = False  # items of the CSV without an image: record as failed instead of erroring
     overwrite: bool = False  # replace an existing cache (or partial) made with other settings
     precision: str = "auto"  # CUDA autocast: auto (bf16 where supported, else fp16) | fp32 | bf16 | fp16 (runtime.PRECISIONS)
+    follow_symlinks: bool = False  # read covers that are symbolic links to files outside the covers folder
 
 
 @dataclass(kw_only=True)
@@ -89,6 +92,7 @@ class EncodeSummary:
     images_per_s: float
     resumed_from: int  # catalogue positions already done before this run
     already_complete: bool = False  # the cache existed with the same settings; nothing was done
+    refused: dict[str, str] = field(default_factory=dict)  # files of the store that cannot be covers -> why
 
 
 class _CoverDataset(Dataset):
@@ -136,7 +140,9 @@ def _catalogue(cfg: EncodeConfig, store: ImageStore) -> tuple[list[str], frozens
     if cfg.interactions is None and cfg.item_ids is None:
         item_ids = store.ids()
         if not item_ids:
-            raise PixelrecError(f"{cfg.images}: no images to encode")
+            refused = f" ({len(store.refused)} file(s) cannot be covers, e.g. {_first_refused(store)})" \
+                if store.refused else ""
+            raise PixelrecError(f"{cfg.images}: no images to encode{refused}")
         return item_ids, frozenset()
     if cfg.item_ids is not None:
         item_ids = sorted(set(map(str, cfg.item_ids)))
@@ -146,7 +152,8 @@ def _catalogue(cfg: EncodeConfig, store: ImageStore) -> tuple[list[str], frozens
     else:
         item_ids = sorted(set(load_interactions(cfg.interactions)["item_id"]))
         source = str(cfg.interactions)
-    missing = [item_id for item_id in item_ids if item_id not in store]
+    # a refused cover (a FIFO, a link leading outside, ...) is not missing: loading it fails with the reason
+    missing = [item_id for item_id in item_ids if item_id not in store and item_id not in store.refused]
     if len(missing) == len(item_ids):
         raise PixelrecError(
             f"none of the {len(item_ids)} items in {source} has an image in {cfg.images} "
@@ -159,6 +166,17 @@ def _catalogue(cfg: EncodeConfig, store: ImageStore) -> tuple[list[str], frozens
         )
     missing_set = set(missing)
     return item_ids, frozenset(i for i, item_id in enumerate(item_ids) if item_id in missing_set)
+
+
+def _first_refused(store: ImageStore) -> str:
+    name, reason = next(iter(sorted(store.refused.items())))
+    return f"{shown(name)}: {reason}"
+
+
+def _refused(cfg: EncodeConfig, store: ImageStore) -> dict[str, str]:
+    """The store's files that cannot be covers, when the catalogue is the whole store (else they are
+    either not asked for or fail as items of the catalogue)."""
+    return dict(store.refused) if cfg.interactions is None and cfg.item_ids is None else {}
 
 
 def _arithmetic(cfg: EncodeConfig) -> str:
@@ -233,7 +251,7 @@ class _Plan:
 def _plan(cfg: EncodeConfig, encoder: Optional[ImageEncoder], resume: bool = True) -> _Plan:
     """Read the catalogue, build the encoder and find where to start (see `_resume_point`; with
     resume=False the plan starts at 0 and `out` is not looked at)."""
-    store = open_image_store(cfg.images)
+    store = open_image_store(cfg.images, cfg.follow_symlinks)
     item_ids, missing = _catalogue(cfg, store)
     device = resolve_device(cfg.device)
     encoder = build_encoder(cfg.encoder, device) if encoder is None else encoder.to(device).eval()
@@ -445,14 +463,51 @@ def encode_images(cfg: EncodeConfig, encoder: Optional[ImageEncoder] = None,
     """
     _validate(cfg)
     world = distributed.init(cfg.device) if world is None else world
+    warning = random_init_warning(cfg.encoder.model, cfg.encoder.pretrained) if encoder is None else None
+    if warning and world.is_main and cfg.encoder.preset != "pixelrec":  # the preset prints its own
+        log(warning)
     if world.is_distributed:
         return _encode_sharded(cfg, encoder, world)
     with _cache_lock(Path(cfg.out)) as lock:
         plan = _plan(cfg, encoder)
+        shards = find_shards(cfg.out)
+        if shards and cfg.overwrite:
+            remove_shards(shards)
+            shards = []
         if plan.start is None:
-            return _already_complete(Path(cfg.out))
-        written = _write_cache(plan, lock)
-    return _summary(plan, written)
+            summary = _already_complete(Path(cfg.out))
+        elif plan.start == 0 and shards:
+            summary = _finish_shards(plan, shards)
+        else:
+            summary = _summary(plan, _write_cache(plan, lock))
+        remove_shards(shards)  # a merged cache makes them useless (killed after a merge, or resumed here)
+    summary.refused = _refused(cfg, plan.store)
+    return summary
+
+
+def _shard_config(cfg: EncodeConfig, item_ids: list[str], rank: int, size: int, device: str) -> EncodeConfig:
+    """What rank `rank` of `size` encodes: its span of the catalogue into its own shard cache."""
+    lo, hi = shard_span(len(item_ids), cfg.batch_size, rank, size)
+    return dataclasses.replace(cfg, out=str(shard_path(cfg.out, rank, size)), interactions=None,
+                               item_ids=item_ids[lo:hi], skip_missing=True, device=device)
+
+
+def _finish_shards(plan: _Plan, shards: list[Path]) -> EncodeSummary:
+    """One process finishing the shards of an interrupted sharded encode: each shard is resumed (or
+    refused by name when made with other settings), then they are merged as the ranks would have."""
+    cfg, size = plan.cfg, shard_world_size(shards)
+    log(f"{cfg.out}: resuming the shards of a {size}-rank encode in this process")
+    started = time.perf_counter()
+    parts, paths = [], []
+    for rank in range(size):
+        mine = _shard_config(cfg, plan.item_ids, rank, size, str(plan.device))
+        parts.append(_encode_shard(mine, plan.encoder, len(mine.item_ids)))
+        if mine.item_ids:
+            paths.append(Path(mine.out))
+    seconds = time.perf_counter() - started
+    merge_shards(cfg.out, paths, plan.item_ids, plan.attrs, cfg.batch_size)
+    remove_shards(paths)  # including those of ranks that had not started
+    return _sharded_summary(cfg.out, len(plan.item_ids), parts, seconds)
 
 
 def _encode_sharded(cfg: EncodeConfig, encoder: Optional[ImageEncoder], world: World) -> EncodeSummary:
@@ -469,20 +524,23 @@ def _encode_sharded(cfg: EncodeConfig, encoder: Optional[ImageEncoder], world: W
             return world.on_main(lambda: _already_complete(out))
         spans = [shard_span(len(plan.item_ids), cfg.batch_size, r, world.size) for r in range(world.size)]
         shards = [shard_path(out, r, world.size) for r, (lo, hi) in enumerate(spans) if hi > lo]
-        lo, hi = spans[world.rank]
-        mine = dataclasses.replace(cfg, out=str(shard_path(out, world.rank, world.size)), interactions=None,
-                                   item_ids=plan.item_ids[lo:hi], skip_missing=True, device=str(device))
+        mine = _shard_config(cfg, plan.item_ids, world.rank, world.size, str(device))
         started = time.perf_counter()
-        parts = world.gather(world.agree(lambda: _encode_shard(mine, plan.encoder, hi - lo)))
+        parts = world.gather(world.agree(lambda: _encode_shard(mine, plan.encoder, len(mine.item_ids))))
         seconds = time.perf_counter() - started
         world.on_main(lambda: merge_shards(out, shards, plan.item_ids, plan.attrs, cfg.batch_size))
         world.on_main(lambda: remove_shards(shards))
     finally:
         if world.is_main:
             lock.release()
+    summary = _sharded_summary(out, len(plan.item_ids), parts, seconds)
+    summary.refused = _refused(cfg, plan.store)
+    return summary
+
+
+def _sharded_summary(out: str | Path, n: int, parts: list[EncodeSummary], seconds: float) -> EncodeSummary:
     failed = {item: reason for part in parts for item, reason in part.failed.items()}
     resumed = sum(part.resumed_from for part in parts)
-    n = len(plan.item_ids)
     return EncodeSummary(out=str(out), n_items=n, n_encoded=sum(part.n_encoded for part in parts),
                          n_failed=len(failed), failed=failed, seconds=seconds,
                          images_per_s=(n - resumed) / seconds if seconds > 0 else 0.0, resumed_from=resumed)

@@ -6,16 +6,21 @@ single process would encode (the same images together, hence the same numbers), 
 `OUT.shard-R-of-W` (resumable like any cache). When every shard is complete, rank 0 copies them into
 `OUT`, block by block in catalogue order with the same block boundaries as a one-process encode,
 publishes it the usual way (fsync, verify every block, rename) and removes the shards.
+
+A one-process rerun of an interrupted sharded encode (`find_shards`) resumes every shard in turn
+and merges them the same way; a rerun that finds the cache complete removes the leftover shards.
 """
 
 from __future__ import annotations
 
+import glob
 import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import PixelrecError
+from ..runtime import FileLock, lock_path_for
 from .cache import CacheWriter, EmbeddingCache, open_cache, partial_path
 
 _SHARD = re.compile(r"\.shard-(\d+)-of-(\d+)$")
@@ -36,12 +41,34 @@ def shard_span(n: int, batch_size: int, rank: int, size: int) -> tuple[int, int]
 def check_no_foreign_shards(out: str | Path, size: int) -> None:
     """Refuse to start when shards of an encode with another number of ranks are in the way."""
     out = Path(out)
-    for path in sorted(out.parent.glob(f"{out.name}.shard-*")):
+    for path in sorted(out.parent.glob(f"{glob.escape(out.name)}.shard-*")):
         name = path.name[: -len(".partial")] if path.name.endswith(".partial") else path.name
         match = _SHARD.search(name)
         if match and int(match.group(2)) != size:
             raise PixelrecError(f"{path}: a shard of an encode with {match.group(2)} ranks is in the way of this one "
                                 f"with {size}; finish that encode with {match.group(2)} ranks, or delete its shards")
+
+
+def find_shards(out: str | Path) -> list[Path]:
+    """The shard caches (complete or partial) of an interrupted sharded encode of `out`, named
+    without `.partial`; refused by name when shards of encodes with different numbers of ranks mix."""
+    out = Path(out)
+    found: dict[int, set[Path]] = {}
+    for path in sorted(out.parent.glob(f"{glob.escape(out.name)}.shard-*")):
+        name = path.name[: -len(".partial")] if path.name.endswith(".partial") else path.name
+        match = _SHARD.fullmatch(name[len(out.name):])
+        if match:
+            found.setdefault(int(match.group(2)), set()).add(path.parent / name)
+    if len(found) > 1:
+        sizes = sorted(found)
+        raise PixelrecError(f"{out}: shards of encodes with {' and '.join(map(str, sizes))} ranks are in the way "
+                            f"(e.g. {min(found[sizes[-1]])}); delete the ones you do not want to resume")
+    return sorted(next(iter(found.values()), ()))
+
+
+def shard_world_size(shards: list[Path]) -> int:
+    """The number of ranks the shards `shards` (from `find_shards`) were written by."""
+    return int(_SHARD.search(shards[0].name).group(2))
 
 
 def merge_shards(out: str | Path, shards: list[Path], item_ids: list[str], attrs: dict, batch_size: int) -> None:
@@ -104,6 +131,13 @@ def _read_rows(shards: list[EmbeddingCache], rows: list[tuple[int, int, int]], i
 
 
 def remove_shards(shards: list[Path]) -> None:
+    """Delete shard caches, their partial files and the lock files killed ranks left behind."""
     for path in shards:
         path.unlink(missing_ok=True)
         partial_path(path).unlink(missing_ok=True)
+        lock = lock_path_for(path)
+        if lock.exists():
+            try:  # taking the lock proves its holder is gone; releasing removes the file
+                FileLock(lock, f"the shard {path}").acquire().release()
+            except PixelrecError:
+                pass  # held by a live process: leave it

@@ -1,10 +1,11 @@
 """A run's item index: published by `fit` from the final item vectors, rebuilt with another FAISS
 spec by `pixelrec index`, extended with new items by `pixelrec index --add-images`, or tuned to a recall target by
-`pixelrec index --target-recall` (`index.tuning`: the fastest approximate index that reaches the
-target on a held-out sample of the run's own user queries, recorded in the version's tuning.json).
+`pixelrec index --target-recall` (`index.tuning`: the fastest index, exact search included, that reaches
+the target on a held-out sample of the run's own user queries, recorded in the version's tuning.json).
 
 Items added after training are part of the run: their covers are kept in RUN_DIR/added/covers
-(named by their index id), their names in the index version's added_items.txt, and every rebuild
+(named by their index id), their names in the index version's added_items.jsonl (one JSON string
+per line, so no name can split a line; every name passes the id rule, `data.ids`), and every rebuild
 keeps them under their ids: a rebuild with another spec reuses their stored vectors, and a fit that
 changes the model (`--resume`) re-encodes their covers through the new tower. Ids are never reused.
 Every change is a new index version published through the run's manifest (`runs.rundir`), under
@@ -16,6 +17,7 @@ way, tuning.json carried over); `--spec` and a fit that changes the model publis
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.ids import UNUSED_NAME, check_id
 from ..data.images import DirImageStore, ImageStore, open_image_store
 from ..encode.cache import open_cache
 from ..encode.pipeline import EncodeConfig, encode_images
@@ -36,8 +39,8 @@ from ..recommend.config import FitConfig
 from ..recommend.model import Recommender
 from ..runtime import atomic_path, log, write_json
 from .new_items import RunItemEncoder, item_encoder_for, load_model_state, run_item_encoder
-from .rundir import ADDED_ITEMS_FILE, UNUSED_NAME, Published, RunDir
-from .trained import TrainedRun, load_index_version, load_trained, read_added_items
+from .rundir import ADDED_ITEMS_FILE, ENCODE_TMP_PREFIX, Published, RunDir
+from .trained import TrainedRun, check_names_match_ids, load_index_version, load_trained, read_added_items
 
 DEFAULT_TUNING_SAMPLE = 2000  # users sampled by --target-recall: half to tune on, half held out
 
@@ -48,7 +51,8 @@ class AddedItems:
 
     added: int
     skipped: int  # covers of items the run already knows
-    failed: dict[str, str] = field(default_factory=dict)  # item id -> why its cover could not be encoded
+    failed: dict[str, str] = field(default_factory=dict)  # name -> why its cover could not be added
+    # (covers that failed to encode, and files that cannot be covers: invalid or reserved names, FIFOs, ...)
     first_id: int | None = None
     last_id: int | None = None
 
@@ -58,7 +62,7 @@ class AddedSet:
     """The run's added items: index ids and names (UNUSED_NAME for ids that were skipped)."""
 
     ids: np.ndarray  # [A] int64, the ids that hold an item
-    names: list[str]  # names of every id after the vocabulary, padding included (added_items.txt)
+    names: list[str]  # names of every id after the vocabulary, padding included (added_items.jsonl)
 
     @classmethod
     def empty(cls) -> "AddedSet":
@@ -75,9 +79,14 @@ def write_index(run: RunDir, vectors: np.ndarray, ids: np.ndarray, added_names: 
 
 def write_built_index(run: RunDir, index: ItemIndex, added_names: list[str], tuning: dict | None = None) -> Path:
     """Write a built index as the run's next index version (with its tuning record, if any)."""
+    for name in added_names:  # every name came through the id rule; a last check before it is kept
+        if name != UNUSED_NAME:
+            check_id(name, "added item name", str(run.path))
+
     def write(directory: Path) -> None:
         index.save(directory)
-        (directory / ADDED_ITEMS_FILE).write_text("".join(f"{n}\n" for n in added_names), encoding="utf-8")
+        lines = "".join(json.dumps(n, ensure_ascii=False) + "\n" for n in added_names)
+        (directory / ADDED_ITEMS_FILE).write_text(lines, encoding="utf-8")
         if tuning is not None:
             write_json(directory / TUNING_FILE, tuning)
 
@@ -88,7 +97,12 @@ def added_set(run: RunDir, num_items: int) -> AddedSet:
     """The added items of the published index (none before the first publication)."""
     if run.read_manifest() is None:
         return AddedSet.empty()
-    names = read_added_items(run.published().index_dir)
+    index_dir = run.published().index_dir
+    names = read_added_items(index_dir)
+    ids_file = index_dir / "item_ids.npy"
+    if ids_file.is_file():  # names and ids must agree, or every added vector would go to another name
+        check_names_match_ids(index_dir, num_items + 1 + len(names), int(np.load(ids_file, mmap_mode="r").max()),
+                              run.path)
     ids = np.array([num_items + 1 + i for i, n in enumerate(names) if n != UNUSED_NAME], dtype=np.int64)
     return AddedSet(ids, names)
 
@@ -141,13 +155,14 @@ def rebuild_run_index(run_dir: str, spec: str = "Flat", metric: str = "ip", npro
 def tune_run_index(run_dir: str, target_recall: float, k: int = 10, sample: int = DEFAULT_TUNING_SAMPLE,
                    metric: str = "ip", device: str = "cpu", seed: int = 0,
                    candidates: list[Candidate] | None = None) -> Tuning:
-    """`pixelrec index RUN --target-recall R`: publish the fastest approximate index that reaches
+    """`pixelrec index RUN --target-recall R`: publish the fastest index that reaches
     recall@k >= R against exact search on a sample of the run's users (their user vectors after
     their whole history, the history excluded, as `retrieve` serves them), half of it held out.
 
     The published vectors (added items included) are indexed; the version's tuning.json records
     the choice, the recall reached, the speed-up over Flat, the sample and every setting measured.
-    A target no candidate reaches is a PixelrecError naming the best one, and nothing is published.
+    Exact search (Flat) is a candidate: it is published, with tuning.json's `why_flat` saying why,
+    when no approximate index that reaches the target is faster.
     """
     check_target(target_recall)
     run = RunDir(run_dir)
@@ -236,11 +251,13 @@ def encode_added_covers(run: RunDir, encoder: RunItemEncoder, ids: np.ndarray) -
 
 
 def add_images_to_run(run_dir: str, images: str, device: str = "cpu", batch_size: int = 64,
-                      workers: int | None = None) -> AddedItems:
+                      workers: int | None = None, follow_symlinks: bool = False) -> AddedItems:
     """Encode new covers through the run's published tower and add them to its index under new ids.
 
     Ids continue after the largest id in use (never reused or shifted). Covers of items the run
-    already knows are skipped; covers that fail to load are reported and not added.
+    already knows are skipped; covers that fail to load, and files that cannot be covers (names the
+    id rule refuses, reserved names, special files, broken links, links leading outside `images`
+    unless `follow_symlinks`) are reported as failed with the reason and not added.
     """
     run = RunDir(run_dir)
     run.read_config()
@@ -250,13 +267,14 @@ def add_images_to_run(run_dir: str, images: str, device: str = "cpu", batch_size
         vocab = run.read_data().item_ids
         added_before = read_added_items(published.index_dir)
         known = set(map(str, vocab)) | set(added_before)
-        store = open_image_store(images)
+        store = open_image_store(images, follow_symlinks)
         new_ids = [i for i in store.ids() if i not in known]
         skipped = len(store) - len(new_ids)
         if not new_ids:
-            return AddedItems(added=0, skipped=skipped)
+            return AddedItems(added=0, skipped=skipped, failed=dict(store.refused))
         encoder = run_item_encoder(run_dir, device)
-        names, vectors, failed = _encode(run, images, new_ids, encoder, batch_size, workers)
+        names, vectors, failed = _encode(run, images, new_ids, encoder, batch_size, workers, follow_symlinks)
+        failed = {**store.refused, **failed}
         if not names:
             return AddedItems(added=0, skipped=skipped, failed=failed)
         n_names = len(vocab) + len(added_before)  # names cover ids 0 .. n_names - 1
@@ -278,13 +296,14 @@ def add_images_to_run(run_dir: str, images: str, device: str = "cpu", batch_size
 
 
 def _encode(run: RunDir, images: str, item_ids: list[str], encoder: RunItemEncoder, batch_size: int = 64,
-            workers: int | None = None) -> tuple[list[str], np.ndarray, dict[str, str]]:
+            workers: int | None = None, follow_symlinks: bool = False) -> tuple[list[str], np.ndarray, dict[str, str]]:
     """(encoded names, their vectors [n, d] float32, failures) of `item_ids` from an image store."""
     device = str(next(encoder.parameters()).device)
-    with tempfile.TemporaryDirectory(dir=run.path, prefix=".encode-") as tmp:
+    with tempfile.TemporaryDirectory(dir=run.path, prefix=f"{ENCODE_TMP_PREFIX}{os.getpid()}-") as tmp:
         summary = encode_images(EncodeConfig(images=images, out=f"{tmp}/new.h5", item_ids=item_ids,
                                              batch_size=batch_size, num_workers=workers, device=device,
-                                             float32=True, skip_missing=True), encoder=encoder)
+                                             float32=True, skip_missing=True, follow_symlinks=follow_symlinks),
+                                encoder=encoder)
         with open_cache(f"{tmp}/new.h5") as cache:
             return [str(i) for i in cache.item_ids], cache.load_embeddings(), summary.failed
 

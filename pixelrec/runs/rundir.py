@@ -11,7 +11,7 @@
       checkpoints/best-eNNNNN.pt  model weights of the best validation epoch NNNNN (never rewritten)
       index/vNNNN/             FAISS index of the item vectors, one immutable directory per version
                                (index.faiss, index.json, item_vectors.npy, item_ids.npy,
-                               added_items.txt: names of items added after training)
+                               added_items.jsonl: names of items added after training)
       added/covers/            copies of the covers of items added with `pixelrec index --add-images`
       results.json             test metrics of the published model
 
@@ -22,6 +22,11 @@ publish a new index version the same way. Readers that find files disagreeing wi
 refuse them and say which command repairs the run.
 
 Every file is written atomically (temporary name, fsync, rename), so none is ever half-written.
+Temporary files and directories a killed writer left behind (`.encode-*`, `index/.v-*.tmp`,
+`.NAME.*.tmp`) are removed by the next command that takes the run's lock (`RunDir.lock`).
+
+Every name in items.txt, users.txt and added_items.jsonl passes the id rule (`data.ids`) when
+written and is checked again when read, so a damaged or hand-made file is refused in one line.
 """
 
 from __future__ import annotations
@@ -41,17 +46,21 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..data.ids import PAD, first_bad_id, shown
 from ..data.sequences import SequenceData
 from ..encode.cache import cache_identity
 from ..errors import PixelrecError
 from ..recommend.config import FitConfig
-from ..runtime import FileLock, atomic_path, file_sha256, fsync_path, lock_path_for, log, write_json
+from ..runtime import (FileLock, atomic_path, disk_full_error, file_sha256, fsync_path, load_tensors, lock_path_for, log,
+                       save_tensors, write_json)
 
 RUN_FORMAT = 2
-ADDED_ITEMS_FILE = "added_items.txt"  # inside an index version: names of ids after the vocabulary
-UNUSED_NAME = "[unused]"  # an id that was skipped, never to be reused
+ADDED_ITEMS_FILE = "added_items.jsonl"  # inside an index version: names of ids after the vocabulary
+LEGACY_ADDED_ITEMS_FILE = "added_items.txt"  # the same as plain lines, written by earlier versions (read only)
+ENCODE_TMP_PREFIX = ".encode-"  # RUN_DIR/.encode-PID-*: a private directory of an encode into the run
 _INDEX_VERSION = re.compile(r"v(\d{4,})")
 _BEST = re.compile(r"best-e(\d{5,})\.pt")
+OLD_CHECKPOINT_FIX = "written by an older pixelrec or not by pixelrec; refit the run"
 
 
 @dataclass(frozen=True)
@@ -88,14 +97,33 @@ class RunDir:
         return self.config.is_file()
 
     def lock(self) -> FileLock:
-        """The lock every writer of this run holds (fit, index rebuilds and additions)."""
-        return FileLock(lock_path_for(self.path), f"the run directory {self.path}")
+        """The lock every writer of this run holds (fit, index rebuilds and additions); taking it
+        removes the temporary files of writers that were killed (`remove_stale_temp`)."""
+        return _RunLock(self)
+
+    def remove_stale_temp(self) -> None:
+        """Delete what killed writers left: `.encode-*` and `index/.v-*.tmp` directories, and the
+        temporary files of atomic writes. Called under the run's lock: no live writer owns them."""
+        dirs = [*self.path.glob(f"{ENCODE_TMP_PREFIX}*"), *self.index_root.glob(".v-*.tmp")]
+        files = [p for d in (self.path, self.checkpoints, self.added_covers) for p in d.glob(".*.tmp")]
+        for path in dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        for path in files:
+            path.unlink(missing_ok=True)
+        if dirs or files:
+            log(f"{self.path}: removed {len(dirs) + len(files)} temporary file(s) left by an interrupted writer "
+                f"(e.g. {(dirs + files)[0].name})")
 
     # ---- config ------------------------------------------------------------------------------
-    def write_config(self, cfg: dict[str, Any], data: SequenceData, cache: dict[str, Any] | None = None) -> None:
-        """config.json; `cache` = identity of the embedding cache the item tower reads (if any)."""
+    def write_config(self, cfg: dict[str, Any], data: SequenceData, cache: dict[str, Any] | None = None,
+                     softmax: dict[str, Any] | None = None, encoder_random_init: bool | None = None) -> None:
+        """config.json; `cache` = identity of the embedding cache the item tower reads (if any);
+        `softmax` = the softmax cost rule's modelled costs and choice (`build.softmax_choice`);
+        `encoder_random_init` = whether the image encoder behind the item tower has random weights
+        (--pretrained none; None for the id tower)."""
         write_json(self.config, {"pixelrec_version": __version__, "run_format": RUN_FORMAT,
-                                 "data": data.summary(), "config": cfg, "cache": cache})
+                                 "data": data.summary(), "config": cfg, "cache": cache, "softmax": softmax,
+                                 "encoder_random_init": encoder_random_init})
 
     def read_config(self) -> dict[str, Any]:
         """config.json, checked: the run format, its structure and every setting's type."""
@@ -127,10 +155,11 @@ class RunDir:
 
     # ---- data --------------------------------------------------------------------------------
     def write_data(self, data: SequenceData) -> None:
+        for name, ids in (("items.txt", data.item_ids[1:]), ("users.txt", data.user_ids)):
+            bad = first_bad_id(ids)
+            if bad is not None:  # ingestion refuses these; a SequenceData built elsewhere may not have
+                raise PixelrecError(f"{name}: id {shown(ids[bad[0]])} {bad[1]}")
         for name, ids in (("items.txt", data.item_ids), ("users.txt", data.user_ids)):
-            bad = [t for t in ids if "\n" in str(t) or "\r" in str(t)]
-            if bad:
-                raise PixelrecError(f"id {bad[0]!r} contains a line break; ids must be single-line strings")
             with atomic_path(self.path / name) as tmp:
                 tmp.write_text("".join(f"{t}\n" for t in ids), encoding="utf-8")
         with atomic_path(self.path / "sequences.npz") as tmp, open(tmp, "wb") as f:
@@ -140,9 +169,9 @@ class RunDir:
     def read_data(self) -> SequenceData:
         meta = self.read_config()
         try:
-            item_ids = np.array(_read_lines(self.path / "items.txt"), dtype=object)
-            user_ids = np.array(_read_lines(self.path / "users.txt"), dtype=object)
-            z = np.load(self.path / "sequences.npz")
+            item_ids = np.array(_read_names(self.path / "items.txt", first=PAD), dtype=object)
+            user_ids = np.array(_read_names(self.path / "users.txt"), dtype=object)
+            z = np.load(self.path / "sequences.npz", allow_pickle=False)
             dropped = z["dropped"]
             data = SequenceData(item_ids, user_ids, z["offsets"], z["items"], int(dropped[0]),
                                 int(dropped[1]), int(dropped[2]), source=str(meta["data"].get("source", "")))
@@ -155,20 +184,21 @@ class RunDir:
 
     # ---- checkpoints & metrics ---------------------------------------------------------------
     def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
+        """Write a checkpoint: tensors and plain data only (dicts, lists, numbers, strings), which is all
+        that `load_checkpoint` rebuilds; a full disk is an OSError naming `path`."""
         with atomic_path(path, suffix=".pt") as tmp:
-            torch.save(state, tmp)
+            save_tensors(state, tmp, shown=path)
 
     def load_checkpoint(self, path: Path, device: torch.device | str = "cpu", sha256: str | None = None) -> dict[str, Any]:
-        """A checkpoint file; with `sha256`, refused unless its content has that digest."""
+        """A checkpoint file; with `sha256`, refused unless its content has that digest. Read with
+        weights_only=True: a file that holds anything but tensors and plain data is refused unread (the
+        manifest's digest cannot vouch for it: whoever writes a checkpoint can write its digest too)."""
         if not path.is_file():
             raise PixelrecError(f"{path}: checkpoint not found (did the run finish an epoch?)")
         if sha256 is not None and file_sha256(path) != sha256:
             raise PixelrecError(f"{path}: does not match the run's manifest (changed or damaged); "
                                 f"repair the run with `pixelrec fit --resume` on its data, or refit it")
-        try:
-            state = torch.load(path, map_location=device, weights_only=False)
-        except Exception as exc:
-            raise PixelrecError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+        state = load_tensors(path, device, what="checkpoint", fix=OLD_CHECKPOINT_FIX)  # never unpickles code
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
             raise PixelrecError(f"{path}: not a pixelrec checkpoint (no model state)")
         return state
@@ -225,8 +255,11 @@ class RunDir:
             os.rename(tmp, final)
             fsync_path(self.index_root)
             return final
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            full = disk_full_error(exc)  # faiss reports it as a RuntimeError naming the temporary file
+            if full is not None:
+                raise OSError(full.errno, full.strerror, str(self.index_root)) from None
             raise
 
     def index_versions(self) -> list[tuple[int, Path]]:
@@ -298,10 +331,19 @@ class RunDir:
         if not self.last.is_file():
             return None
         try:
-            state = torch.load(self.last, map_location="cpu", weights_only=False)
+            state = load_tensors(self.last, "cpu", what="checkpoint")
             return self.path / state["best"]["path"]
-        except Exception:
+        except (PixelrecError, OSError, KeyError, TypeError):
             return None
+
+
+def refuse_output_inside(out: str | os.PathLike, run_dir: str | os.PathLike, option: str) -> None:
+    """Refuse an output path inside a run directory the command reads (it could replace the run's
+    own files, e.g. `retrieve --out RUN/manifest.json`), before anything is written."""
+    run_real = os.path.realpath(run_dir)
+    if os.path.commonpath([run_real, os.path.realpath(out)]) == run_real:
+        raise PixelrecError(f"{option} {out}: inside the run directory {run_dir}, which this command reads; "
+                            f"write it outside the run")
 
 
 def run_cache_identity(cfg: FitConfig) -> dict | None:
@@ -325,11 +367,24 @@ def _read_json(path: Path) -> Any:
         raise PixelrecError(f"{path}: unreadable ({type(exc).__name__}: {exc})".split("\n")[0]) from None
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_names(path: Path, first: str | None = None) -> list[str]:
+    """A vocabulary file: one name per line, each passing the id rule (`first`: what line 1 must be)."""
     try:
-        return path.read_text(encoding="utf-8").split("\n")[:-1]
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise PixelrecError(f"{path}: not UTF-8 text (byte {exc.start}); the run directory is damaged") from None
+    if text and not text.endswith("\n"):
+        raise PixelrecError(f"{path}: the last line is not terminated (truncated?); the run directory is damaged")
+    names = text.split("\n")[:-1]
+    if first is not None and names and names[0] != first:
+        raise PixelrecError(f"{path}: line 1 is {shown(names[0])}, not {first}; the run directory is damaged")
+    start = 0 if first is None else 1
+    bad = first_bad_id(names[start:])
+    if bad is not None:
+        row, problem = bad
+        raise PixelrecError(f"{path}: line {start + row + 1}: name {shown(names[start + row])} {problem}; "
+                            f"the run directory is damaged")
+    return names
 
 
 def _load_fit_config(path: Path, config: dict[str, Any]) -> FitConfig:
@@ -368,3 +423,16 @@ def _same_kind(value: Any, default: Any, annotation: Any) -> bool:
 
 def log_published(run: RunDir, published: Published) -> None:
     log(f"{run.path}: published model of epoch {published.best_epoch} with index {published.index_dir.name}")
+
+
+class _RunLock(FileLock):
+    """The run's lock; acquiring it also clears what killed writers left in the run."""
+
+    def __init__(self, run: RunDir):
+        super().__init__(lock_path_for(run.path), f"the run directory {run.path}")
+        self.run = run
+
+    def acquire(self) -> "FileLock":
+        super().acquire()
+        self.run.remove_stale_temp()
+        return self
