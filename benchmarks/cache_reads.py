@@ -1,4 +1,4 @@
-"""Token-cache reads on the `partial` tower's hot path: in memory against on demand (README "Performance").
+"""Token-cache reads on the `partial` tower's hot path: in memory against on demand (docs/performance.md).
 
 Two measurements, one thread:
 

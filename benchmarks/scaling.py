@@ -78,7 +78,7 @@ def main() -> None:
                        check=True)
     interactions = str(data / "interactions.csv")
     encode = ["--quiet", "encode", "--images", str(data / "covers"), "--interactions", interactions,
-              "--model", "ViT-B-32", "--image-size", str(args.image_size), "--split-block", "2",
+              "--encoder", "ViT-B-32", "--image-size", str(args.image_size), "--split-block", "2",
               "--batch-size", "32", "--workers", "0", "--device", "cpu"]
     rows, cache = [], work / "cache_1.h5"
     for nproc in (1, 2):

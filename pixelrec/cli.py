@@ -4,8 +4,9 @@ Each command parses its options into the API's dataclasses and calls one functio
 runs inside one error boundary (`PixelrecGroup.invoke`), so a user never sees a traceback: bad
 input (PixelrecError) and operating-system errors print one line `error: ...` and exit with status
 2, an interruption prints `interrupted` (130), and anything else is reported as an internal error
-(status 1) whose traceback PIXELREC_TRACEBACK=1 shows. click's own usage errors stay as click
-prints them (status 2).
+(status 1) whose traceback PIXELREC_TRACEBACK=1 shows. click's usage errors (no such option, a
+missing argument, a bad choice) print one such line too, click's "did you mean" hint included, with
+status 2. Every subcommand also accepts -q/--quiet.
 
 `fit`'s options are generated from the fields of `FitConfig` (recommend/config.py), where each
 default, choice list and help text is written once.
@@ -47,8 +48,14 @@ def describe_failure(exc: BaseException) -> tuple[str, int]:
         detail = _one_line(exc)
         return (f"error: out of memory{f' ({detail})' if detail else ''}; ask for less (smaller sizes or batches) "
                 f"or use a machine with more memory"), EXIT_ERROR
+    full = _disk_full_error(exc)  # also torch.save's and faiss's RuntimeErrors around ENOSPC
+    if full is not None:
+        return f"error: {_describe_os_error(full)}", EXIT_ERROR
     if isinstance(exc, OSError):
         return f"error: {_describe_os_error(exc)}", EXIT_ERROR
+    lost = _lost_peer_line(exc)
+    if lost is not None:
+        return f"error: {lost}", EXIT_ERROR
     return (f"error: internal error ({type(exc).__name__}: {_one_line(exc)}); this is a pixelrec bug — "
             f"rerun with {TRACEBACK_ENV}=1 to see the traceback"), EXIT_BUG
 
@@ -59,6 +66,19 @@ def _is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "CUDA out of memory" in text)
+
+
+def _disk_full_error(exc: BaseException) -> OSError | None:
+    """runtime.disk_full_error, when the runtime is loaded (a command that never loaded it wrote nothing
+    through torch or faiss)."""
+    runtime = sys.modules.get("pixelrec.runtime")
+    return None if runtime is None else runtime.disk_full_error(exc)
+
+
+def _lost_peer_line(exc: BaseException) -> str | None:
+    """'rank N stopped; ...' for a collective that failed because a torchrun peer died (distributed.py)."""
+    distributed = sys.modules.get("pixelrec.distributed")
+    return None if distributed is None else distributed.lost_peer_line(exc)
 
 
 def _describe_os_error(exc: OSError) -> str:
@@ -78,14 +98,72 @@ def _wants_traceback() -> bool:
     return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 
 
+class UsageLine(click.ClickException):
+    """A click usage error (missing argument, no such option, bad choice) as pixelrec's one line
+    `error: ...`, click's "did you mean" hint included; exit status 2."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, exc: click.UsageError):
+        where = exc.ctx.command_path if exc.ctx is not None else "pixelrec"
+        super().__init__(f"error: {where}: {' '.join(exc.format_message().split())} (see `{where} --help`)")
+
+    def show(self, file: Any = None) -> None:
+        if _rank() == 0:  # under torchrun, rank 0 reports it; the other ranks stop quietly
+            click.echo(self.message, err=True)
+
+
+def _one_line_usage(exc: click.UsageError) -> click.ClickException:
+    """`exc` as one line, except click's help shown for a bare `pixelrec` (no command given)."""
+    shows_help = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2; 8.1 exits with the help
+    return exc if isinstance(exc, shows_help) else UsageLine(exc)
+
+
+_QUIET_META = "pixelrec.quiet"  # ctx.meta key: -q/--quiet was given after the subcommand
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        from .runtime import set_quiet
+
+        set_quiet(True)
+        ctx.meta[_QUIET_META] = True
+    return value
+
+
+def _quiet_given(ctx: click.Context) -> bool:
+    """-q/--quiet given before or after the subcommand."""
+    return bool(ctx.find_root().params.get("quiet", False) or ctx.meta.get(_QUIET_META, False))
+
+
+class PixelrecCommand(click.Command):
+    """A pixelrec subcommand: it also accepts -q/--quiet (as `pixelrec -q COMMAND` does)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.params.append(click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, callback=_set_quiet,
+                                        help="No progress bars or status lines."))
+
+
 class PixelrecGroup(click.Group):
     """A click group whose commands all run inside one error boundary (see the module doc)."""
+
+    command_class = PixelrecCommand
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:  # the group's own options (`pixelrec --no-such-option`)
+            raise _one_line_usage(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # no such command; a command's options and arguments
+            raise _one_line_usage(exc) from None
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise  # usage errors, --help, ctx.exit(): click reports them itself
+            raise  # --help, ctx.exit(): click handles them
         except (Exception, KeyboardInterrupt) as exc:
             if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
                 raise  # stdout closed by the reader (`| head`): click exits quietly
@@ -124,7 +202,28 @@ _SEED = click.IntRange(0, SEED_MAX)
 def _explicit(ctx: click.Context) -> set[str]:
     """Options the user typed (as opposed to defaults), so presets never override them."""
     return {name for name in ctx.params
-            if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)}
+            if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
+            and name not in _OLD_NAMES}
+
+
+# Hidden options kept for one release under their old names:
+# parameter name -> (old flag, the new option's parameter name, new flag).
+_OLD_NAMES = {"old_model": ("--model", "encoder", "--encoder"), "old_index": ("--index", "index_spec", "--spec")}
+
+
+def _renamed(ctx: click.Context, old: str) -> Any:
+    """The value of the option whose old name is the hidden option `old` (a note on stderr when used)."""
+    old_flag, new, new_flag = _OLD_NAMES[old]
+    if ctx.params[old] is None:
+        return ctx.params[new]
+    if new in _explicit(ctx):
+        raise PixelrecError(f"{old_flag} is the old name of {new_flag}: give only {new_flag}")
+    if _rank() == 0:
+        click.echo(f"note: `{ctx.info_name} {old_flag}` is now `{ctx.info_name} {new_flag}`; {old_flag} will be "
+                   f"removed in the next release", err=True)
+    ctx.params[new] = ctx.params[old]
+    ctx.set_parameter_source(new, click.core.ParameterSource.COMMANDLINE)
+    return ctx.params[new]
 
 
 def _ks(value: str) -> tuple[int, ...]:
@@ -145,7 +244,7 @@ def cli(quiet: bool) -> None:
 
     \b
     Stages:  synth -> encode (images -> HDF5 cache) -> fit (sequence recommender)
-             -> evaluate / retrieve / index (FAISS).
+             -> evaluate / retrieve / index (FAISS); `compare` puts runs side by side.
     Start with `pixelrec demo`.
     """
     from .runtime import set_quiet
@@ -193,13 +292,15 @@ def synth(out_dir, users, items, cold_items, seed, image_size, styles, min_len, 
 @click.option("--images", type=click.Path(), help="Covers dir (<item_id>.jpg|png|jpeg|webp) or PixelRec LMDB.  [required]")
 @click.option("--out", type=click.Path(dir_okay=False), help="HDF5 cache to write (resumed if interrupted).  [required]")
 @click.option("--interactions", type=click.Path(dir_okay=False), help="Encode only the items of this CSV.")
-@click.option("--model", default="ViT-B-32", show_default=True, help="open_clip model name (pixelrec-tiny-vit for tests).")
+@click.option("--encoder", default="ViT-B-32", show_default=True,
+              help="Image encoder: open_clip model name (pixelrec-tiny-vit for tests).")
+@click.option("--model", "old_model", hidden=True, help="Old name of --encoder (kept for one release).")
 @click.option("--pretrained", default="none", show_default=True, help="none (seeded random init) | open_clip tag | local checkpoint path.")
 @click.option("--pooling", type=click.Choice(["model", "mean"]), default="model", show_default=True,
               help="model: open_clip's pooled output; mean: mean of the last hidden tokens (PixelRec's ViT).")
 @click.option("--preset", type=click.Choice(["default", "pixelrec"]), default="default", show_default=True,
               help="pixelrec: the reference code's encoder: squash to the input size, mean = std = 0.5, and (unless "
-                   "given) --model ViT-B-32-quickgelu --pooling mean --split-block 2 --float32 --precision fp32; "
+                   "given) --encoder ViT-B-32-quickgelu --pooling mean --split-block 2 --float32 --precision fp32; "
                    "prints the list it applies.")
 @click.option("--image-size", type=int, help="Override the model's input size.")
 @click.option("--seed", type=_SEED, default=0, show_default=True, help="Random-init seed (--pretrained none).")
@@ -216,17 +317,23 @@ def synth(out_dir, users, items, cold_items, seed, image_size, styles, min_len, 
               help="CUDA arithmetic: auto (bf16 autocast where supported, else fp16), fp32, bf16 or fp16. CPU: fp32.")
 @click.option("--from-run", type=click.Path(file_okay=False),
               help="Encode with a trained run's item tower: the cache then holds the run's item vectors.")
+@click.option("--follow-symlinks", is_flag=True,
+              help="Also read covers that are symbolic links to files outside the --images folder "
+                   "(refused and listed as failed without it).")
 @click.option("--verify", type=click.Path(dir_okay=False),
               help="Instead of encoding: re-read this cache (or its .partial) and check every block's checksum; "
                    "exit 2 if it is damaged.")
 @click.pass_context
-def encode(ctx, images, out, interactions, model, pretrained, pooling, preset, image_size, seed, split_block, batch_size,
-           workers, device, float32, normalize, skip_missing, overwrite, precision, from_run, verify):
+def encode(ctx, images, out, interactions, encoder, old_model, pretrained, pooling, preset, image_size, seed,
+           split_block, batch_size, workers, device, float32, normalize, skip_missing, overwrite, precision, from_run,
+           follow_symlinks, verify):
     """Encode covers once into an HDF5 embedding cache (resumable: rerun the same command).
 
     `pixelrec encode --verify CACHE` checks an existing cache instead.
     """
     from .encode import EncodeConfig, EncoderConfig, encode_images, verify_cache
+
+    encoder = _renamed(ctx, "old_model")
 
     if verify is not None:
         others = sorted(_explicit(ctx) - {"verify"})
@@ -241,25 +348,28 @@ def encode(ctx, images, out, interactions, model, pretrained, pooling, preset, i
     for name, value in (("--images", images), ("--out", out)):
         if value is None:
             raise click.UsageError(f"Missing option '{name}' (or give --verify CACHE).")
-    encoder = None
+    run_encoder = None
     if from_run:
         from .runs.new_items import run_item_encoder
 
-        clash = {"model", "pretrained", "pooling", "preset", "image_size", "seed", "split_block", "normalize"} & _explicit(ctx)
+        clash = {"encoder", "pretrained", "pooling", "preset", "image_size", "seed", "split_block", "normalize"} & _explicit(ctx)
         if clash:
             raise PixelrecError(f"--from-run takes the encoder from the run; drop --{sorted(clash)[0].replace('_', '-')}")
-        encoder = run_item_encoder(from_run, "cpu")
+        from .runs.rundir import refuse_output_inside
+
+        refuse_output_inside(out, from_run, "--out")
+        run_encoder = run_item_encoder(from_run, "cpu")
     if preset == "pixelrec" and not from_run:
-        given = dict(model=model, pooling=pooling, split_block=split_block, float32=float32, precision=precision)
+        given = dict(encoder=encoder, pooling=pooling, split_block=split_block, float32=float32, precision=precision)
         applied = _encode_preset(given, _explicit(ctx), pretrained)
-        model, pooling, split_block, float32, precision = (applied[k] for k in given)
+        encoder, pooling, split_block, float32, precision = (applied[k] for k in given)
     cfg = EncodeConfig(images=images, out=out, interactions=interactions,
-                       encoder=EncoderConfig(model=model, pretrained=pretrained, pooling=pooling, preset=preset,
+                       encoder=EncoderConfig(model=encoder, pretrained=pretrained, pooling=pooling, preset=preset,
                                              image_size=image_size, seed=seed),
                        batch_size=batch_size, num_workers=workers, device=device, float32=float32,
                        split_block=split_block, normalize=normalize, skip_missing=skip_missing,
-                       overwrite=overwrite, precision=precision)
-    s = encode_images(cfg, encoder=encoder)
+                       overwrite=overwrite, precision=precision, follow_symlinks=follow_symlinks)
+    s = encode_images(cfg, encoder=run_encoder)
     if s.already_complete:
         click.echo(f"{out}: already complete ({s.n_encoded} items, {s.n_failed} failed); nothing to do")
         return
@@ -270,12 +380,26 @@ def encode(ctx, images, out, interactions, model, pretrained, pooling, preset, i
         click.echo(f"  failed {item}: {reason}", err=True)
     if s.n_failed > 10:
         click.echo(f"  ... and {s.n_failed - 10} more (listed in the cache's failed_item_ids)", err=True)
+    _echo_failed(s.refused, "files in --images cannot be covers and were not encoded")
+
+
+def _echo_failed(failed: dict[str, str], what: str) -> None:
+    """List up to 10 failures on stderr, one line each (names quoted when they are not plain ids)."""
+    from .data.ids import id_problem, shown
+
+    if not failed:
+        return
+    click.echo(f"{len(failed)} {what}:", err=True)
+    for name, reason in list(failed.items())[:10]:
+        click.echo(f"  failed {name if id_problem(name) is None else shown(name)}: {reason}", err=True)
+    if len(failed) > 10:
+        click.echo(f"  ... and {len(failed) - 10} more", err=True)
 
 
 # What `encode --preset pixelrec` sets besides the preprocessing (options given on the command line
 # win): the reference's OpenAI ViT-B/32 (QuickGELU blocks), mean of the last hidden tokens, the
 # tokens entering its 2 tuned blocks, stored and computed in float32.
-ENCODE_PIXELREC_PRESET = {"model": "ViT-B-32-quickgelu", "pooling": "mean", "split_block": 2, "float32": True,
+ENCODE_PIXELREC_PRESET = {"encoder": "ViT-B-32-quickgelu", "pooling": "mean", "split_block": 2, "float32": True,
                           "precision": "fp32"}
 
 
@@ -316,8 +440,8 @@ def _click_option(opt: FitOption) -> Callable[[Callable], Callable]:
         kind = _PATH_TYPES[spec.path]
     else:
         kind = _PLAIN_TYPES[opt.type]
-    if opt.required:
-        return click.option(opt.flag, type=kind, required=True, help=spec.help)
+    if opt.required:  # checked in `fit`: the value may also come from --config FILE
+        return click.option(opt.flag, type=kind, help=f"{spec.help}  [required, here or in --config]")
     if spec.default_text is not None:  # resolved later (per model): say how, as click would show a default
         return click.option(opt.flag, type=kind, default=opt.default, help=f"{spec.help}  [default: {spec.default_text}]")
     return click.option(opt.flag, type=kind, default=opt.default, show_default=opt.default is not None, help=spec.help)
@@ -331,15 +455,29 @@ def _fit_setting_options(fn: Callable) -> Callable:
 
 
 @cli.command()
+@click.option("--config", "config_file", type=click.Path(),
+              help="Settings from a file: TOML, YAML or JSON in the shape of a run's config.json (`[model] dim = 64`), "
+                   "or an earlier run's config.json (or its directory). Options given here win over the file; the "
+                   "file's settings win over --preset.")
+@click.option("--print-config", is_flag=True,
+              help="Print the resolved settings (TOML; JSON with --json), which --config reads back, and exit "
+                   "without training.")
 @_fit_setting_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False),
+              help="Also write each epoch's loss, validation metrics and times as TensorBoard scalars into this "
+                   "directory (needs pixelrec[tensorboard]).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (with --print-config: the settings) as JSON.")
 @click.pass_context
-def fit(ctx: click.Context, resume: bool, overwrite: bool, as_json: bool, **settings: Any) -> None:
-    """Train a sequence recommender; early-stops on validation NDCG@10 and writes RUN_DIR (--out)."""
+def fit(ctx: click.Context, config_file: str | None, print_config: bool, resume: bool, overwrite: bool,
+        tensorboard_dir: str | None, as_json: bool, **settings: Any) -> None:
+    """Train a sequence recommender; early-stops on validation NDCG@10 and writes RUN_DIR (--out).
+
+    Settings come from the defaults, then --preset, then --config FILE, then the options given here.
+    """
     from .recommend.config import FitConfig, apply_preset
-    from .runs.fit import fit as run_fit
+    from .runs.config_file import apply_config_file, dump_settings, read_config_file
 
     if resume and overwrite:
         raise PixelrecError("--resume continues the run in --out and --overwrite replaces it: give only one")
@@ -348,8 +486,28 @@ def fit(ctx: click.Context, resume: bool, overwrite: bool, as_json: bool, **sett
     for opt in options:
         cfg.set(opt.key, settings[opt.param_name])
     typed = _explicit(ctx)
-    apply_preset(cfg, cfg.preset, {opt.key for opt in options if opt.param_name in typed})
-    result = run_fit(cfg, resume=resume, overwrite=overwrite)
+    given = {opt.key for opt in options if opt.param_name in typed}
+    if config_file is not None:
+        given = apply_config_file(cfg, given, read_config_file(config_file))
+    apply_preset(cfg, cfg.preset, given)
+    if print_config:
+        click.echo(dump_settings(cfg.validate(), "json" if as_json else "toml"), nl=False)
+        return
+    for flag, value in (("--interactions", cfg.interactions), ("--out", cfg.out)):
+        if not value:
+            raise click.UsageError(f"Missing option '{flag}' (give it here or in --config FILE).", ctx)
+    from .runs.fit import fit as run_fit
+
+    scalars = None
+    if tensorboard_dir is not None and _rank() == 0:
+        from .runs.tensorboard import EpochScalars
+
+        scalars = EpochScalars(tensorboard_dir)
+    try:
+        result = run_fit(cfg, resume=resume, overwrite=overwrite, on_epoch=scalars)
+    finally:
+        if scalars is not None:
+            scalars.close()
     summary = {"run_dir": str(result.run_dir), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                "seconds": round(result.seconds, 1), "seconds_per_epoch": round(result.seconds_per_epoch, 2),
                "valid": result.valid, "test": result.test["overall"]}
@@ -367,7 +525,10 @@ def fit(ctx: click.Context, resume: bool, overwrite: bool, as_json: bool, **sett
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True)
 @click.option("--k", "ks", default="5,10,20", show_default=True, help="Cut-offs, comma-separated.")
-@click.option("--index", "index_spec", default=None, help="Evaluate through this FAISS index (e.g. IVF256,Flat, HNSW32) and report its recall against exact search.")
+@click.option("--spec", "index_spec", default=None,
+              help="Evaluate through this FAISS index (index-factory string as in `pixelrec index --spec`, e.g. "
+                   "IVF256,Flat, HNSW32) and report its recall against exact search.")
+@click.option("--index", "old_index", hidden=True, help="Old name of --spec (kept for one release).")
 @click.option("--nprobe", type=click.IntRange(min=1), help="IVF: lists probed per query.")
 @click.option("--ef-search", type=click.IntRange(min=1), help="HNSW: efSearch.")
 @click.option("--negatives", type=click.IntRange(min=0), default=0, show_default=True,
@@ -382,15 +543,17 @@ def fit(ctx: click.Context, resume: bool, overwrite: bool, as_json: bool, **sett
               help="With --device cuda and several GPUs (faiss-gpu): split the index over them (shard) or copy it "
                    "to each (replicate).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def evaluate(run_dir, split, ks, index_spec, nprobe, ef_search, negatives, cold_threshold, seed, device, batch_size,
-             gpu_shards, as_json):
+@click.pass_context
+def evaluate(ctx, run_dir, split, ks, index_spec, old_index, nprobe, ef_search, negatives, cold_threshold, seed, device,
+             batch_size, gpu_shards, as_json):
     """Recall@k / NDCG@k of a trained run (every item ranked, the user's history excluded)."""
     from .runs.evaluate import evaluate_run
     from .index.report import format_report
 
+    index_spec = _renamed(ctx, "old_index")
     options = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
     if options and not index_spec:
-        raise PixelrecError("--nprobe/--ef-search apply to an approximate index: add one, e.g. --index IVF256,Flat")
+        raise PixelrecError("--nprobe/--ef-search apply to an approximate index: add one, e.g. --spec IVF256,Flat")
     report = evaluate_run(run_dir, split=split, ks=_ks(ks), index_spec=index_spec, index_options=options,
                           negatives=negatives, cold_threshold=cold_threshold, seed=seed, device=device,
                           batch_size=batch_size, gpu_layout=gpu_shards)
@@ -412,13 +575,35 @@ def evaluate(run_dir, split, ks, index_spec, nprobe, ef_search, negatives, cold_
 @click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True,
               help="With --users: users encoded and searched at once (under torchrun, each rank takes whole batches).")
 @click.option("--json", "as_json", is_flag=True, help="JSON output (single queries).")
-def retrieve(run_dir, user, history, history_file, users_file, k, out, device, batch_size, as_json):
+@click.option("--html", "html_out", type=click.Path(dir_okay=False),
+              help="Write a standalone HTML page (covers embedded as thumbnails) of the history and top-k "
+                   "instead: for --user, --history, --history-file, or --users (at most 200 users).")
+@click.option("--images", type=click.Path(),
+              help="With --html: the covers (dir or LMDB); default: what the run records (needed for an id run).")
+def retrieve(run_dir, user, history, history_file, users_file, k, out, device, batch_size, as_json, html_out,
+             images):
     """Top-k items for a user, an ad-hoc history, or a file of users (history excluded)."""
-    from .runs.retrieve import parse_history, read_lines, retrieve_batch, retrieve_one
+    from .runs.retrieve import parse_history, read_lines, retrieve_batch, retrieve_html, retrieve_one
 
     given = [x for x in (user, history, history_file, users_file) if x is not None]
     if len(given) != 1:
         raise PixelrecError("give exactly one of --user, --history, --history-file or --users")
+    if images is not None and html_out is None:
+        raise PixelrecError("--images gives the covers of --html; add --html FILE or drop --images")
+    if html_out is not None:
+        if out is not None or as_json:
+            raise PixelrecError("--html writes a page instead of --out / --json output; give one of them")
+        if _rank() > 0:
+            return
+        items = parse_history(history) if history is not None else (
+            read_lines(history_file, "one item id per line") if history_file is not None else None)
+        made = retrieve_html(run_dir, html_out, user=user, history=items, users=users_file, k=k, images=images,
+                             device=device)
+        unknown = made["unknown"]
+        click.echo(f"wrote {html_out}: {made['queries']} queries, {made['covers']} covers embedded"
+                   + (f"; {len(unknown)} unknown user ids: {', '.join(unknown[:5])}"
+                      + ("..." if len(unknown) > 5 else "") if unknown else ""), err=True)
+        return
     if out is not None and users_file is None:
         raise PixelrecError("--out writes the JSONL of --users; a single query prints to stdout (use --json and a redirect)")
     if users_file is not None:
@@ -456,21 +641,26 @@ def retrieve(run_dir, user, history, history_file, users_file, k, out, device, b
 @click.option("--nprobe", type=click.IntRange(min=1), help="IVF: lists probed per query (stored with the index).")
 @click.option("--ef-search", type=click.IntRange(min=1), help="HNSW: efSearch (stored with the index).")
 @click.option("--add-images", type=click.Path(), help="Encode these new covers through the run's trained tower and add them.")
+@click.option("--follow-symlinks", is_flag=True,
+              help="--add-images: also read covers that are symbolic links to files outside the folder.")
 @click.option("--target-recall", type=float,
-              help="Tune instead: publish the fastest approximate index whose recall@k against exact search "
-                   "reaches this (0 < R <= 1) on sampled users of the run, half of them held out.")
+              help="Tune instead: publish the fastest index whose recall@k against exact search reaches this "
+                   "(0 < R <= 1) on sampled users of the run, half of them held out; exact search (Flat) "
+                   "is kept when no approximate index is faster.")
 @click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="--target-recall: recall@k.")
 @click.option("--sample", type=click.IntRange(min=2), default=2000, show_default=True,
               help="--target-recall: users sampled (half to tune on, half held out).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
 @rank_zero_only
-def index(ctx, run_dir, spec, metric, nprobe, ef_search, add_images, target_recall, k, sample, device):
+def index(ctx, run_dir, spec, metric, nprobe, ef_search, add_images, follow_symlinks, target_recall, k, sample, device):
     """(Re)build the run's item index, tune it to a recall target, or add new items from their covers."""
     from .index.tuning import check_target, frontier_table
     from .runs.item_index import add_images_to_run, rebuild_run_index, tune_run_index
 
     typed = _explicit(ctx)
+    if follow_symlinks and not add_images:
+        raise PixelrecError("--follow-symlinks applies to --add-images")
     if target_recall is None and {"k", "sample"} & typed:
         raise PixelrecError(f"--{sorted({'k', 'sample'} & typed)[0]} applies to tuning; give --target-recall too")
     if target_recall is not None:
@@ -482,11 +672,12 @@ def index(ctx, run_dir, spec, metric, nprobe, ef_search, add_images, target_reca
         tuning = tune_run_index(run_dir, target_recall, k=k, sample=sample, metric=metric, device=device)
         chosen = tuning.chosen
         click.echo(f"{run_dir}/index: {tuning.index.describe()}")
-        click.echo(f"recall@{k} {chosen.recall:.4f} on {len(tuning.sample.heldout)} held-out users (tuning half "
-                   f"{chosen.tuning_recall:.4f}, target {target_recall:g}); {chosen.speedup:.1f}x Flat's queries/s "
-                   f"({chosen.queries_per_s:,.0f} vs {tuning.flat_queries_per_s:,.0f})"
-                   + ("; slower than exact search here: `--spec Flat` serves a catalogue this small better"
-                      if chosen.speedup < 1 else ""))
+        if tuning.why_flat:
+            click.echo(f"kept exact search (Flat, {tuning.flat_queries_per_s:,.0f} queries/s): {tuning.why_flat}")
+        else:
+            click.echo(f"recall@{k} {chosen.recall:.4f} on {len(tuning.sample.heldout)} held-out users (tuning half "
+                       f"{chosen.tuning_recall:.4f}, target {target_recall:g}); {chosen.speedup:.1f}x Flat's queries/s "
+                       f"({chosen.queries_per_s:,.0f} vs {tuning.flat_queries_per_s:,.0f})")
         click.echo(frontier_table(tuning.points, chosen))
         return
     if add_images:
@@ -495,14 +686,87 @@ def index(ctx, run_dir, spec, metric, nprobe, ef_search, add_images, target_reca
             flag = "--" + rebuild_only[0].replace("_", "-")
             raise PixelrecError(f"--add-images adds to the run's existing index; {flag} applies when rebuilding it "
                                 f"(run `pixelrec index RUN_DIR {flag} ...` on its own)")
-        summary = add_images_to_run(run_dir, add_images, device=device)
+        summary = add_images_to_run(run_dir, add_images, device=device, follow_symlinks=follow_symlinks)
         ids = f" (ids {summary.first_id}..{summary.last_id})" if summary.added else ""
         click.echo(f"added {summary.added} items to {run_dir}{ids}"
                    + (f"; {summary.skipped} already indexed" if summary.skipped else "")
                    + (f"; {len(summary.failed)} images failed" if summary.failed else ""))
+        _echo_failed(summary.failed, "covers were not added")
         return
     idx = rebuild_run_index(run_dir, spec=spec, metric=metric, nprobe=nprobe, ef_search=ef_search, device=device)
     click.echo(f"{run_dir}/index: {idx.describe()}")
+
+
+# --------------------------------------------------------------------------------------- compare
+COMPARE_FORMATS = ("text", "csv", "markdown", "json")
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(), metavar="RUN...")
+@click.option("--format", "fmt", type=click.Choice(COMPARE_FORMATS), default="text", show_default=True,
+              help="Table layout: aligned text, CSV, a Markdown table, or JSON (a list of rows).")
+@click.option("--sort", help="Order rows by this column (e.g. ndcg@10, 'ndcg@10 cold', s/epoch, lr): quality "
+                             "metrics best first, other columns ascending. Default: the order given.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Also draw the runs' validation NDCG@10 per epoch into this image (.png, .pdf or .svg).")
+@rank_zero_only
+def compare(run_dirs, fmt, sort, plot):
+    """One table across finished runs: model, item tower, encoder, the settings that differ, test
+    NDCG@10 / Recall@10 (overall, warm, cold items), epochs and times.
+
+    Reads what the runs recorded (config.json, results.json, metrics.jsonl); loads no model. A
+    directory that is no finished run is listed on stderr and skipped; none usable is an error.
+    """
+    from .runs.compare import compare_runs, plot_curves
+    from .runs.rundir import refuse_output_inside
+
+    for run_dir in run_dirs if plot else ():  # the plot must not replace a file of a run it reads
+        refuse_output_inside(plot, run_dir, "--plot")
+    table = compare_runs(list(run_dirs), sort=sort)
+    for run_dir, why in table.skipped:
+        click.echo(f"skipped {run_dir}: {why}", err=True)
+    if plot:
+        plot_curves(table, plot)
+    click.echo(_format_table(table.columns, table.rows, fmt), nl=False)
+    if plot:
+        click.echo(f"plot: {plot}", err=True)
+
+
+def _format_table(columns: list[str], rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if fmt == "csv":
+        import csv
+        import io
+
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([["" if r[c] is None else r[c] for c in columns] for r in rows])
+        return out.getvalue()
+    cells = [[_cell(c, r[c]) for c in columns] for r in rows]
+    if fmt == "markdown":
+        lines = [columns, ["---"] * len(columns), *cells]
+        return "".join("| " + " | ".join(x.replace("|", "\\|") for x in line) + " |\n" for line in lines)
+    widths = [max(len(x) for x in col) for col in zip(columns, *cells)]
+    return "".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() + "\n" for line in [columns, *cells])
+
+
+def _cell(column: str, value: Any) -> str:
+    """A value as the text and Markdown tables show it."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if column.startswith(("ndcg@", "recall@")):
+            return f"{value:.4f}"
+        if column == "s/epoch":
+            return f"{value:.2f}"
+        if column == "wall s":
+            return f"{value:.1f}"
+        return f"{value:g}"
+    return str(value)
 
 
 # ----------------------------------------------------------------------------------------- serve
@@ -519,21 +783,43 @@ def index(ctx, run_dir, spec, metric, nprobe, ef_search, add_images, target_reca
               help="Most queries in one micro-batch.")
 @click.option("--max-upload-mb", type=float, default=20.0, show_default=True,
               help="Largest request body (POST /items covers); larger ones get 413.")
+@click.option("--max-upload-files", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Most covers in one POST /items; more get 413.")
+@click.option("--read-only", is_flag=True, help="Refuse every request that changes the run (POST /items) with 403.")
+@click.option("--api-key", "api_key_file", metavar="FILE",
+              help="A file (mode 600) holding a token that POST /items must carry ('Authorization: Bearer TOKEN' "
+                   "or 'X-API-Key: TOKEN'); needed to add items when --host is beyond loopback.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Open connections (and requests in progress) before new ones get 503.")
+@click.option("--body-timeout-s", type=float, default=120.0, show_default=True,
+              help="Seconds a request body may take to arrive; slower ones get 408.")
+@click.option("--images", type=click.Path(),
+              help="The training covers (dir or LMDB) for GET /items/{id}/cover and the page at /: needed for an "
+                   "id run; default: what the run records (e2e --images, or the images its cache was encoded from).")
 @click.option("--check", "check_only", is_flag=True, help="Load the run and bind the address, then exit without serving.")
 @click.pass_context
 @rank_zero_only
-def serve(ctx, run_dir, host, port, device, workers, batch_window_ms, max_batch, max_upload_mb, check_only):
-    """Serve a run over HTTP (FastAPI): /recommend, /items/{id}/similar, POST /items; API docs at /docs."""
+def serve(ctx, run_dir, host, port, device, workers, batch_window_ms, max_batch, max_upload_mb, max_upload_files,
+          read_only, api_key_file, max_connections, body_timeout_s, images, check_only):
+    """Serve a run over HTTP (FastAPI): a browsing page at /, /recommend, /items/{id}/similar,
+    /items/{id}/cover, POST /items; API docs at /docs (offline).
+
+    Adding items (POST /items) is open on loopback only; beyond it, it needs --api-key."""
     from .runs.serving import ServeConfig, serve as run_server
 
-    quiet = ctx.find_root().params.get("quiet", False)
+    quiet = _quiet_given(ctx)
     cfg = ServeConfig(run_dir=run_dir, host=host, port=port, device=device, workers=workers,
-                      batch_window_ms=batch_window_ms, max_batch=max_batch, max_upload_mb=max_upload_mb)
+                      batch_window_ms=batch_window_ms, max_batch=max_batch, max_upload_mb=max_upload_mb,
+                      read_only=read_only, api_key_file=api_key_file, max_upload_files=max_upload_files,
+                      max_connections=max_connections, body_timeout_s=body_timeout_s, images=images)
 
     def announce(started) -> None:
         verb = "ready to serve" if check_only else "serving"
         click.echo(f"{verb} {run_dir} ({started.items} items, {started.users} users, index version "
-                   f"{started.index_version}) on {started.url}; API docs at {started.url}/docs", err=True)
+                   f"{started.index_version}) on {started.url}; browse at {started.url}/, API docs at "
+                   f"{started.url}/docs", err=True)
+        for warning in started.warnings:
+            click.echo(warning, err=True)
 
     run_server(cfg, check_only=check_only, quiet=quiet, announce=announce)
 

@@ -50,6 +50,7 @@ def test_index_never_imports_encode_or_recommend():
     assert proc.returncode == 0, _report(proc)
 
 
+@pytest.mark.smoke
 def test_layers_contract():
     """No module imports a package above it (imports inside functions count too)."""
     proc = _lint_imports(ROOT, LAYERS)

@@ -47,13 +47,14 @@ class Known:
 BASE: dict[str, list[str]] = {
     "synth": ["{tmp}/data", "--users", "20", "--items", "12", "--cold-items", "2", "--styles", "2",
               "--min-len", "3", "--max-len", "5", "--image-size", "8"],
-    "encode": ["--images", "{covers}", "--out", "{tmp}/cache.h5", "--model", "pixelrec-tiny-vit",
+    "encode": ["--images", "{covers}", "--out", "{tmp}/cache.h5", "--encoder", "pixelrec-tiny-vit",
                "--device", "cpu", "--workers", "0"],
     "fit": ["--interactions", "{csv}", "--out", "{tmp}/run", *TINY_ARGS, "--epochs", "1"],
     "evaluate": ["{run}"],
     "retrieve": ["{run}", "--user", "{user}"],
     "index": ["{run}"],
     "serve": ["{run}", "--port", "0", "--check"],  # --check: loads and binds, then exits without serving
+    "compare": ["{run}"],
     "demo": ["--workdir", "{tmp}/demo", "--towers", "id", "--epochs", "1", "--users", "30", "--items", "50",
              "--device", "cpu"],
 }
@@ -82,18 +83,22 @@ BAD: dict[str, dict[str, list]] = {
         "images": ["{tmp}/missing", "{file}"],
         "out": ["{tmp}", f"{UNWRITABLE}/cache.h5", "{file}/cache.h5"],
         "interactions": ["{tmp}/missing.csv", "{bad_csv}", "{tmp}"],
-        "model": ["no-such-model"],
+        "encoder": ["no-such-model"],
+        # the hidden old name of --encoder: refused together with it; alone, it is --encoder (plus a note)
+        "old_model": ["pixelrec-tiny-vit",
+                      Args("--images", "{covers}", "--out", "{tmp}/cache.h5", "--model", "no-such-model", "--device",
+                           "cpu", "--workers", "0", alone=True)],
         "pretrained": ["{tmp}/missing.pt", "{file}",
                        "{openai_pt}",  # OpenAI CLIP weights (QuickGELU) into a GELU tower
-                       Args("--model", "pixelrec-tiny-rn", "--pretrained", "{openai_pt}")],  # a ViT into a ResNet
+                       Args("--encoder", "pixelrec-tiny-rn", "--pretrained", "{openai_pt}")],  # a ViT into a ResNet
         "pooling": ["max"],
         "preset": ["imagenet"],
         "image_size": ["0", "5000"],
         "seed": ["-1"],
         "split_block": ["0", "100",
-                        Args("--model", "pixelrec-tiny-rn", "--split-block", "5"),  # 4 Bottleneck blocks
-                        Args("--model", "pixelrec-tiny-swin", "--split-block", "7"),  # 6 Swin blocks
-                        Args("--model", "pixelrec-tiny-convnext", "--split-block", "6")],  # 5 ConvNeXt blocks
+                        Args("--encoder", "pixelrec-tiny-rn", "--split-block", "5"),  # 4 Bottleneck blocks
+                        Args("--encoder", "pixelrec-tiny-swin", "--split-block", "7"),  # 6 Swin blocks
+                        Args("--encoder", "pixelrec-tiny-convnext", "--split-block", "6")],  # 5 ConvNeXt blocks
         "batch_size": ["0"],
         "workers": ["-1"],
         "device": ["tpu"],
@@ -105,7 +110,13 @@ BAD: dict[str, dict[str, list]] = {
         "precision": ["fp8", "half"],
     },
     "fit": {
-        "interactions": ["{tmp}/missing.csv", "{tmp}", "{bad_csv}"],
+        "config_file": ["{tmp}/missing.toml", "{file}", "{tmp}", "{configs}/unparsable.toml", "{configs}/unknown.toml",
+                        "{configs}/wrong_type.yaml", "{configs}/null.json", "{configs}/out_of_range.toml",
+                        "{configs}/not_a_table.json"],
+        "print_config": [Args("--print-config", "--items", "frozen"),  # resolved settings checked: no --cache
+                         Args("--print-config", "--max-len", "4", "--stride", "5", alone=True)],  # no data needed
+        "interactions": ["{tmp}/missing.csv", "{tmp}", "{bad_csv}",
+                         Args("--out", "{tmp}/run", "--epochs", "1", alone=True)],  # neither here nor in --config
         "out": ["{file}", "{file}/run", f"{UNWRITABLE}/run", "{run}"],
         "items": ["pixels", Args("--items", "frozen"), Args("--items", "e2e")],
         "cache": ["{file}", Args("--items", "frozen", "--cache", "{tmp}/missing.h5"),
@@ -133,7 +144,10 @@ BAD: dict[str, dict[str, list]] = {
         "dim": ["0", "-4", Args("--dim", "15", "--heads", "2")],
         "max_len": ["0"],
         "layers": ["0"],
-        "heads": ["0", "3"],
+        "heads": ["0", "3", Args("--model", "gru4rec", "--heads", "2")],  # a setting gru4rec does not have
+        "dilations": [Args("--model", "nextitnet", "--dilations", "1,0"), Args("--model", "nextitnet", "--dilations", "a"),
+                      Args("--dilations", "1,4")],  # sasrec has no dilations
+        "interests": [Args("--model", "lightsans", "--interests", "0"), Args("--interests", "3")],
         "dropout": ["1.5", "nan", "-inf"],
         "attn_dropout": ["1.5", "nan", "-inf"],
         "positions": ["rotary"],
@@ -154,7 +168,8 @@ BAD: dict[str, dict[str, list]] = {
         "encoder_lr": ["inf", "-1"],
         "encoder_weight_decay": ["nan", "-0.5"],
         "patience": ["0"],
-        "windows": ["overlap"],
+        "windows": ["overlap", Args("--model", "lightsans", "--windows", "sliding"),  # not causal: prefixes only
+                    Args("--windows", "prefixes", "--stride", "3")],
         "stride": ["-1", "9"],
         "seed": ["-1", str(2**40)],
         "device": ["tpu"],
@@ -165,12 +180,15 @@ BAD: dict[str, dict[str, list]] = {
                    Args("--preset", "pixelrec", "--items", "frozen", "--cache", "{default_cache}")],
         "init_from": ["{tmp}", "{tmp}/missing"],
         "resume": [Args("--resume", "--overwrite")],
+        # a file; a place nobody may write to (or, without the tensorboard package, refused for that)
+        "tensorboard_dir": ["{file}", f"{UNWRITABLE}/tb"],
     },
     "evaluate": {
         "run_dir": ["{tmp}", "{tmp}/missing", "{file}"],
         "split": ["train"],
         "ks": ["0", "a,b", ",", "-5"],
         "index_spec": ["Garbage"],
+        "old_index": ["Garbage", Args("--index", "HNSW32", "--spec", "Flat")],  # the hidden old name of --spec
         "nprobe": ["0", Args("--nprobe", "4")],
         "ef_search": ["0", Args("--ef-search", "16")],
         "negatives": ["-5"],
@@ -191,9 +209,17 @@ BAD: dict[str, dict[str, list]] = {
         "out": ["{tmp}/top.jsonl",
                 Args("{run}", "--users", "{users_txt}", "--out", f"{UNWRITABLE}/top.jsonl", alone=True),
                 Args("{run}", "--users", "{users_txt}", "--out", "{file}/top.jsonl", alone=True),
-                Args("{run}", "--users", "{users_txt}", "--out", "{tmp}", alone=True)],
+                Args("{run}", "--users", "{users_txt}", "--out", "{tmp}", alone=True),
+                Args("{run}", "--users", "{users_txt}", "--out", "{run}/manifest.json", alone=True)],  # inside the run
         "device": ["tpu"],
         "batch_size": ["0", "-3"],
+        "html_out": ["{run}/page.html",  # inside the run
+                     f"{UNWRITABLE}/page.html", "{file}/page.html", "{tmp}",
+                     Args("{run}", "--users", "{users_txt}", "--html", "{tmp}/p.html", "--out", "{tmp}/t.jsonl",
+                          alone=True),
+                     Args("--html", "{tmp}/p.html", "--json")],
+        "images": [Args("--images", "{tmp}"),  # without --html
+                   Args("--html", "{tmp}/p.html", "--images", "{tmp}/missing")],
     },
     "index": {
         "run_dir": ["{tmp}", "{tmp}/missing", "{file}"],
@@ -203,6 +229,7 @@ BAD: dict[str, dict[str, list]] = {
         "ef_search": ["0"],
         "add_images": ["{tmp}/missing", "{file}", "{new_covers}",  # an id run has no image tower
                        Args("--add-images", "{new_covers}", "--spec", "HNSW32")],
+        "follow_symlinks": [Args("--follow-symlinks")],  # without --add-images
         "target_recall": ["0", "1.5", "nan", "-0.1", "inf", Args("--target-recall", "0.9", "--spec", "HNSW32"),
                           Args("--target-recall", "0.9", "--k", "100000")],  # k above the catalogue
         "k": ["0", "-3", "5"],  # 5: --k without --target-recall
@@ -218,6 +245,18 @@ BAD: dict[str, dict[str, list]] = {
         "batch_window_ms": ["-1", "nan", "inf", "5000"],
         "max_batch": ["0"],
         "max_upload_mb": ["0", "-5", "nan"],
+        "max_upload_files": ["0", "many"],
+        "api_key_file": ["{tmp}/missing", "{tmp}", "{file}"],  # {file}: readable by other users (or holds spaces)
+        "max_connections": ["0"],
+        "body_timeout_s": ["0", "-1", "nan"],
+        "images": ["{tmp}/missing", "{tmp}"],  # {tmp}: a folder without covers
+    },
+    "compare": {
+        "run_dirs": ["{tmp}", "{tmp}/missing", "{file}", "{unpublished}"],  # the last: a run without results
+        "fmt": ["xml"],
+        "sort": ["bogus"],
+        "plot": ["{tmp}/curves.gif", f"{UNWRITABLE}/curves.png", "{file}/curves.png",
+                 "{run}/added/covers/1.png"],  # inside a run it reads
     },
     "demo": {
         "workdir": ["{file}", f"{UNWRITABLE}/demo"],
@@ -234,15 +273,17 @@ BAD: dict[str, dict[str, list]] = {
 FLAG = "a flag: given or not, both are valid"
 NO_BAD_VALUE: dict[str, dict[str, str]] = {
     "": {"quiet": FLAG, "version": "prints the version and exits"},
-    "synth": {"lmdb": FLAG},
-    "encode": {"float32": FLAG, "normalize": FLAG, "skip_missing": FLAG, "overwrite": FLAG},
-    "fit": {"grad_checkpointing": FLAG, "deterministic": FLAG, "as_json": FLAG,
+    "synth": {"lmdb": FLAG, "quiet": FLAG},
+    "encode": {"float32": FLAG, "normalize": FLAG, "skip_missing": FLAG, "overwrite": FLAG, "quiet": FLAG,
+               "follow_symlinks": FLAG},
+    "fit": {"grad_checkpointing": FLAG, "deterministic": FLAG, "as_json": FLAG, "quiet": FLAG,
             "overwrite": "a flag; its only bad use, with --resume, is the `resume` row"},
-    "evaluate": {"as_json": FLAG},
-    "retrieve": {"as_json": FLAG},
-    "index": {},
-    "serve": {"check_only": FLAG},
-    "demo": {},
+    "evaluate": {"as_json": FLAG, "quiet": FLAG},
+    "retrieve": {"as_json": FLAG, "quiet": FLAG},
+    "index": {"quiet": FLAG},
+    "serve": {"check_only": FLAG, "quiet": FLAG, "read_only": FLAG},
+    "compare": {"quiet": FLAG},
+    "demo": {"quiet": FLAG},
 }
 
 
@@ -279,10 +320,26 @@ def places(tmp_path: Path) -> dict[str, str]:
     new_covers = tmp_path / "new_covers"  # the cover of an item no run knows
     new_covers.mkdir()
     shutil.copy(next(Path(synth_dataset().covers).iterdir()), new_covers / "new00001.jpg")
-    return {"tmp": str(work), "file": str(file), "foreign": str(foreign), "bad_csv": str(bad_csv),
+    unpublished = copy_run(trained_run()[0], tmp_path / "unpublished")  # a run whose fit never published
+    (unpublished / "manifest.json").unlink()
+    configs = tmp_path / "configs"  # config files for `fit --config`, each bad in one way
+    configs.mkdir()
+    for name, text in CONFIG_FILES.items():
+        (configs / name).write_text(text)
+    return {"unpublished": str(unpublished), "configs": str(configs), "tmp": str(work), "file": str(file), "foreign": str(foreign), "bad_csv": str(bad_csv),
             "csv": str(handmade_dataset().path), "covers": str(synth_dataset().covers), "run": str(run),
             "user": user, "item": item, "users_txt": str(users_txt), "new_covers": str(new_covers),
             "openai_pt": str(openai_layout_checkpoint()), "default_cache": str(default_settings_cache())}
+
+
+CONFIG_FILES = {
+    "unparsable.toml": "[model\ndim = 16\n",
+    "unknown.toml": "[model]\ndims = 16\n",
+    "wrong_type.yaml": "train:\n  epochs: ten\n",
+    "null.json": '{"model": {"dim": null}}',
+    "out_of_range.toml": "[model]\ndropout = 1.5\n",
+    "not_a_table.json": '{"train": [1, 2]}',
+}
 
 
 def _fill(args, places: dict[str, str]) -> list[str]:
@@ -347,3 +404,4 @@ def test_bad_value_gives_one_error_line(command, param, value, places):
     assert r.exception is None or isinstance(r.exception, SystemExit), detail
     assert r.exit_code == 2, detail
     assert len(_error_lines(r.output)) == 1, detail
+    assert "Usage:" not in r.output, detail  # click's usage errors too: one line, not click's three

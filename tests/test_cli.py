@@ -29,6 +29,7 @@ from pixelrec.errors import PixelrecError
 
 
 # ---------------------------------------------------------------------------------------- help
+@pytest.mark.smoke
 def test_help_of_every_command():
     r = invoke(["--help"], quiet=False)
     assert r.exit_code == 0
@@ -219,7 +220,11 @@ def test_preset_pixelrec_with_explicit_overrides(tmp_path):
     assert cfg["train"]["patience"] == 31 and cfg["train"]["encoder_lr"] == 1e-4  # the reference's stopping_step 30
     assert cfg["model"]["layers"] == 2 and cfg["model"]["heads"] == 4 and cfg["model"]["inner_mult"] == 2
     assert cfg["model"]["dropout"] == 0.1 and cfg["model"]["attn_dropout"] == 0.1
-    assert cfg["items"]["head"] == "token_relu_mean" and cfg["items"]["tune_blocks"] == 2
+    # an id tower reads no image settings: null in config.json; an image tower takes the preset's
+    assert cfg["items"]["head"] is None and cfg["items"]["tune_blocks"] is None
+    r = invoke(["fit", "--preset", "pixelrec", "--items", "e2e", "--images", "covers", "--print-config", "--json"])
+    items = json.loads(r.stdout)["items"]
+    assert (items["head"], items["tune_blocks"], items["encoder"]) == ("token_relu_mean", 2, "ViT-B-32-quickgelu")
 
     report = invoke(["evaluate", out]).stdout
     assert "preset=pixelrec" in report and "loss=bpr" in report
@@ -303,12 +308,13 @@ def test_pixelrec_traceback_shows_the_traceback():
     assert r.stderr.splitlines()[-1].startswith("error: internal error (ValueError: odd)")
 
 
-def test_click_errors_and_exits_pass_through_the_boundary():
+def test_click_usage_errors_are_one_line_and_exits_pass_through_the_boundary():
     def usage():
         raise click.BadParameter("no good", param_hint="'--thing'")
 
     r = run_toy(usage)
-    assert r.exit_code == 2 and "Usage:" in r.output and "Error: Invalid value for '--thing': no good" in r.output
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr == "error: toy boom: Invalid value for '--thing': no good (see `toy boom --help`)\n"
 
     def done():
         click.get_current_context().exit(0)
@@ -323,7 +329,7 @@ def test_a_closed_stdout_is_left_to_click():
 
 def test_every_command_runs_inside_the_boundary():
     assert isinstance(cli, PixelrecGroup)
-    assert set(cli.commands) == {"synth", "encode", "fit", "evaluate", "retrieve", "index", "serve", "demo"}
+    assert set(cli.commands) == {"synth", "encode", "fit", "evaluate", "retrieve", "index", "serve", "compare", "demo"}
 
 
 def test_no_traceback_from_a_real_process(tmp_path):
@@ -370,3 +376,105 @@ def test_no_internal_document_is_cited_to_users():
     for name in ("", *cli.commands):
         r = invoke([name, "--help"] if name else ["--help"], quiet=False)
         assert "SPEC" not in r.stdout, name
+
+
+# ---------------------------------------------------------------------------------------- one name, one meaning
+@pytest.mark.parametrize("args, needles", [
+    (["fit", "--epoch", "3"], ["error: cli fit: No such option '--epoch'. Did you mean '--epochs'?",
+                               "(see `cli fit --help`)"]),
+    (["fitt"], ["error: cli: No such command 'fitt'. Did you mean 'fit'?"]),
+    (["--no-such-flag", "fit"], ["error: cli: No such option '--no-such-flag'."]),
+    (["evaluate"], ["error: cli evaluate: Missing argument 'RUN_DIR'."]),
+    (["evaluate", "run", "--split", "train"], ["'--split': 'train' is not one of 'test', 'valid'."]),
+    (["compare"], ["error: cli compare: Missing argument 'RUN...'."]),
+    (["index", "run", "--k", "many"], ["'--k': 'many' is not a valid integer"]),
+])
+def test_usage_errors_are_one_line_with_exit_2(args, needles):
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2, r.output
+    assert r.stdout == ""
+    assert_one_line_error(r.stderr, *needles)
+
+
+def test_bare_pixelrec_still_shows_its_help():
+    r = CliRunner().invoke(cli, [])
+    assert "Usage:" in r.output and "Commands:" in r.output
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_every_subcommand_accepts_quiet(command):
+    names = {opt for p in cli.commands[command].params for opt in getattr(p, "opts", [])}
+    assert {"-q", "--quiet"} <= names, command
+
+
+def test_quiet_after_the_subcommand_silences_progress(tmp_path):
+    data = handmade_dataset()
+    r = invoke(["fit", "--interactions", data.path, "--out", tmp_path / "a", *TINY_ARGS, "--epochs", "1", "-q"],
+               quiet=False)
+    assert r.exit_code == 0, r.output
+    assert r.stderr == "" and "epoch 0:" not in r.output
+    assert r.stdout.startswith(f"{tmp_path / 'a'}: best epoch 0 of 1")
+
+
+def test_evaluate_index_is_the_old_name_of_spec():
+    run_dir, _ = trained_run()
+    new = invoke(["evaluate", run_dir, "--spec", "Flat", "--json"])
+    old = invoke(["evaluate", run_dir, "--index", "Flat", "--json"])
+    assert new.exit_code == old.exit_code == 0, old.output
+    assert json.loads(old.stdout)["overall"] == json.loads(new.stdout)["overall"]
+    assert old.stderr == "note: `evaluate --index` is now `evaluate --spec`; --index will be removed in the next release\n"
+    assert "--index" not in invoke(["evaluate", "--help"]).stdout  # hidden
+    r = invoke(["evaluate", run_dir, "--index", "Flat", "--spec", "HNSW32"])
+    assert r.exit_code == 2
+    assert_one_line_error(r.stderr, "--index is the old name of --spec: give only --spec")
+
+
+def test_encode_model_is_the_old_name_of_encoder(tmp_path):
+    r = invoke(["encode", "--model", "pixelrec-tiny-vit", "--verify", tmp_path / "c.h5"])
+    assert r.exit_code == 2
+    note, error = r.stderr.splitlines()
+    assert note.startswith("note: `encode --model` is now `encode --encoder`")
+    assert error == "error: --verify checks an existing cache and takes no other option; drop --encoder"
+    help_text = invoke(["encode", "--help"]).stdout
+    assert "--encoder" in help_text and "--model" not in help_text
+
+
+def test_settings_the_tower_does_not_read_are_null_in_config_json():
+    run_dir, _ = trained_run()
+    cfg = json.loads((Path(run_dir) / "config.json").read_text())["config"]
+    assert cfg["items"]["kind"] == "id"
+    assert all(cfg["items"][k] is None for k in ("encoder", "pretrained", "adapter", "dropout", "hybrid", "head"))
+    assert cfg["model"]["gru_hidden"] is None and cfg["model"]["heads"] == 1  # sasrec reads heads, not gru_hidden
+
+
+# ---------------------------------------------------------------------------------------- tensorboard
+def _has_tensorboard() -> bool:
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_has_tensorboard(), reason="the tensorboard package is installed")
+def test_tensorboard_without_the_package_is_one_line_before_training(tmp_path):
+    r = invoke(_fit_args(handmade_dataset().path, tmp_path / "run") + ["--tensorboard", tmp_path / "tb"])
+    assert r.exit_code == 2
+    assert_one_line_error(r.stderr, "--tensorboard needs the tensorboard package", "pixelrec[tensorboard]")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not _has_tensorboard(), reason="needs the tensorboard package (pixelrec[tensorboard])")
+def test_tensorboard_scalars_are_the_epochs_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = invoke(["fit", "--interactions", handmade_dataset().path, "--out", tmp_path / "run", *TINY_ARGS,
+                "--epochs", "2", "--tensorboard", tmp_path / "tb"])
+    assert r.exit_code == 0, r.output
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/loss", "valid/ndcg@10", "valid/recall@10", "time/train_seconds"} <= set(events.Tags()["scalars"])
+    for tag, key in (("train/loss", "train_loss"), ("valid/ndcg@10", "valid_ndcg@10")):
+        got = [(s.step, s.value) for s in events.Scalars(tag)]
+        assert got == [(m["epoch"], pytest.approx(m[key], rel=1e-6)) for m in metrics], tag

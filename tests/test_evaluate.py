@@ -81,6 +81,7 @@ def test_flat_metrics_equal_brute_force_exactly(which, split):
         assert ranks[u] == 10**9
 
 
+@pytest.mark.smoke
 def test_fit_results_equal_evaluation_from_stored_vectors():
     run_dir, result = trained_run()
     stored = json.loads((run_dir / "results.json").read_text())
@@ -228,7 +229,7 @@ def test_cli_evaluate_json_matches_results_json():
 def test_cli_evaluate_json_is_clean_without_quiet():
     """--json output must parse even when status lines are printed (they belong on stderr)."""
     run_dir, _ = trained_run()
-    r = invoke(["evaluate", run_dir, "--json", "--index", "IVF4,Flat", "--nprobe", "4"], quiet=False)
+    r = invoke(["evaluate", run_dir, "--json", "--spec", "IVF4,Flat", "--nprobe", "4"], quiet=False)
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["index"]["recall_vs_exact@10"] == 1.0

@@ -67,6 +67,7 @@ def _metric_part(report: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- run dir
+@pytest.mark.smoke
 def test_run_directory_holds_every_artifact():
     out, result = trained_run()
     data = synth_dataset()
@@ -83,7 +84,7 @@ def test_run_directory_holds_every_artifact():
     given.validate()
     assert given.loss.softmax == "auto"
     given.loss.softmax = "full"  # resolved by the cost rule when the model is built: 80 items, full softmax
-    assert meta["config"] == given.to_dict()
+    assert meta["config"] == given.record()  # settings the id tower does not read are null
     assert meta["config"]["train"]["stride"] == max(1, given.model.max_len // 6)
     assert meta["config"]["model"]["dim"] == 16 and meta["config"]["train"]["epochs"] == 3
 
@@ -114,7 +115,7 @@ def test_run_directory_holds_every_artifact():
 
     # the index holds the best checkpoint's item vectors (id tower: the embedding rows 1..N)
     index_files = {p.name for p in _index(out).iterdir()}
-    assert {"index.faiss", "index.json", "item_vectors.npy", "item_ids.npy", "added_items.txt"} <= index_files
+    assert {"index.faiss", "index.json", "item_vectors.npy", "item_ids.npy", "added_items.jsonl"} <= index_files
     assert _best(out).name == f"best-e{result.best_epoch:05d}.pt" and _index(out).name == "v0001"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted([_best(out).name, "last.pt"])
     np.testing.assert_array_equal(np.load(_index(out) / "item_ids.npy"), np.arange(1, 81))

@@ -42,6 +42,7 @@ def test_recall_hand_computed():
     assert recall_at_k(RANKS, 10) == 0.75
 
 
+@pytest.mark.smoke
 def test_ndcg_hand_computed():
     assert ndcg_at_k(RANKS, 1) == pytest.approx(1 / 4)
     assert ndcg_at_k(RANKS, 5) == pytest.approx((1 + 1 / math.log2(4)) / 4)

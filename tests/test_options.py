@@ -24,8 +24,9 @@ from pixelrec.recommend.config import (
 )
 
 FIT = cli.commands["fit"]
-# Options of `fit` that are not FitConfig settings: they say what to do with the run, not how to train.
-FIT_RUN_OPTIONS = {"resume", "overwrite", "as_json"}
+# Options of `fit` that are not FitConfig settings: they say what to do with the run, not how to train,
+# or where the settings come from (--config) and go (--print-config). -q/--quiet: every subcommand's.
+FIT_RUN_OPTIONS = {"resume", "overwrite", "as_json", "config_file", "print_config", "tensorboard_dir", "quiet"}
 
 
 def all_fields(cls=FitConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
@@ -86,8 +87,9 @@ def test_option_agrees_with_its_field(opt):
     param = fit_param(opt)
     f = all_fields()[opt.key]
     assert param.opts == [opt.flag]
-    if f.default is dataclasses.MISSING:
-        assert param.required
+    if f.default is dataclasses.MISSING:  # required, here or in --config FILE: `fit` checks it
+        assert not param.required and default_of(FIT, param) is None
+        assert "[required, here or in --config]" in help_text(param)
     else:
         assert not param.required and default_of(FIT, param) == f.default
     assert opt.spec.help in help_text(param)
@@ -123,7 +125,7 @@ def test_fit_help_shows_every_default():
     for opt in fit_options():
         text = help_text(fit_param(opt))
         if opt.required:
-            assert "[required]" in text, opt.flag
+            assert "[required, here or in --config]" in text, opt.flag
         elif opt.spec.default_text is not None:
             assert f"[default: {opt.spec.default_text}]" in text, opt.flag
         elif opt.default is not None and opt.type is not bool:
@@ -132,8 +134,10 @@ def test_fit_help_shows_every_default():
 
 def test_per_model_defaults_are_written_from_the_tables():
     by_key = {o.key: o for o in fit_options()}
-    assert by_key["model.layers"].spec.default_text == per_model(DEFAULT_LAYERS) == "2 for sasrec, 1 for gru4rec"
-    assert by_key["train.lr"].spec.default_text == per_model(DEFAULT_LR) == "0.001 for sasrec, 0.002 for gru4rec"
+    assert by_key["model.layers"].spec.default_text == per_model(DEFAULT_LAYERS) == (
+        "2 for sasrec, 1 for gru4rec, 1 for nextitnet, 1 for lightsans")
+    assert by_key["train.lr"].spec.default_text == per_model(DEFAULT_LR) == (
+        "0.001 for sasrec, 0.002 for gru4rec, 0.001 for nextitnet, 0.001 for lightsans")
     assert by_key["train.windows"].spec.default_text == per_model(DEFAULT_WINDOWS)
     assert set(DEFAULT_LAYERS) == set(DEFAULT_LR) == set(DEFAULT_WINDOWS) == set(config.MODELS)
     assert set(config.PRESETS) == set(config.PRESET_NAMES)
@@ -143,6 +147,9 @@ def test_preset_keys_are_settings():
     fields = all_fields()
     for name, table in config.PRESETS.items():
         assert set(table) <= set(fields), (name, set(table) - set(fields))
+    for model, spec in config.MODEL_SPECS.items():  # each model's own preset values
+        for name, table in spec.presets.items():
+            assert name in config.PRESETS and set(table) <= set(fields), (model, name, set(table) - set(fields))
 
 
 def test_config_module_does_not_import_torch():
@@ -163,7 +170,7 @@ def test_old_import_paths_name_the_same_classes():
 # ---------------------------------------------------------------------------------------- encode
 ENCODE_FIELDS = {  # option -> (dataclass, field)
     "images": ("EncodeConfig", "images"), "out": ("EncodeConfig", "out"),
-    "interactions": ("EncodeConfig", "interactions"), "model": ("EncoderConfig", "model"),
+    "interactions": ("EncodeConfig", "interactions"), "encoder": ("EncoderConfig", "model"),
     "pretrained": ("EncoderConfig", "pretrained"), "pooling": ("EncoderConfig", "pooling"),
     "preset": ("EncoderConfig", "preset"), "image_size": ("EncoderConfig", "image_size"),
     "seed": ("EncoderConfig", "seed"), "split_block": ("EncodeConfig", "split_block"),
@@ -171,9 +178,12 @@ ENCODE_FIELDS = {  # option -> (dataclass, field)
     "device": ("EncodeConfig", "device"), "float32": ("EncodeConfig", "float32"),
     "normalize": ("EncodeConfig", "normalize"), "skip_missing": ("EncodeConfig", "skip_missing"),
     "overwrite": ("EncodeConfig", "overwrite"), "precision": ("EncodeConfig", "precision"),
+    "follow_symlinks": ("EncodeConfig", "follow_symlinks"),
 }
 ENCODE_NOT_FIELDS = {"from_run": "picks the encoder (a run's item tower) instead of an EncoderConfig",
-                     "verify": "checks an existing cache (encode.cache.verify_cache) instead of encoding"}
+                     "verify": "checks an existing cache (encode.cache.verify_cache) instead of encoding",
+                     "old_model": "--model, the hidden old name of --encoder",
+                     "quiet": "every subcommand's -q/--quiet"}
 
 
 def _defaults(cls) -> dict[str, object]:
@@ -212,7 +222,7 @@ def test_synth_options_agree_with_synth_config():
 
     defaults = _defaults(SynthConfig)
     params = {p.name: p for p in cli.commands["synth"].params}
-    assert set(params) == set(SYNTH_FIELDS) | {"out_dir"}
+    assert set(params) == set(SYNTH_FIELDS) | {"out_dir", "quiet"}
     assert set(defaults) == set(SYNTH_FIELDS.values()) | SYNTH_NOT_OPTIONS, "a new SynthConfig field: make it an option or list it"
     for name, fld in SYNTH_FIELDS.items():
         given = default_of(cli.commands["synth"], params[name])

@@ -59,6 +59,7 @@ def _brute_top(trained, history: list[str], k: int) -> list[str]:
     return [str(trained.item_names[i]) for i in top]
 
 
+@pytest.mark.smoke
 def test_retrieve_one_user_excludes_history_and_sorts(run_dir, trained):
     user = str(trained.data.user_ids[7])
     seq = _user_sequence(trained, user)

@@ -10,7 +10,9 @@ def format_report(report: dict[str, Any]) -> str:
     run = report.get("run", {})
     lines = []
     if run:
-        lines.append(f"run {run['dir']}: items={run['items']} model={run['model']} loss={run['loss']} preset={run['preset']}")
+        lines.append(f"run {run['dir']}: items={run['items']} model={run['model']} loss={run['loss']} preset={run['preset']}"
+                     + ("; random-init encoder (--pretrained none: the image tower had no pretrained weights)"
+                        if run.get("encoder_random_init") else ""))
     lines.append(f"split {report['split']}: {report['protocol']}")
     idx = report.get("index")
     if idx and not idx.get("exact", True):

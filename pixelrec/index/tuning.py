@@ -15,9 +15,12 @@ For every candidate index it
    are re-ranked);
 3. times each measured setting on the whole sample against Flat (best of `repeat` searches each).
 
-The fastest setting that reaches the target is chosen; every measured setting is kept as the
-frontier (recall against speed-up). When none reaches the target, a `PixelrecError` names the best
-one found. The search parameters FAISS serialises with the index (nprobe, efSearch, the HNSW
+Exact search (Flat, recall 1 by definition, timed the same way) is a candidate too: the fastest
+setting that reaches the target is chosen, and that is Flat whenever no approximate index reaching
+it is faster (a small catalogue, or a target too high for the candidates). Every measured setting,
+Flat's included, is kept as the frontier (recall against speed-up). Without Flat
+(`include_flat=False`, for benchmarks of the approximate indexes alone), a target none reaches is a
+`TargetNotReached` naming the best one found. The search parameters FAISS serialises with the index (nprobe, efSearch, the HNSW
 quantizer's efSearch, the refine step's k_factor) travel with the chosen `ItemIndex`.
 """
 
@@ -44,6 +47,8 @@ HNSW_MAX_ITEMS = 250_000  # plain HNSW's build grows past a minute beyond this o
 GRID_RATIO = 1.25  # successive breadths of a sweep differ by this factor
 NPROBE_SHARE = 2  # nprobe stops at nlist / NPROBE_SHARE (beyond that, scan everything: Flat)
 MAX_EF_SEARCH = 2048
+EXACT = "exact"  # the knob of the Flat point: no breadth to set
+NO_PARAMS = {"nprobe": None, "ef_search": None, "quantizer_ef_search": None, "k_factor": None}
 
 
 class TargetNotReached(PixelrecError):
@@ -80,6 +85,8 @@ class Point:
     build_seconds: float = math.nan
 
     def label(self) -> str:
+        if self.knob == EXACT:
+            return f"{self.spec} (exact search)"
         refine = f", k_factor={self.k_factor}" if self.k_factor else ""
         return f"{self.spec} {self.knob}={self.value}{refine}"
 
@@ -113,6 +120,7 @@ class Tuning:
     k: int
     sample: Sample
     params: dict[str, int | None] = field(default_factory=dict)  # every search parameter of the choice
+    why_flat: str = ""  # when exact search was kept: why no approximate index was chosen
 
     def record(self, **extra: Any) -> dict[str, Any]:
         """The JSON-ready tuning record (TUNING_FILE); `extra` adds fields (e.g. the held-out user ids)."""
@@ -127,6 +135,7 @@ class Tuning:
             "sample": {"tuning": len(self.sample.tuning), "heldout": len(self.sample.heldout)},
             "faiss_threads": faiss.omp_get_max_threads(), "load_average": round(os.getloadavg()[0], 2),
             "frontier": [_point_record(p) for p in self.points],
+            **({"why_flat": self.why_flat} if self.why_flat else {}),
             **extra,
         }
 
@@ -309,8 +318,9 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
 class _Bench:
     """Searches the sample with any index: recall of both halves against Flat, best time of `repeat`."""
 
-    def __init__(self, flat: ItemIndex, sample: Sample, k: int, repeat: int):
+    def __init__(self, flat: ItemIndex, sample: Sample, k: int, repeat: int, flat_build_seconds: float = 0.0):
         self.sample, self.k, self.repeat = sample, k, max(1, repeat)
+        self.flat_build_seconds = flat_build_seconds
         seconds, self.exact = self._search(flat)
         self.flat_seconds = [seconds]
         self.flat = flat
@@ -328,6 +338,12 @@ class _Bench:
 
     def time_flat(self) -> None:
         self.flat_seconds.append(self._search(self.flat)[0])
+
+    def flat_point(self) -> Point:
+        """Flat as a measured setting: recall 1 (it is the reference), its best search time."""
+        seconds = min(self.flat_seconds)
+        return Point("Flat", EXACT, 0, None, 1.0, 1.0, seconds, len(self.sample.queries) / seconds,
+                     build_seconds=self.flat_build_seconds)
 
     def measure(self, built: Built, candidate: Candidate, value: int) -> Point:
         """Recall and speed at breadth `value` (and the refine k_factor the index has now)."""
@@ -372,15 +388,18 @@ def sweep(measure: Callable[[int], Point], values: Sequence[int], target: float)
 
 def tune_index(vectors: np.ndarray, ids: np.ndarray, sample: Sample, target: float, k: int = 10,
                metric: str = "ip", candidates: Sequence[Candidate] | None = None, repeat: int = 2,
-               seed: int = 0) -> Tuning:
+               seed: int = 0, include_flat: bool = True) -> Tuning:
     """Try every candidate (default: `default_candidates`) and return the fastest one that reaches
-    recall@k >= `target` on both halves of `sample`; a PixelrecError naming the best one otherwise."""
+    recall@k >= `target` on both halves of `sample`. Flat (exact search) is one of them unless
+    `include_flat` is False, and it is kept when no approximate index reaching the target is faster;
+    without it, a target none reaches is a TargetNotReached naming the best one."""
     check_target(target)
+    start = time.perf_counter()
     flat = ItemIndex.build(vectors, ids, spec="Flat", metric=metric)
     vectors, ids = np.asarray(flat.vectors), np.asarray(flat.ids)  # validated, float32 / int64
     if int(k) != k or k < 1 or k > len(ids):
         raise PixelrecError(f"--k must be between 1 and the {len(ids)} indexed items, got {k}")
-    bench = _Bench(flat, sample, int(k), repeat)
+    bench = _Bench(flat, sample, int(k), repeat, time.perf_counter() - start)
     if candidates is None:
         candidates = default_candidates(len(ids), vectors.shape[1], metric)
     candidates = list(candidates)
@@ -398,15 +417,30 @@ def tune_index(vectors: np.ndarray, ids: np.ndarray, sample: Sample, target: flo
             set_k_factor(built, fastest.k_factor)
             best = (fastest, built, apply_breadth(built, candidate, fastest.value))
         del built
-    bench.time_flat()
-    flat_qps = len(sample.queries) / min(bench.flat_seconds)
-    for point in points:
-        point.speedup = point.queries_per_s / flat_qps
+    for _ in range(max(1, repeat) - 1):  # Flat gets as many timed searches as each candidate setting
+        bench.time_flat()
+    flat_point = bench.flat_point()
+    for point in points + [flat_point]:
+        point.speedup = point.queries_per_s / flat_point.queries_per_s
+    if include_flat:
+        points.insert(0, flat_point)
+        if best is None or best[0].queries_per_s <= flat_point.queries_per_s:
+            why = _why_flat(best[0] if best else None, target, k)
+            return Tuning(flat, flat_point, points, flat_point.queries_per_s, target, int(k), sample,
+                          dict(NO_PARAMS), why)
     if best is None:
         if points:
             log(frontier_table(points))
         raise TargetNotReached(_unreached_message(points, target, k), points)
-    return Tuning(best[1].index, best[0], points, flat_qps, target, int(k), sample, best[2])
+    return Tuning(best[1].index, best[0], points, flat_point.queries_per_s, target, int(k), sample, best[2])
+
+
+def _why_flat(fastest: Point | None, target: float, k: int) -> str:
+    """Why Flat was kept: no approximate index reached the target, or none that did was faster."""
+    if fastest is None:
+        return f"no approximate index tried reaches recall@{k} >= {target:g}"
+    return (f"the fastest approximate index reaching recall@{k} >= {target:g}, {fastest.label()}, runs at "
+            f"{fastest.speedup:.2f}x Flat's queries/s")
 
 
 def _sweep_k_factors(built: Built, candidate: Candidate, bench: _Bench, target: float) -> list[Point]:

@@ -24,5 +24,6 @@ def evaluate_run(run_dir: str, split: str = "test", ks=(5, 10, 20), index_spec: 
                             index_spec=index_spec, index_options=index_options, negatives=negatives,
                             seed=seed, table=table, device=device, world=world, gpu_layout=gpu_layout)
     report["run"] = {"dir": str(run_dir), "items": trained.cfg.items.kind, "model": trained.cfg.model.model,
-                     "preset": trained.cfg.preset, "loss": trained.cfg.loss.loss}
+                     "preset": trained.cfg.preset, "loss": trained.cfg.loss.loss,
+                     "encoder_random_init": trained.run.read_config().get("encoder_random_init")}
     return report

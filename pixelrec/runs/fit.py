@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed
 from ..data.sequences import SequenceData, load_sequences
+from ..encode.cache import read_cache_attrs
+from ..encode.encoder import is_random_init, random_init_warning
 from ..distributed import World
 from ..errors import PixelrecError
 from ..index.evaluate import evaluate_model
@@ -42,7 +44,7 @@ from ..recommend.config import FitConfig
 from ..recommend.model import Recommender
 from ..recommend.preset_check import check_preset_inputs
 from ..recommend.train import TrainingDiverged, train_one_epoch
-from ..runtime import FileLock, grad_scaler_for, log, seed_everything
+from ..runtime import FileLock, grad_scaler_for, log, plain_data, seed_everything
 from .item_index import publish_model
 from .rundir import RunDir, run_cache_identity
 from .transfer import init_from_run
@@ -79,8 +81,9 @@ class _Progress:
         return len(self.history)
 
     def state(self) -> dict[str, Any]:
-        return {"history": self.history, "bad_epochs": self.bad_epochs,
-                "best": {"epoch": self.best_epoch, "score": self.best_score, "path": self.best_path}}
+        """Plain data only (checkpoints hold nothing but tensors and plain data; see RunDir.load_checkpoint)."""
+        return plain_data({"history": self.history, "bad_epochs": self.bad_epochs,
+                           "best": {"epoch": self.best_epoch, "score": self.best_score, "path": self.best_path}})
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "_Progress":
@@ -89,8 +92,12 @@ class _Progress:
                    int(state["bad_epochs"]))
 
 
-def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitResult:
+def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
     """Train the model `cfg` describes into the run directory `cfg.out` (see the module doc).
+
+    `on_epoch(row)` is called (on rank 0) after each finished epoch with its metrics.jsonl row
+    (`fit --tensorboard` writes them as TensorBoard scalars).
 
     Under torchrun every rank calls this: rank 0 alone holds the lock and writes the run directory
     (which must be on storage every rank can read), every rank trains its share of each batch.
@@ -101,7 +108,11 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitRes
     check_preset_inputs(cfg)  # --preset pixelrec: a cache of the reference's function, or a refusal
     t0 = time.time()
     out = Path(cfg.out)
-    world = distributed.init(cfg.train.device)
+    world = distributed.init(cfg.train.device, rerun="rerun with --resume")  # how to continue after a lost rank
+    encoder = image_encoder(cfg)
+    warning = random_init_warning(*encoder) if encoder and cfg.preset != "pixelrec" else None  # the preset warns itself
+    if warning and world.is_main:
+        log(warning)
     world.check_same("fit settings", {"config": cfg.to_dict(), "resume": resume, "overwrite": overwrite})
     device = world.device(cfg.train.device)
     lock = RunDir(out).lock()
@@ -112,17 +123,17 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitRes
         log(f"data: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
             f" ({data.dropped_users} users with < {cfg.train.min_interactions} interactions dropped,"
             f" {data.dropped_interactions} rows)")
-        model = world.agree(lambda: build_recommender(cfg, data).to(device))
-        resuming = resume and world.on_main(lambda: _check_resume(RunDir(out), cfg, data))
+        model = world.agree(lambda: build_recommender(cfg, data, device).to(device))
+        resuming = resume and world.on_main(lambda: _check_resume(RunDir(out), cfg, data, model.softmax_choice))
         if resuming:
             state = world.agree(lambda: RunDir(out).load_checkpoint(RunDir(out).last, device))
-            return _train(cfg, data, model, RunDir(out), state, device, t0, out, world)
+            return _train(cfg, data, model, RunDir(out), state, device, t0, out, world, on_epoch)
         world.on_main(lambda: _check_new_target(out, overwrite, resume))
         if cfg.init_from:
             world.agree(lambda: init_from_run(model, cfg))
         staging = out.parent / f".{out.name}.staging-{world.on_main(os.getpid)}"
         try:
-            return _train(cfg, data, model, RunDir(staging), None, device, t0, out, world)
+            return _train(cfg, data, model, RunDir(staging), None, device, t0, out, world, on_epoch)
         finally:
             if world.is_main:
                 shutil.rmtree(staging, ignore_errors=True)  # gone already once promoted
@@ -132,11 +143,12 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False) -> FitRes
 
 
 def _train(cfg: FitConfig, data: SequenceData, model: Recommender, run: RunDir, state: dict | None,
-           device: torch.device, t0: float, target: Path, world: World) -> FitResult:
+           device: torch.device, t0: float, target: Path, world: World,
+           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
     optimizer = build_optimizer(model, cfg)
     progress = _Progress()
     if state is None:
-        world.on_main(lambda: _start_run_dir(run, cfg, data))
+        world.on_main(lambda: _start_run_dir(run, cfg, data, getattr(model, "softmax_choice", None)))
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -153,7 +165,8 @@ def _train(cfg: FitConfig, data: SequenceData, model: Recommender, run: RunDir, 
     scaler = grad_scaler_for(device, precision)
     trained_now = 0
     while progress.next_epoch < cfg.train.epochs and progress.bad_epochs < cfg.train.patience:
-        _train_epoch(cfg, data, model, step_model, optimizer, scaler, windows, run, progress, device, precision, world)
+        _train_epoch(cfg, data, model, step_model, optimizer, scaler, windows, run, progress, device, precision, world,
+                     on_epoch)
         trained_now += 1
         if run.path != target:  # a new run: in place as soon as it has a first finished epoch
             world.on_main(lambda: _promote(run.path, target))
@@ -194,10 +207,26 @@ def _publish(run: RunDir, model: Recommender, cfg: FitConfig, best_path: Path, b
     publish_model(run, model, cfg, run.read_config().get("cache"), best_path, best_epoch, test)
 
 
-def _start_run_dir(run: RunDir, cfg: FitConfig, data: SequenceData) -> None:
+def _start_run_dir(run: RunDir, cfg: FitConfig, data: SequenceData, softmax: dict | None = None) -> None:
     run.path.mkdir(parents=True)
-    run.write_config(cfg.to_dict(), data, run_cache_identity(cfg))
+    encoder = image_encoder(cfg)
+    run.write_config(cfg.record(), data, run_cache_identity(cfg), softmax,
+                     encoder_random_init=is_random_init(encoder[1]) if encoder else None)
     run.write_data(data)
+
+
+def image_encoder(cfg: FitConfig) -> tuple[str, str] | None:
+    """(model, pretrained) of the image encoder behind the item tower: the one e2e builds, or the one
+    that made the cache a frozen, partial or hybrid tower reads; None for the id tower."""
+    if cfg.items.kind == "e2e":
+        return cfg.items.encoder, cfg.items.pretrained
+    if cfg.items.uses_cache and cfg.items.cache:
+        try:
+            attrs = read_cache_attrs(cfg.items.cache)
+        except PixelrecError:
+            return None  # an unreadable cache is refused with its own message when the tower is built
+        return str(attrs.get("model", "")), str(attrs.get("pretrained", "none"))
+    return None
 
 
 def _data_parallel(model: Recommender, device: torch.device, world: World) -> torch.nn.Module:
@@ -220,7 +249,7 @@ def _published_results(run: RunDir, best_path: Path) -> dict | None:
 
 def _train_epoch(cfg: FitConfig, data: SequenceData, model: Recommender, step_model: torch.nn.Module, optimizer,
                  scaler, windows, run: RunDir, progress: _Progress, device: torch.device, precision: str,
-                 world: World) -> None:
+                 world: World, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Train and validate one epoch, then checkpoint (best weights when improved, last.pt always)."""
     epoch, t_epoch = progress.next_epoch, time.time()
     try:
@@ -245,6 +274,8 @@ def _train_epoch(cfg: FitConfig, data: SequenceData, model: Recommender, step_mo
                              "seconds": round(time.time() - t_epoch, 3),
                              **{f"valid_{k}": v for k, v in valid.items() if k != "users"}})
     world.on_main(lambda: _checkpoint(run, model, optimizer, epoch, progress, previous_best if improved else None))
+    if on_epoch is not None and world.is_main:
+        on_epoch(progress.history[-1])
     log(f"epoch {epoch}: loss {stats.loss:.4f}  valid {VALID_METRIC} {score:.4f}"
         f"  recall@10 {valid['recall@10']:.4f}  ({stats.seconds:.1f}s train){'  *' if improved else ''}")
 
@@ -261,7 +292,7 @@ def _checkpoint(run: RunDir, model: Recommender, optimizer, epoch: int, progress
             replaced_best.unlink(missing_ok=True)
 
 
-def _check_resume(run: RunDir, cfg: FitConfig, data: SequenceData) -> bool:
+def _check_resume(run: RunDir, cfg: FitConfig, data: SequenceData, softmax: dict | None = None) -> bool:
     """Whether the run has a finished epoch to continue (False: it starts from the beginning), after
     checking it against `cfg` and `data`; records a changed --epochs / --patience / --device."""
     if not run.last.is_file():
@@ -273,10 +304,12 @@ def _check_resume(run: RunDir, cfg: FitConfig, data: SequenceData) -> bool:
                             f"({cfg.interactions} has fingerprint {data.fingerprint[:12]}, the run "
                             f"{meta['data']['fingerprint'][:12]})")
     # through FitConfig.from_dict: settings added since the run started take the values it ran with
-    recorded = FitConfig.from_dict(meta["config"]).to_dict()
+    recorded = FitConfig.from_dict(meta["config"]).record()
     if recorded["loss"]["softmax"] == "auto":  # a run from before config.json recorded the softmax's choice
         recorded["loss"].update(softmax=cfg.loss.softmax, negatives=cfg.loss.negatives)
-    diffs = _config_diff(_comparable(recorded), _comparable(cfg.to_dict()), ignore=RESUMABLE_CHANGES)
+    elif _both_auto(meta.get("softmax"), softmax):  # the rule's choice can differ by device: keep the run's
+        cfg.loss.softmax, cfg.loss.negatives = recorded["loss"]["softmax"], recorded["loss"]["negatives"]
+    diffs = _config_diff(_comparable(recorded), _comparable(cfg.record()), ignore=RESUMABLE_CHANGES)
     if diffs:
         raise PixelrecError(f"{run.path}: --resume with different settings than the run: {'; '.join(diffs)}")
     if meta.get("cache") != run_cache_identity(cfg):
@@ -286,8 +319,13 @@ def _check_resume(run: RunDir, cfg: FitConfig, data: SequenceData) -> bool:
     if cfg.train.epochs < done:
         raise PixelrecError(f"{run.path}: --epochs {cfg.train.epochs} but the run has already trained {done} "
                             f"epochs; give --epochs {done} or more to continue it")
-    run.write_config(cfg.to_dict(), data, meta.get("cache"))
+    run.write_config(cfg.record(), data, meta.get("cache"), meta.get("softmax") or softmax)
     return True
+
+
+def _both_auto(recorded: dict | None, now: dict | None) -> bool:
+    """Whether the run's softmax and this resume's were both left to the cost rule (--softmax auto)."""
+    return all(isinstance(c, dict) and c.get("decided_by") == "auto" for c in (recorded, now))
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
