@@ -7,7 +7,13 @@ only an adapter on the cached pooled embedding. Each fit runs in its own process
 (Linux VmHWM) and peak CUDA memory on a GPU are its own. Prints the ratios partial/e2e and frozen/e2e and the
 final NDCG@10 of each.
 
+`--cls-only` instead times `partial`'s item-tower training step (forward, backward and an Adam step
+of the top blocks and head on `--step-items` items) with the last block run for the class token only
+(the default wherever the pooled output reads token 0) against the full last block (the old path,
+forced by `image_towers.CLS_ONLY_LAST_BLOCK = False`), side by side in one process, interleaved.
+
     python benchmarks/fit_cost.py [--model ViT-B-32 --image-size 64 --split-block 2 --epochs 3]
+    python benchmarks/fit_cost.py --cls-only --model ViT-B-32 --image-size 224 --items 40 --steps 5
 """
 
 from __future__ import annotations
@@ -53,6 +59,44 @@ def run_child(args: dict) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def time_cls_only(interactions: str, cache: str, dim: int, steps: int, step_items: int) -> dict:
+    """Median s/step of partial's item-tower training step, full last block vs class-token-only."""
+    import statistics
+
+    import torch
+
+    from pixelrec.data.sequences import load_sequences
+    from pixelrec.encode.cache import open_cache
+    from pixelrec.recommend import image_towers
+
+    data = load_sequences(interactions)
+    towers = {}
+    for name, enabled in (("old", False), ("cls-only", True)):
+        image_towers.CLS_ONLY_LAST_BLOCK = enabled  # read when a tower is built
+        torch.manual_seed(0)
+        tower = image_towers.PartialTower(open_cache(cache), data, dim)
+        if tower.cls_only != enabled:
+            raise SystemExit(f"{cache}: the class-token-only path does not apply (pooling or family)")
+        towers[name] = (tower, torch.optim.Adam(tower.parameters(), lr=1e-4))
+    image_towers.CLS_ONLY_LAST_BLOCK = True
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randperm(data.num_items, generator=gen)[:step_items] + 1 for _ in range(steps + 1)]
+    with torch.no_grad():
+        a, b = (towers[name][0](batches[0]) for name in ("cls-only", "old"))
+    times: dict[str, list[float]] = {name: [] for name in towers}
+    for i, idx in enumerate(batches):
+        for name, (tower, opt) in towers.items():
+            t = time.perf_counter()
+            opt.zero_grad()
+            tower(idx).square().mean().backward()
+            opt.step()
+            if i:  # the first step warms up
+                times[name].append(time.perf_counter() - t)
+    old, new = (statistics.median(times[name]) for name in ("old", "cls-only"))
+    return {"old_s_per_step": old, "cls_only_s_per_step": new, "speedup": old / new,
+            "max_rel_diff": float((a - b).abs().max() / b.abs().max())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ViT-B-32", help="open_clip model (random init)")
@@ -66,6 +110,10 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=20)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", default=None, help="keep data/cache/runs here (default: a temp dir)")
+    ap.add_argument("--cls-only", action="store_true",
+                    help="time partial's step with the class-token-only last block against the full one (old path)")
+    ap.add_argument("--steps", type=int, default=5, help="--cls-only: timed steps (after one warm-up step)")
+    ap.add_argument("--step-items", type=int, default=8, help="--cls-only: items encoded per step")
     args = ap.parse_args()
 
     from pixelrec.data.synth import SynthConfig, synthesize
@@ -84,6 +132,16 @@ def main() -> None:
                                encoder=EncoderConfig(model=args.model, image_size=args.image_size),
                                split_block=args.split_block, device=args.device, num_workers=0))
     encode_s = time.time() - t
+
+    if args.cls_only:
+        r = time_cls_only(str(data / "interactions.csv"), str(cache), args.dim, args.steps, args.step_items)
+        print(f"\npartial, last block for the class token only: {args.model} @ {args.image_size}px, top "
+              f"{args.split_block} blocks trained, {args.step_items} items a step, median of {args.steps} steps")
+        print(f"{'old s/step':>11}{'cls-only s/step':>17}{'old/cls-only':>14}{'max rel diff':>14}")
+        print(f"{r['old_s_per_step']:>11.4f}{r['cls_only_s_per_step']:>17.4f}{r['speedup']:>14.2f}"
+              f"{r['max_rel_diff']:>14.1e}")
+        print(json.dumps(r))
+        return
 
     common = dict(interactions=str(data / "interactions.csv"), cache=str(cache), images=str(data / "covers"),
                   model=args.model, image_size=args.image_size, k=args.split_block, dim=args.dim,

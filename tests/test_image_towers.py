@@ -167,10 +167,10 @@ def test_each_unique_item_is_encoded_once_per_step(ds, data, store, kind, loss, 
     calls: list[torch.Tensor] = []
     if kind == "partial":
         wrap_indices(tower, "read_tokens", calls)
-        rec = Recorder(tower.top)
+        rec = Recorder(tower.top.blocks[0])  # (the first tuned block: the class-token-only path skips top.forward)
     else:
         wrap_indices(tower.pixels, "get", calls)
-        rec = Recorder(tower.encoder)
+        rec = Recorder(tower.encoder.visual.transformer.resblocks[0])
     torch.manual_seed(0)
     model = recommender(tower, build_sequence_encoder(seq_config()), loss, negatives)
     seq = first_batch(data, size=32)

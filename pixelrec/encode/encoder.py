@@ -78,7 +78,7 @@ class EncoderConfig:
     seed: int = 0  # random-init seed (pretrained='none')
 
 
-def _pool_and_project(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def pool_and_project(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """open_clip's ViT head on the last block's output: [B, T, W] -> [B, E].
 
     Runs VisionTransformer's own `_pool` code on any module carrying its head attributes (the tower
@@ -90,7 +90,7 @@ def _pool_and_project(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return pooled
 
 
-def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
     """Residual attention blocks, batch first: [B, T, W] -> [B, T, W]."""
     for block in blocks:
         if grad_checkpointing and torch.is_grad_enabled():
@@ -116,7 +116,7 @@ class PoolHead(nn.Module):
         self.final_ln_after_pool = visual.final_ln_after_pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _pool_and_project(self, x)  # [B, T, W] -> [B, E]
+        return pool_and_project(self, x)  # [B, T, W] -> [B, E]
 
 
 class TopBlocks(nn.Module):
@@ -167,7 +167,7 @@ class TopBlocks(nn.Module):
 
     def last_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final block output before ln_post: [B, T, W] -> [B, T, W] (for token-wise heads)."""
-        return _run_blocks(self.blocks, tokens, self.grad_checkpointing)
+        return run_blocks(self.blocks, tokens, self.grad_checkpointing)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.last_hidden(tokens)  # [B, T, W]
@@ -282,7 +282,7 @@ class ImageEncoder(nn.Module):
         """Last block output [B, T, W] -> pooled [B, E]."""
         if self.pooling == "mean":
             return x.mean(dim=1)  # all tokens incl. class token, no ln_post, no proj
-        return _pool_and_project(self.visual, x)
+        return pool_and_project(self.visual, x)
 
     def _head_modules(self) -> list[nn.Module | nn.Parameter]:
         v = self.visual
@@ -318,7 +318,7 @@ class ImageEncoder(nn.Module):
         if self.split is not None:
             return self.split.last_hidden(pixels, self.grad_checkpointing)
         x = self.visual._embeds(pixels)  # [B, T, W]
-        return _run_blocks(self._blocks(), x, self.grad_checkpointing)
+        return run_blocks(self._blocks(), x, self.grad_checkpointing)
 
     def tokens_at_split(self, pixels: torch.Tensor, k: int) -> torch.Tensor:
         """Activations entering the last k blocks: [B, 3, H, W] -> [B, T, W]."""
@@ -326,14 +326,14 @@ class ImageEncoder(nn.Module):
         if self.split is not None:
             return self.split.tokens_at_split(pixels, k, self.grad_checkpointing)
         x = self.visual._embeds(pixels)  # [B, T, W]
-        return _run_blocks(self._blocks()[: self.num_blocks - k], x, self.grad_checkpointing)
+        return run_blocks(self._blocks()[: self.num_blocks - k], x, self.grad_checkpointing)
 
     def forward_from_split(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
         """Finish the forward pass from the tokens entering the last k blocks: [B, T, W] -> pooled [B, E]."""
         self.check_split(k)
         if self.split is not None:
             return self.split.forward_from_split(tokens, k, self.grad_checkpointing)
-        x = _run_blocks(self._blocks()[self.num_blocks - k :], tokens, self.grad_checkpointing)
+        x = run_blocks(self._blocks()[self.num_blocks - k :], tokens, self.grad_checkpointing)
         return self._pool(x)
 
     def forward_split(self, pixels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,10 @@ Heads turn the encoder's output into the recommender's dimension d:
 PartialTower and E2ETower with the same frozen lower blocks compute the same function; the cache
 holds the exact weights of the top blocks, so a partial tower starts where the encoder was.
 Each training step encodes each unique item of the batch once (ItemTower.forward gets unique ids).
+
+When the item vector reads the class token only (a ViT whose 'model' pooling takes token 0, under
+the ``pooled`` / ``pooled_relu`` heads), both towers run their last block for that token alone
+(`cls_only_block`): the same numbers, without the other tokens' queries, output projection and MLP.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..data.images import ImageLoadError, open_image_store
 from ..data.sequences import SequenceData
 from ..encode.cache import open_cache
-from ..encode.encoder import EncoderConfig, build_encoder
+from ..encode.encoder import EncoderConfig, pool_and_project, run_blocks, build_encoder
 from ..errors import PixelrecError
 from ..runtime import log, progress
 from .config import ADAPTERS, FEATURE_NORMS, HEADS, HYBRID_GATES, HYBRID_MODES, FitConfig
@@ -42,6 +48,9 @@ IN_MEMORY_SHARE = 0.25
 # --feature-norm whiten: eigenvalues of the feature covariance are raised by this share of their mean
 # before the inverse square root, so directions with almost no variance are not blown up into noise.
 WHITEN_SHRINK = 0.05
+# Run the last ViT block for the class token alone where that is exact (see `cls_only_applies`);
+# `benchmarks/fit_cost.py --cls-only` sets it False for one tower to time the full last block (the old path).
+CLS_ONLY_LAST_BLOCK = True
 
 
 class FeatureNorm(nn.Module):
@@ -230,6 +239,8 @@ class PartialTower(ItemTower):
             own_head.requires_grad_(False)
         self.head_kind = head
         self.head = _make_head(head, cache.dim, W, dim, adapter, dropout)
+        self.cls_only = (head != "token_relu_mean" and hasattr(self.top, "blocks")
+                         and cls_only_applies(self.top.blocks, self.top.head, self.top.pooling))
 
     def encoder_parameters(self):
         return (p for p in self.top.parameters() if p.requires_grad)
@@ -250,6 +261,9 @@ class PartialTower(ItemTower):
 
     def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """[U, T, W] tokens entering the last K blocks -> item vectors [U, d]."""
+        if self.cls_only:
+            top = self.top
+            return self.head(cls_only_pooled(top.blocks, top.head, tokens, top.grad_checkpointing))
         return _apply_head(self.head_kind, self.head, self.top, tokens)
 
 
@@ -269,6 +283,8 @@ class E2ETower(ItemTower):
         if head == "token_relu_mean":
             encoder._require_vit("--head token_relu_mean")
         self.head = _make_head(head, encoder.dim, encoder.width, dim, adapter, dropout)
+        self.cls_only = (head != "token_relu_mean" and encoder.supports_split and encoder.split is None
+                         and cls_only_applies(encoder.visual.transformer.resblocks, encoder.visual, encoder.pooling))
         # store None: a tower that only encodes given pixels (new covers through a trained run)
         self.pixels = None if store is None else PixelSource(encoder.pixel_loader(store), data, encoder.image_size,
                                                              in_memory, workers)
@@ -281,6 +297,11 @@ class E2ETower(ItemTower):
 
     def from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """[U, 3, H, W] preprocessed covers -> item vectors [U, d]."""
+        if self.cls_only:
+            enc = self.encoder
+            tokens = enc.visual._embeds(pixels)  # what ImageEncoder.last_hidden feeds its blocks
+            return self.head(cls_only_pooled(enc.visual.transformer.resblocks, enc.visual, tokens,
+                                             enc.grad_checkpointing))
         return _apply_head(self.head_kind, self.head, self.encoder, pixels)
 
 
@@ -428,6 +449,42 @@ def encoder_own_head(top: nn.Module) -> nn.Module | None:
     TopBlocks' ln_post / proj, a StageTop's attnpool (ResNet) or final norm / pool / proj (timm);
     None when the pooling has no weights (mean pooling)."""
     return getattr(top, "head", None) if hasattr(top, "blocks") else getattr(top, "tail", None)
+
+
+def cls_only_block(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """An open_clip ViT block for the class token alone: [B, T, W] -> [B, 1, W], equal to block(x)[:, :1].
+
+    ln_1 and the keys / values cover every token (the class token attends to all of them); the query,
+    the attention's output projection, ls_1, ln_2, the MLP and ls_2 only the class token (index 0).
+    """
+    h = block.ln_1(x)  # [B, T, W]
+    attended = block.attn(h[:, :1], h, h, need_weights=False)[0]  # [B, 1, W]
+    y = x[:, :1] + block.ls_1(attended)
+    return y + block.ls_2(block.mlp(block.ln_2(y)))
+
+
+def cls_only_applies(blocks: nn.ModuleList, head: nn.Module | None, pooling: str) -> bool:
+    """True when the pooled output reads only the class token of the last block's output: 'model'
+    pooling of a ViT head with token pooling ('tok': token 0) and no attentional pool, and a last block
+    that is a plain batch-first open_clip ResidualAttentionBlock (no cross-attention). Other poolings,
+    heads and families need every token (or are not this block) and keep the full last block."""
+    last = blocks[-1] if len(blocks) else None
+    return (CLS_ONLY_LAST_BLOCK and pooling == "model" and head is not None
+            and getattr(head, "attn_pool", None) is None and getattr(head, "pool_type", None) == "tok"
+            and type(last) is ResidualAttentionBlock and not hasattr(last, "ln_1_kv")
+            and isinstance(last.attn, nn.MultiheadAttention) and bool(last.attn.batch_first))
+
+
+def cls_only_pooled(blocks: nn.ModuleList, head: nn.Module, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """Tokens entering `blocks` [B, T, W] -> the head's pooled output [B, E], with the last block run
+    for the class token only. The head's token pooling on [B, 1, W] takes that token, and ln_post is
+    per token, so this equals head(blocks(x))."""
+    x = run_blocks(blocks[:-1], x, grad_checkpointing)
+    if grad_checkpointing and torch.is_grad_enabled():
+        y = checkpoint(cls_only_block, blocks[-1], x, use_reentrant=False)
+    else:
+        y = cls_only_block(blocks[-1], x)
+    return pool_and_project(head, y)
 
 
 def _make_head(head: str, pooled_dim: int, width: int, dim: int, adapter: str, dropout: float = 0.0) -> nn.Module:
