@@ -1,4 +1,4 @@
-"""pixelrec's default sequence models (SASRec, GRU4Rec, NextItNet, LightSANs) vs RecBole 1.2.1 on MovieLens-100K (PixelRec's protocol, docs/protocol.md).
+"""pixelrec's default sequence models (SASRec, GRU4Rec, NextItNet, LightSANs, SR-GNN) vs RecBole 1.2.1 on MovieLens-100K (PixelRec's protocol, docs/protocol.md).
 
 Runs `pixelrec fit --items id --model M` with DEFAULT settings on a PixelRec-format ML-100K CSV
 (leave-one-out by time, full ranking over all items, the user's history excluded, test metrics at
@@ -16,7 +16,7 @@ a single figure carries a sampling error of about +-0.008 NDCG@10.
 The RecBole figures are those published with the CSV (max length 10 and 50, dim 64, CE loss, early
 stop on valid NDCG@10, patience 10; RecBole's ranking made to exclude history). The data is not
 shipped with pixelrec (GroupLens terms): pass its path. No RecBole figures are published with the
-CSV for NextItNet and LightSANs yet; for them only ours are printed.
+CSV for NextItNet, LightSANs and SR-GNN yet; for them only ours are printed.
 """
 
 from __future__ import annotations

@@ -169,6 +169,7 @@ BAD: dict[str, dict[str, list]] = {
         "encoder_weight_decay": ["nan", "-0.5"],
         "patience": ["0"],
         "windows": ["overlap", Args("--model", "lightsans", "--windows", "sliding"),  # not causal: prefixes only
+                    Args("--model", "srgnn", "--windows", "chunks"),
                     Args("--windows", "prefixes", "--stride", "3")],
         "stride": ["-1", "9"],
         "seed": ["-1", str(2**40)],

@@ -57,7 +57,8 @@ def test_given_layers_and_lr_are_kept():
 
 
 @pytest.mark.parametrize("model, layers, dim, batch", [("sasrec", 2, 512, 64), ("gru4rec", 1, 512, 64),
-                                                       ("nextitnet", 3, 1024, 64), ("lightsans", 1, 512, 512)])
+                                                       ("nextitnet", 3, 1024, 64), ("lightsans", 1, 512, 512),
+                                                       ("srgnn", 2, 512, 512)])
 def test_preset_sets_each_models_own_reference_values(model, layers, dim, batch):
     c = cfg()
     c.model.model = model
@@ -254,7 +255,7 @@ def test_runs_written_before_positions_existed_load_as_absolute():
 
 def test_windows_default_per_model():
     for model, windows, stride in ((("sasrec", "sliding", 3), ("gru4rec", "overlapping", 10), ("nextitnet", "sliding", 3),
-                                    ("lightsans", "prefixes", 1))):
+                                    ("lightsans", "prefixes", 1), ("srgnn", "prefixes", 1))):
         c = FitConfig(interactions="i.csv", out="o")
         c.model.model = model
         c.validate()
@@ -340,7 +341,7 @@ def test_validate_is_resolve_then_check(monkeypatch):
 def test_check_sees_a_bad_value_even_when_resolve_cannot_fill_it():
     c = FitConfig(interactions="i.csv", out="o")
     c.model.model = "bert4rec"  # no per-model defaults: layers stay None
-    with pytest.raises(PixelrecError, match="unknown --model 'bert4rec'; expected sasrec, gru4rec, nextitnet or lightsans"):
+    with pytest.raises(PixelrecError, match="unknown --model 'bert4rec'; expected sasrec, gru4rec, nextitnet, lightsans or srgnn"):
         c.validate()
 
 

@@ -135,9 +135,9 @@ def test_fit_help_shows_every_default():
 def test_per_model_defaults_are_written_from_the_tables():
     by_key = {o.key: o for o in fit_options()}
     assert by_key["model.layers"].spec.default_text == per_model(DEFAULT_LAYERS) == (
-        "2 for sasrec, 1 for gru4rec, 1 for nextitnet, 1 for lightsans")
+        "2 for sasrec, 1 for gru4rec, 1 for nextitnet, 1 for lightsans, 1 for srgnn")
     assert by_key["train.lr"].spec.default_text == per_model(DEFAULT_LR) == (
-        "0.001 for sasrec, 0.002 for gru4rec, 0.001 for nextitnet, 0.001 for lightsans")
+        "0.001 for sasrec, 0.002 for gru4rec, 0.001 for nextitnet, 0.001 for lightsans, 0.001 for srgnn")
     assert by_key["train.windows"].spec.default_text == per_model(DEFAULT_WINDOWS)
     assert set(DEFAULT_LAYERS) == set(DEFAULT_LR) == set(DEFAULT_WINDOWS) == set(config.MODELS)
     assert set(config.PRESETS) == set(config.PRESET_NAMES)

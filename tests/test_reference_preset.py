@@ -111,6 +111,16 @@ MODEL_ROWS = {
         ("train.batch_size", 512, "README.md PixelNet table, LightSANs row: B [512]"),
         ("train.weight_decay", 0.1, "README.md PixelNet table, LightSANs row: β [0.1]"),
     ],
+    "srgnn": [
+        ("model.dim", 512, "PixelNet/srgnn.yaml:2 embedding_size: 512"),
+        ("model.layers", 2, "PixelNet/srgnn.yaml:3 step: 2 (gated GNN steps)"),
+        ("model.dropout", 0.0, "PixelNet/srgnn.yaml: no dropout key; REC/model/IDNet/srgnn.py:9-113 no dropout layer"),
+        ("train.windows", "prefixes", "REC/model/IDNet/srgnn.py:10 input_type = InputType.AUGSEQ: every prefix -> "
+                                      "its next item (REC/data/dataset/trainset.py:939-981)"),
+        ("train.lr", 1e-4, "README.md PixelNet table, SRGNN row: γ [0.0001] (IDNet row: 0.00005)"),
+        ("train.batch_size", 512, "README.md PixelNet table, SRGNN row: B [512] (IDNet row: 64)"),
+        ("train.weight_decay", 0.01, "README.md PixelNet table, SRGNN row: β [0.01]"),
+    ],
 }
 MODEL_ROW_CASES = [(m, *row) for m, rows in MODEL_ROWS.items() for row in rows]
 

@@ -1,4 +1,4 @@
-"""NextItNet and LightSANs (models/nextitnet.py, models/lightsans.py) and the model registry
+"""NextItNet, LightSANs and SR-GNN (models/nextitnet.py, models/lightsans.py, models/srgnn.py) and the model registry
 (models/registry.py): causality, padding invariance, the prefix objective, the options a model does
 not have, and fit -> evaluate -> retrieve from the command line with the id and frozen towers."""
 
@@ -15,6 +15,7 @@ from pixelrec.recommend.batches import window_bounds
 from pixelrec.recommend.config import MODEL_SPECS, FitConfig, SequenceConfig, apply_preset
 from pixelrec.recommend.models.lightsans import LightSANs
 from pixelrec.recommend.models.nextitnet import NextItNet
+from pixelrec.recommend.models.srgnn import SRGNN, session_adjacency, session_nodes
 from pixelrec.recommend.sequence import build_sequence_encoder
 
 NEW_MODELS = ["nextitnet", "lightsans"]
@@ -39,8 +40,9 @@ def padded(history: torch.Tensor, length: int, pad_value: float = 0.0) -> tuple[
 
 def test_registry_builds_each_models_class():
     assert isinstance(encoder("nextitnet"), NextItNet) and isinstance(encoder("lightsans"), LightSANs)
+    assert isinstance(encoder("srgnn"), SRGNN)
     assert {name: spec.objective for name, spec in MODEL_SPECS.items()} == {
-        "sasrec": "causal", "gru4rec": "causal", "nextitnet": "causal", "lightsans": "prefix"}
+        "sasrec": "causal", "gru4rec": "causal", "nextitnet": "causal", "lightsans": "prefix", "srgnn": "prefix"}
 
 
 # ------------------------------------------------------------------------------------- NextItNet
@@ -117,6 +119,8 @@ def test_lightsans_sees_the_whole_window_so_it_trains_on_prefixes():
     ("nextitnet", "--interests", "2", "lightsans"),
     ("lightsans", "--positions", "absolute", "sasrec"),
     ("lightsans", "--norm", "post", "sasrec"),
+    ("srgnn", "--heads", "4", "sasrec or lightsans"),
+    ("srgnn", "--dilations", "1,2", "nextitnet"),
 ])
 def test_an_option_the_model_does_not_have_is_refused(tmp_path, model, flag, value, owner):
     r = invoke(["fit", "--interactions", synth_dataset().interactions, "--out", tmp_path / "run", "--model", model,
@@ -139,7 +143,7 @@ def test_the_preset_sets_only_the_models_own_settings():
 
 
 # ------------------------------------------------------------------------------ from the command line
-@pytest.mark.parametrize("model", NEW_MODELS)
+@pytest.mark.parametrize("model", [*NEW_MODELS, "srgnn"])
 @pytest.mark.parametrize("items", ["id", "frozen"])
 def test_fit_evaluate_retrieve_from_the_command_line(tmp_path, model, items):
     data = synth_dataset()
@@ -164,6 +168,82 @@ def test_fit_evaluate_retrieve_from_the_command_line(tmp_path, model, items):
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
     assert len(got["items"]) == 5 and not set(got["items"]) & set(item_ids)
+
+
+# ------------------------------------------------------------------------------------- SR-GNN
+def test_srgnn_session_graph_of_a_history_with_a_repeated_item():
+    """a b a c (ids 7 5 7 9), left-padded: nodes a, b, c (in id order: b=0, a=1, c=2; padding its own
+    node); edges a->b, b->a, a->c. In-adjacency rows divide by the node's in-degree, out-adjacency
+    rows by its out-degree (a has two successors)."""
+    items = torch.tensor([[0, 0, 7, 5, 7, 9]])
+    mask = items != 0
+    alias = session_nodes(items, mask)
+    assert alias.tolist() == [[0, 0, 2, 1, 2, 3]]  # padding = node 0, b = 1, a = 2, c = 3
+    a_in, a_out = session_adjacency(alias, mask)
+    want_in, want_out = torch.zeros(6, 6), torch.zeros(6, 6)
+    b, a, c = 1, 2, 3
+    want_in[b, a], want_in[a, b], want_in[c, a] = 1.0, 1.0, 1.0  # each node has one predecessor
+    want_out[a, b], want_out[a, c], want_out[b, a] = 0.5, 0.5, 1.0
+    assert torch.equal(a_in[0], want_in) and torch.equal(a_out[0], want_out)
+    # a repeated edge counts once (a b a b: a->b twice, b->a once), as in the reference
+    items = torch.tensor([[7, 5, 7, 5]])
+    a_in, a_out = session_adjacency(session_nodes(items, items != 0), items != 0)
+    swap = [[0.0, 1.0], [1.0, 0.0]]  # nodes b = 0, a = 1
+    assert a_in[0, :2, :2].tolist() == swap and a_out[0, :2, :2].tolist() == swap
+
+
+def reference_srgnn_user(enc: SRGNN, history: list[int], table: torch.Tensor) -> torch.Tensor:
+    """The reference's per-sample construction (np.unique nodes, u_A[u][v] = 1 per consecutive pair,
+    column / row sums as degrees) and readout, written out with the model's weights."""
+    nodes = sorted(set(history))
+    n = len(nodes)
+    adj = torch.zeros(n, n)
+    for u, v in zip(history, history[1:]):
+        adj[nodes.index(u), nodes.index(v)] = 1.0
+    a_in = adj.t() / adj.sum(0).clamp(min=1)[:, None]
+    a_out = adj / adj.sum(1).clamp(min=1)[:, None]
+    h = table[nodes]
+    for step in enc.steps:
+        msg = torch.cat([a_in @ step.edge_in(h) + step.bias_in, a_out @ step.edge_out(h) + step.bias_out], 1)
+        h = step.cell(msg, h)
+    seq = h[[nodes.index(i) for i in history]]
+    alpha = enc.q(torch.sigmoid(enc.w1(seq[-1]) + enc.w2(seq)))
+    return enc.w3(torch.cat([(alpha * seq).sum(0), seq[-1]]))
+
+
+def test_srgnn_user_vector_is_the_references_and_does_not_depend_on_padding():
+    enc = encoder("srgnn")
+    torch.manual_seed(5)
+    table = torch.randn(10, 16)
+    history = torch.tensor([3, 1, 3, 4, 2])
+
+    def user(length: int, pad_vector: float = 0.0, hist: torch.Tensor = history) -> torch.Tensor:
+        items = torch.zeros(1, length, dtype=torch.long)
+        items[0, length - len(hist):] = hist
+        x = table[items]
+        x[items == 0] = pad_vector  # an image tower's padding vector is no zero vector
+        with torch.no_grad():
+            return enc(x, items != 0, items)[0, -1]
+
+    long = user(12)
+    assert torch.allclose(user(5), long, atol=1e-5) and torch.allclose(user(12, 7.0), long, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(long, reference_srgnn_user(enc, history.tolist(), table), atol=1e-5)
+    # the repeated item 3 is one node: its vector's gradient is the reference's (not counted per copy)
+    grads = []
+    for user_of in (lambda t: enc(t[None, history], torch.ones(1, 5, dtype=torch.bool), history[None])[0, -1],
+                    lambda t: reference_srgnn_user(enc, history.tolist(), t)):
+        t = table.clone().requires_grad_()
+        user_of(t).sum().backward()
+        grads.append(t.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5) and grads[0][3].abs().sum() > 0
+    assert torch.isfinite(user(12, hist=history[:0])).all()  # an empty history: no NaN
+    # batched: the rows of one batch are the rows encoded alone
+    items = torch.tensor([[0, 0, 3, 1, 3, 4, 2], [5, 5, 6, 5, 7, 8, 9]])
+    with torch.no_grad():
+        both = enc(table[items], items != 0, items)[:, -1]
+        second = enc(table[items[1:]], items[1:] != 0, items[1:])[0, -1]
+    assert torch.allclose(both[0], long, atol=1e-5) and torch.allclose(both[1], second, atol=1e-5)
 
 
 def test_prefix_windows_train_only_the_last_position():

@@ -170,7 +170,8 @@ class SequenceConfig:
     dim: int = setting(64, at_least=1, help="Item/user vector size.")
     max_len: int = setting(20, at_least=1, help="Items of history the model sees.")
     layers: int | None = setting(None, at_least=1, default_text=per_model(DEFAULT_LAYERS),
-                                 help="Transformer blocks / GRU layers / repetitions of NextItNet's --dilations.")
+                                 help="Transformer blocks / GRU layers / repetitions of NextItNet's --dilations / "
+                                      "SR-GNN's gated graph steps.")
     heads: int = setting(2, at_least=1, help="Attention heads (must divide --dim).")
     inner_mult: int = 4  # transformer feed-forward width = inner_mult * dim (not an option: NOT_OPTIONS)
     dropout: float = setting(0.3, at_least=0, below=1, help="Dropout in the sequence model.")

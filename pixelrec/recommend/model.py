@@ -46,7 +46,10 @@ class Recommender(nn.Module):
 
     # ---- forward pieces ----------------------------------------------------------------------
     def states(self, item_vecs: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
-        """item_vecs [B, L, d] of seq [B, L] (left-padded) -> states [B, L, d]."""
+        """item_vecs [B, L, d] of seq [B, L] (left-padded) -> states [B, L, d]. An encoder that marks
+        `reads_items` (SR-GNN: repeated items are one graph node) also gets the item indices."""
+        if getattr(self.encoder, "reads_items", False):
+            return self.encoder(item_vecs, seq != 0, seq)
         return self.encoder(item_vecs, seq != 0)
 
     def user_vectors(self, seq: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:

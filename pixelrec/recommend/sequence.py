@@ -1,7 +1,8 @@
 """Sequence encoders (the user tower): item vectors of a history -> a state per position.
 
 Every model takes left-padded input: x [B, L, d] item vectors and mask [B, L] (True = real item), so
-the last position always holds the most recent item and `states[:, -1]` is the user vector. Models
+the last position always holds the most recent item and `states[:, -1]` is the user vector (a model
+whose class sets `reads_items`, SR-GNN, also gets the item indices [B, L] as a third argument). Models
 with the ``causal`` objective (models/registry.py) make the state at position t depend only on items
 at positions <= t, which lets one forward pass train every next-item prediction of a window at once;
 ``prefix`` models are trained on the last position of every prefix. Padding never changes a real

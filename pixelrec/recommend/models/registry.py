@@ -92,7 +92,21 @@ LIGHTSANS = ModelSpec(
     factory="lightsans:LightSANs",
 )
 
-MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (SASREC, GRU4REC, NEXTITNET, LIGHTSANS)}
+SRGNN = ModelSpec(
+    name="srgnn",
+    summary="gated graph network over the history's session graph, attention readout (Wu et al. 2019)",
+    reads=(),  # --layers = gated GNN steps
+    # RecBole's 1 step; lr not tuned yet (first ML-100K figures: docs/models.md)
+    defaults={"model.layers": 1, "train.lr": 1e-3, "train.windows": "prefixes"},
+    presets={"pixelrec": {
+        "model.dim": 512, "model.layers": 2, "model.dropout": 0.0, "train.windows": "prefixes",
+        "train.lr": 1e-4, "train.weight_decay": 0.01, "train.batch_size": 512,
+    }},
+    objective="prefix",
+    factory="srgnn:SRGNN",
+)
+
+MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (SASREC, GRU4REC, NEXTITNET, LIGHTSANS, SRGNN)}
 # Every model-specific setting -> the models that read it.
 MODEL_SETTINGS: dict[str, tuple[str, ...]] = {}
 for _spec in MODEL_SPECS.values():
