@@ -135,6 +135,9 @@ def test_print_config_needs_no_data_and_trains_nothing(tmp_path):
     ("a.yaml", "model: [dim\n", ["not valid YAML"]),
     ("a.yaml", "train:\n  epochs: ten\n", ["train.epochs is 'ten'", "expected an integer"]),
     ("a.ini", "dim=3\n", ["unknown config format '.ini'", ".toml"]),
+    # a model setting the file's model does not read names the file and its key, not an option
+    ("a.toml", '[model]\nmodel = "gru4rec"\nheads = 4\n',
+     ["[model] heads is not a setting of --model gru4rec", "--model sasrec", "remove it from the file"]),
     ("a.toml", b"[model]\ndim = \xff\n", ["not UTF-8 text (byte 14)"]),
 ])
 def test_a_bad_file_is_one_line_naming_file_key_and_type(tmp_path, name, text, needles):

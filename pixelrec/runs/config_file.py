@@ -34,6 +34,7 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` package (install_requires)
     import tomli as tomllib
+from ..recommend.models.registry import MODEL_SETTINGS
 from ..recommend.config import (
     FitConfig,
     ItemsConfig,
@@ -264,7 +265,19 @@ def apply_config_file(cfg: FitConfig, given: set[str], file: ConfigFile) -> set[
     for key, value in file.values.items():
         if key not in given:
             cfg.set(key, value)
+    _check_file_model_settings(cfg.model.model, file)
     return given | set(file.values)
+
+
+def _check_file_model_settings(model: str, file: ConfigFile) -> None:
+    """A setting in the file that the run's sequence model does not read is refused naming the file and
+    its key (the same rule as for options, `check_model_options`)."""
+    for key in sorted(file.values):
+        section, _, name = key.partition(".")
+        if section == "model" and name in MODEL_SETTINGS and model not in MODEL_SETTINGS[name]:
+            readers = " or ".join(f"--model {m}" for m in MODEL_SETTINGS[name])
+            raise PixelrecError(f"{file.path}: [model] {name} is not a setting of --model {model} (it is read by "
+                                f"{readers}); remove it from the file")
 
 
 # ------------------------------------------------------------------------------------ writing
