@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pixelrec.encode import cache as cache_module
+from pixelrec.encode import cache_reader
 from pixelrec.encode.cache import _MappedRows, open_cache
 from test_cache import N, T, W, _data, _write
 
@@ -28,7 +28,7 @@ def test_on_demand_tokens_come_from_the_memory_map_exactly(tmp_path, monkeypatch
     def no_hdf5(*args):
         raise AssertionError("an HDF5 selection on the hot path")
 
-    monkeypatch.setattr(cache_module, "_gather", no_hdf5)
+    monkeypatch.setattr(cache_reader, "_gather", no_hdf5)
     for rows in ROW_SETS:
         got = cache.read_tokens(rows)
         assert got.dtype == np.float16 and got.shape == (len(rows), T, W)
@@ -74,3 +74,21 @@ def test_a_pickled_cache_maps_the_file_again(tmp_path):
     assert "_token_map" not in state
     clone = pickle.loads(pickle.dumps(cache))
     assert np.array_equal(clone.read_tokens(rows), tok[rows]) and clone._token_map is not None
+
+
+def test_per_layer_states_come_from_the_memory_map_exactly(tmp_path, monkeypatch):
+    """`read_hidden` (the side tower's reads without --cache-in-memory) takes the tokens' path: the
+    rows of an encoded cache's `hidden` dataset straight from a memory map, equal to HDF5's."""
+    from fixtures_runs import hidden_settings_cache
+
+    cache = open_cache(hidden_settings_cache())
+    with h5py.File(cache.path, "r") as f:
+        stored = f["hidden"][:]
+    assert cache._hidden_map is not None and "_hidden_map" not in cache.__getstate__()
+    monkeypatch.setattr(cache_reader, "_gather", lambda *a: pytest.fail("an HDF5 selection on the hot path"))
+    n = len(cache)
+    for rows in (np.array([n - 1, 0, 0, 3]), np.arange(n)[::-1], np.array([], np.int64)):
+        got = cache.read_hidden(rows)
+        assert got.dtype == stored.dtype and np.array_equal(got, stored[rows])
+    with pytest.raises(IndexError):
+        cache.read_hidden(np.array([n]))

@@ -14,6 +14,10 @@ and wraps it in `ImageEncoder`, which adds what the two-stage system needs on to
   ``forward_from_split(tokens_at_split(x, K), K)`` is ``forward(x)``. `TopBlocks` is that last part
   as a standalone module (the `partial` item tower trains it on cached tokens), built without the
   lower blocks; it and the encoder both give the last block's output as ``last_hidden``.
+- per-layer taps (`encode --hidden`): ``forward_hidden(x, taps, kind)`` gives, from one forward
+  pass, the pooled output, the split tokens and each tapped layer's state (a ViT's class token
+  after block t, with ``cls+mean`` also the mean of its patch tokens; other families: each stage's
+  output averaged over positions), which the `side` item tower reads.
 
 Random initialisation ('none') is seeded, so one config always gives the same weights. Weights come
 from a local checkpoint file (full open_clip CLIP, an `ImageEncoder`, a bare vision tower state
@@ -36,6 +40,7 @@ from typing import Any, Callable, Iterator, Optional
 import open_clip
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from open_clip.model import _build_vision_tower, resize_pos_embed
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import VisionTransformer
@@ -56,6 +61,8 @@ TINY_MODEL = "pixelrec-tiny-vit"
 # pixelrec's own tiny configs (model_configs/): test and demo models, random by design (no warning)
 TEST_MODELS = frozenset(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
 POOLINGS = ("model", "mean")
+# What `encode --hidden` stores per tap: the class token's state, or that and the mean of the patch tokens
+HIDDEN_KINDS = ("cls", "cls+mean")
 PRESETS = ("default", "pixelrec")
 PIXELREC_MEAN_STD = (0.5, 0.5, 0.5)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt")
@@ -98,6 +105,28 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool)
         else:
             x = block(x)
     return x
+
+
+def parse_taps(spec: str, available: list[int], flag: str, where: str) -> list[int]:
+    """`all` | `even` | a comma-separated list (e.g. 0,6,12) -> sorted tap numbers among `available`.
+
+    `even`: the even taps, and the last one (IISAN's 0, 2, .., 12 for a 12-block ViT). A tap outside
+    `available` is refused in one line ending with `where` (what holds which taps).
+    """
+    text = str(spec).strip()
+    if text == "all":
+        return list(available)
+    if text == "even":
+        return sorted({t for t in available if t % 2 == 0} | {available[-1]})
+    try:
+        taps = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise PixelrecError(f"{flag} {spec}: expected all, even or tap numbers separated by commas, "
+                            f"e.g. 0,6,12") from None
+    outside = [t for t in taps if t not in available]
+    if outside:
+        raise PixelrecError(f"{flag} {spec}: tap {outside[0]} is not available; {where}")
+    return taps
 
 
 class PoolHead(nn.Module):
@@ -340,6 +369,75 @@ class ImageEncoder(nn.Module):
         """One pass giving both the pooled output [B, E] and the tokens entering the last k blocks [B, T, W]."""
         tokens = self.tokens_at_split(pixels, k)
         return self.forward_from_split(tokens, k), tokens
+
+    # ---- per-layer states (encode --hidden) -------------------------------------------------------
+
+    def tap_range(self) -> list[int]:
+        """Every tap number: for a ViT the residual stream before the first block (0) and after each
+        block t (1..blocks); for ResNet / Swin / ConvNeXt the stem's output (0) and each stage's (1..stages)."""
+        self._require_vit("--hidden")
+        return list(range((len(self.split.stage_ends()) if self.split is not None else self.num_blocks) + 1))
+
+    def describe_taps(self) -> str:
+        """'ViT-B-32 has taps 0..12 (tap t: the state after block t; 0: before the first block)'."""
+        last = self.tap_range()[-1]
+        what = "after block t; 0: before the first block" if self.split is None else \
+            "stage t's output pooled over positions; 0: the stem's"
+        return f"{self.config.model} has taps 0..{last} (tap t: {what})"
+
+    def parse_taps(self, spec: str) -> list[int]:
+        """`--taps all|even|LIST` -> tap numbers of this tower (PixelrecError for one it does not have)."""
+        return parse_taps(spec, self.tap_range(), "--taps", self.describe_taps())
+
+    def tap_widths(self, taps: list[int], kind: str) -> list[int]:
+        """Width of each tap's stored state (ViT: W, or 2W with cls+mean; others: the stage's channels)."""
+        self.check_hidden(kind)
+        if self.split is not None:
+            widths = self.split.tap_widths()
+            return [widths[t] for t in taps]
+        return [self.width * (2 if kind == "cls+mean" else 1)] * len(taps)
+
+    def check_hidden(self, kind: str) -> None:
+        if kind not in HIDDEN_KINDS:
+            raise PixelrecError(f"--hidden {kind}: expected one of {', '.join(HIDDEN_KINDS)}")
+        self._require_vit("--hidden")
+        if kind == "cls+mean" and self.split is not None:
+            raise PixelrecError(f"--hidden cls+mean reads a class token, which {self.config.model} (a "
+                                f"{self.split.family} tower) has not; its --hidden cls taps are already each stage's "
+                                f"output pooled over positions")
+
+    def forward_hidden(self, pixels: torch.Tensor, taps: list[int], kind: str, k: Optional[int] = None
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """One forward pass -> (pooled [B, E], the tokens entering the last k blocks or None, the taps'
+        states [B, len(taps), max width], narrower taps zero-padded on the right).
+
+        ViT: tap t's class-token state (with cls+mean also the mean of its patch tokens, concatenated);
+        the pooled output and tokens are those of `forward` and `tokens_at_split`.
+        """
+        self.check_hidden(kind)
+        if self.split is not None:
+            pooled, tokens, states = self.split.forward_taps(pixels, taps, k)
+        else:
+            pooled, tokens, states = self._vit_taps(pixels, taps, kind, k)
+        width = max(state.shape[-1] for state in states)
+        padded = [F.pad(state, (0, width - state.shape[-1])) for state in states]
+        return pooled, tokens, torch.stack(padded, dim=1)
+
+    def _vit_taps(self, pixels: torch.Tensor, taps: list[int], kind: str, k: Optional[int]
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[torch.Tensor]]:
+        def state(x: torch.Tensor) -> torch.Tensor:  # [B, T, W] -> [B, W] or [B, 2W]
+            return x[:, 0] if kind == "cls" else torch.cat([x[:, 0], x[:, 1:].mean(dim=1)], dim=-1)
+
+        x = self.visual._embeds(pixels)  # [B, T, W]
+        states = {0: state(x)} if 0 in taps else {}
+        tokens = None
+        for i, block in enumerate(self._blocks()):
+            if k and i == self.num_blocks - k:
+                tokens = x
+            x = block(x)
+            if i + 1 in taps:
+                states[i + 1] = state(x)
+        return self._pool(x), tokens, [states[t] for t in taps]
 
     # ---- training support ------------------------------------------------------------------------
 

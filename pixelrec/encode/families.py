@@ -315,6 +315,39 @@ class TowerSplit:
     def hidden_width(self) -> int:
         return self._grid_and_width(self.shapes[-1])[1]
 
+    def stage_ends(self) -> list[int]:
+        """Index of the last unit of every stage (its output is the stage's output)."""
+        ends, total = [], 0
+        for n in self._blocks_per_stage():
+            total += n
+            ends.append(self.block_units[total - 1])
+        return ends
+
+    def tap_widths(self) -> list[int]:
+        """Channels of the per-layer taps (`encode --hidden`): the stem's output, then every stage's."""
+        return [self._grid_and_width(self.shapes[i])[1] for i in [0] + [end + 1 for end in self.stage_ends()]]
+
+    def pool_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """A feature map in the tower's layout -> its mean over positions [B, C]."""
+        return x.mean(dim=(2, 3)) if self.layout == "nchw" else x.mean(dim=(1, 2))
+
+    def forward_taps(self, pixels: torch.Tensor, taps: Sequence[int], k: Optional[int] = None
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[torch.Tensor]]:
+        """One pass: (pooled [B, E], tokens entering the last k blocks or None, the taps' outputs
+        pooled over positions: [B, C_t] each, in the order of `taps`; tap 0 = the stem's output,
+        tap s = stage s's)."""
+        x = self.stem(pixels)
+        tap_of = {end: s + 1 for s, end in enumerate(self.stage_ends())}
+        states = {0: self.pool_positions(x)} if 0 in taps else {}
+        tokens, cut = None, self.cut(k) if k else None
+        for j, unit in enumerate(self.units):
+            if j == cut:
+                tokens = _to_tokens(x, self.layout)
+            x = unit(x)
+            if tap_of.get(j) in taps:
+                states[tap_of[j]] = self.pool_positions(x)
+        return self.tail(x), tokens, [states[t] for t in taps]
+
     # -- forward --
 
     def lower(self, pixels: torch.Tensor, k: int, grad_checkpointing: bool = False) -> torch.Tensor:

@@ -50,7 +50,7 @@ from .cache import (
     read_cache_attrs,
     settings_mismatch,
 )
-from .encoder import EncoderConfig, ImageEncoder, PixelLoader, build_encoder, random_init_warning
+from .encoder import HIDDEN_KINDS, EncoderConfig, ImageEncoder, PixelLoader, build_encoder, random_init_warning
 from .shards import (check_no_foreign_shards, find_shards, merge_shards, remove_shards, shard_path, shard_span,
                      shard_world_size)
 
@@ -76,6 +76,8 @@ class EncodeConfig:
     overwrite: bool = False  # replace an existing cache (or partial) made with other settings
     precision: str = "auto"  # CUDA autocast: auto (bf16 where supported, else fp16) | fp32 | bf16 | fp16 (runtime.PRECISIONS)
     follow_symlinks: bool = False  # read covers that are symbolic links to files outside the covers folder
+    hidden: Optional[str] = None  # also store per-layer states: cls | cls+mean (encoder.HIDDEN_KINDS)
+    taps: str = "all"  # which layers with `hidden`: all | even | a list such as 0,6,12 (encoder.parse_taps)
 
 
 @dataclass(kw_only=True)
@@ -185,7 +187,7 @@ def _arithmetic(cfg: EncodeConfig) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def _cache_attrs(cfg: EncodeConfig, encoder: ImageEncoder, item_ids: list[str]) -> dict:
+def _cache_attrs(cfg: EncodeConfig, encoder: ImageEncoder, item_ids: list[str], taps: list[int]) -> dict:
     ecfg = encoder.config
     return dict(
         model=ecfg.model,
@@ -196,6 +198,10 @@ def _cache_attrs(cfg: EncodeConfig, encoder: ImageEncoder, item_ids: list[str]) 
         image_size=encoder.image_size,
         dim=encoder.dim,
         split_block=cfg.split_block or 0,
+        hidden=cfg.hidden or "",
+        hidden_taps=json.dumps(taps) if cfg.hidden else "",
+        hidden_widths=json.dumps(encoder.tap_widths(taps, cfg.hidden)) if cfg.hidden else "",
+        hidden_tap_range=len(encoder.tap_range()) if cfg.hidden else 0,
         embedding_dtype="float32" if cfg.float32 else "float16",
         precision=_arithmetic(cfg),
         normalized=bool(cfg.normalize),
@@ -218,6 +224,10 @@ def _validate(cfg: EncodeConfig) -> None:
         raise PixelrecError(f"--workers {cfg.num_workers}: expected 0 or more")
     if cfg.split_block is not None and cfg.split_block < 1:
         raise PixelrecError(f"--split-block {cfg.split_block}: expected a positive number of blocks")
+    if cfg.hidden is not None and cfg.hidden not in HIDDEN_KINDS:
+        raise PixelrecError(f"--hidden {cfg.hidden}: expected one of {', '.join(HIDDEN_KINDS)}")
+    if cfg.hidden is None and cfg.taps != "all":
+        raise PixelrecError(f"--taps {cfg.taps} chooses the layers of --hidden; give --hidden cls (or cls+mean) too")
 
 
 @contextlib.contextmanager
@@ -245,6 +255,7 @@ class _Plan:
     item_ids: list[str]  # the catalogue, sorted
     missing: frozenset[int]  # catalogue positions without an image
     attrs: dict  # the cache's header
+    taps: list[int]  # the taps stored with --hidden ([] without)
     start: Optional[int]  # first catalogue position to encode; None: `out` is already complete
 
 
@@ -257,9 +268,13 @@ def _plan(cfg: EncodeConfig, encoder: Optional[ImageEncoder], resume: bool = Tru
     encoder = build_encoder(cfg.encoder, device) if encoder is None else encoder.to(device).eval()
     if cfg.split_block is not None:
         encoder.check_split(cfg.split_block)
-    attrs = _cache_attrs(cfg, encoder, item_ids)
+    if cfg.hidden and not isinstance(encoder, ImageEncoder):
+        raise PixelrecError("--hidden stores an image encoder's per-layer states; a run's item tower "
+                            "(--from-run) has none")
+    taps = encoder.parse_taps(cfg.taps) if cfg.hidden else []
+    attrs = _cache_attrs(cfg, encoder, item_ids, taps)
     start = _resume_point(cfg, attrs) if resume else 0
-    return _Plan(cfg, store, encoder, device, item_ids, missing, attrs, start=start)
+    return _Plan(cfg, store, encoder, device, item_ids, missing, attrs, taps, start=start)
 
 
 def _resume_point(cfg: EncodeConfig, attrs: dict) -> Optional[int]:
@@ -324,6 +339,7 @@ def _open_writer(plan: _Plan) -> CacheWriter:
         embedding_dtype=np.dtype(np.float32 if plan.cfg.float32 else np.float16),
         token_shape=plan.encoder.token_shape(k) if k else None,
         top_blocks=plan.encoder.top_blocks(k) if k else None,
+        hidden_shape=(len(plan.taps), max(json.loads(plan.attrs["hidden_widths"]))) if plan.cfg.hidden else None,
     )
 
 
@@ -357,15 +373,20 @@ def _loader(plan: _Plan, lock: FileLock) -> DataLoader:
     )
 
 
-def _encode_batch(plan: _Plan, pixels: torch.Tensor) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Pixels [b, 3, H, W] -> (embeddings [b, E], tokens [b, T, W] or None) in the cache's dtype."""
+def _encode_batch(plan: _Plan, pixels: torch.Tensor
+                  ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    """Pixels [b, 3, H, W] -> (embeddings [b, E], tokens [b, T, W] or None, per-layer states
+    [b, taps, W] or None) in the cache's dtype."""
     cfg, encoder = plan.cfg, plan.encoder
     embedding_dtype = np.float32 if cfg.float32 else np.float16
     if pixels.numel() == 0:  # every image of the batch failed
-        return np.empty((0, encoder.dim), dtype=embedding_dtype), None
+        return np.empty((0, encoder.dim), dtype=embedding_dtype), None, None
+    hidden = None
     with torch.inference_mode(), autocast_for(plan.device, cfg.precision):
         x = pixels.to(plan.device, non_blocking=True)
-        if cfg.split_block:
+        if cfg.hidden:  # the same forward pass gives the pooled output, the tokens and the taps
+            pooled, tokens, hidden = encoder.forward_hidden(x, plan.taps, cfg.hidden, cfg.split_block)
+        elif cfg.split_block:
             pooled, tokens = encoder.forward_split(x, cfg.split_block)  # [b, E], [b, T, W]
         else:
             pooled, tokens = encoder(x), None  # [b, E]
@@ -374,7 +395,9 @@ def _encode_batch(plan: _Plan, pixels: torch.Tensor) -> tuple[np.ndarray, Option
         pooled = F.normalize(pooled, dim=-1)
     if tokens is not None:
         tokens = tokens.to(torch.float32 if cfg.float32 else torch.float16).cpu().numpy()
-    return pooled.cpu().numpy().astype(embedding_dtype), tokens
+    if hidden is not None:
+        hidden = hidden.to(torch.float32 if cfg.float32 else torch.float16).cpu().numpy()
+    return pooled.cpu().numpy().astype(embedding_dtype), tokens, hidden
 
 
 def _encode_batches(plan: _Plan, batches: Iterable, writer: CacheWriter) -> None:
@@ -383,13 +406,14 @@ def _encode_batches(plan: _Plan, batches: Iterable, writer: CacheWriter) -> None
     done = plan.start or 0
     with progress(total=len(ids), initial=done, unit="img", desc=f"encode {Path(plan.cfg.out).name}") as bar:
         for positions, pixels, failures, end in batches:
-            embeddings, tokens = _encode_batch(plan, pixels)
+            embeddings, tokens, hidden = _encode_batch(plan, pixels)
             writer.append(
                 [ids[p] for p in positions.tolist()],
                 embeddings,
                 tokens,
                 [(ids[p], reason) for p, reason in failures],
                 positions_done=end,
+                hidden=hidden,
             )
             bar.update(end - done)
             done = end

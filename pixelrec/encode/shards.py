@@ -78,7 +78,8 @@ def merge_shards(out: str | Path, shards: list[Path], item_ids: list[str], attrs
         first = opened[0]
         writer = CacheWriter.create(out, attrs, dim=first.dim, embedding_dtype=np.dtype(first.embedding_dtype),
                                     token_shape=first.token_shape,
-                                    top_blocks=first.top_blocks() if first.has_tokens else None)
+                                    top_blocks=first.top_blocks() if first.has_tokens else None,
+                                    hidden_shape=first.hidden_shape)
         try:
             _copy_blocks(writer, opened, item_ids, batch_size)
             writer.finish()
@@ -110,24 +111,27 @@ def _copy_blocks(writer: CacheWriter, shards: list[EmbeddingCache], item_ids: li
         while f < len(failures) and failures[f][0] < end:
             block_failed.append(failures[f][1:])
             f += 1
-        ids, embeddings, tokens = _read_rows(shards, block_rows, item_ids)
-        writer.append(ids, embeddings, tokens, block_failed, positions_done=end)
+        ids, embeddings, tokens, hidden = _read_rows(shards, block_rows, item_ids)
+        writer.append(ids, embeddings, tokens, block_failed, positions_done=end, hidden=hidden)
 
 
 def _read_rows(shards: list[EmbeddingCache], rows: list[tuple[int, int, int]], item_ids: list[str]):
-    """(item ids, embeddings, tokens or None) of (position, shard, row) triples, in their order."""
+    """(item ids, embeddings, tokens or None, per-layer states or None) of (position, shard, row)
+    triples, in their order."""
     first = shards[0]
     if not rows:
-        tokens = None
-        return [], np.empty((0, first.dim), dtype=first.embedding_dtype), tokens
-    embeddings, tokens = [], []
+        return [], np.empty((0, first.dim), dtype=first.embedding_dtype), None, None
+    embeddings, tokens, hidden = [], [], []
     for s in sorted({shard for _, shard, _ in rows}):
         picked = np.array([row for _, shard, row in rows if shard == s], dtype=np.int64)
         embeddings.append(shards[s].read_embeddings(picked).astype(first.embedding_dtype))
         if first.has_tokens:
             tokens.append(shards[s].read_tokens(picked))
+        if first.has_hidden:
+            hidden.append(shards[s].read_hidden(picked))
     ids = [item_ids[p] for p, _, _ in rows]
-    return ids, np.concatenate(embeddings), np.concatenate(tokens) if first.has_tokens else None
+    return (ids, np.concatenate(embeddings), np.concatenate(tokens) if first.has_tokens else None,
+            np.concatenate(hidden) if first.has_hidden else None)
 
 
 def remove_shards(shards: list[Path]) -> None:
