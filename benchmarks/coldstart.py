@@ -5,6 +5,8 @@ test targets.
     python benchmarks/coldstart.py PATH/ml100k.csv PATH/ml100k_items.csv [--seeds 0,1,2] [--out runs/coldstart]
         [--recipes id,frozen,partial,hybrid-plain,hybrid-dropout,hybrid-gate,hybrid-map,hybrid]
         [--recipe NAME:section.field=value,...] [--set section.field=value] [--plot coldstart.png]
+    python benchmarks/coldstart.py PATH/ml100k.csv PATH/ml100k_items.csv --models all [--recipes id,frozen,hybrid]
+        [--epochs N] [--model-epochs lightsans=N,srgnn=N]
 
 The data is not shipped with pixelrec (GroupLens terms): pass its paths. Everything is written
 under --out (default runs/coldstart): covers, the encoded cache, one interaction file per seed,
@@ -33,10 +35,16 @@ carries the title in an 8 px font. Covers are encoded once by the tiny random-in
 
 Recipes (`RECIPES`, each a set of FitConfig overrides on pixelrec's defaults): id, frozen, partial,
 the plain hybrid (all cold-start recipes off), each hybrid recipe alone and combined, and `hybrid`
-with pixelrec's defaults (the winner). Diagnosis recipes (`--diagnose`) replace the ViT features
+with pixelrec's defaults (the winner); `side`, `side-even`, `side-mean` (`--hidden cls+mean`) and
+`side-hybrid` (ID + side) fit `--items side` on a cache encoded with every layer's states. Diagnosis recipes (`--diagnose`) replace the ViT features
 with controlled ones to find why the frozen tower falls behind id on warm items.
 
-Prints one markdown table: overall, warm and cold Recall@10 / NDCG@10 and s/epoch, mean and sd
+`--models sasrec,gru4rec,...|all` fits every recipe (default: id, frozen, hybrid) with each sequence
+model of the registry (`--model`, at that model's own defaults), caches one result file per (model,
+recipe, seed) under results/<model>/, and prints the PixelRec-shaped table: models across, towers
+down, overall NDCG@10, warm NDCG@10 and cold Recall@10 per tower.
+
+Otherwise prints one markdown table: overall, warm and cold Recall@10 / NDCG@10 and s/epoch, mean and sd
 over seeds, and the targets: the default hybrid's warm NDCG@10 / id's (>= 0.98) and its cold
 Recall@10 / the best image-only tower's (>= 0.9). --plot draws warm NDCG@10 against cold Recall@10
 for every recipe (the warm/cold trade-off).
@@ -80,6 +88,14 @@ RECIPES: dict[str, dict] = {
 SWEEP = {f"hybrid-p{p:g}": {"items.kind": "hybrid", "items.hybrid_gate": "count", "items.image_to_id": 1.0,
                             "items.id_dropout": p} for p in (0.0, 0.1, 0.5)}
 RECIPES.update(SWEEP)
+# `--items side`: a side network over the cached per-layer states (`cache=hidden`: the covers encoded
+# with `--hidden cls`, every tap; `hidden-mean`: `--hidden cls+mean`); side-hybrid = ID + side.
+SIDE = {"side": {"items.kind": "side", "cache": "hidden"},
+        "side-even": {"items.kind": "side", "items.side_taps": "even", "cache": "hidden"},
+        "side-mean": {"items.kind": "side", "cache": "hidden-mean"},
+        "side-hybrid": {"items.kind": "hybrid", "items.image_branch": "side", "cache": "hidden"}}
+RECIPES.update(SIDE)
+HIDDEN_CACHES = {"hidden": "cls", "hidden-mean": "cls+mean"}  # cache kind -> `encode --hidden`
 FRONTIER = ("hybrid-p0", "hybrid-p0.1", "hybrid", "hybrid-p0.5")
 DEFAULT_RECIPES = ("id", "frozen", "partial", "hybrid-plain", "hybrid-dropout", "hybrid-gate", "hybrid-map", "hybrid")
 IMAGE_ONLY = ("frozen", "partial")
@@ -202,13 +218,16 @@ def write_covers(items_csv: str, out: Path) -> tuple[Path, "object"]:
     return covers, meta
 
 
-def encode_covers(covers: Path, out: Path, pooling: str = "model") -> Path:
+def encode_covers(covers: Path, out: Path, pooling: str = "model", hidden: str | None = None) -> Path:
+    """The covers' cache (`hidden`: with every layer's states, `encode --hidden`), encoded once."""
     from pixelrec.encode import EncodeConfig, EncoderConfig, encode_images
 
     cache = out / ("cache.h5" if pooling == "model" else f"cache_{pooling}.h5")
+    if hidden:
+        cache = cache.with_name(f"{cache.stem}_hidden-{hidden.replace('+', '-')}.h5")
     if not cache.is_file():
         encode_images(EncodeConfig(images=str(covers), out=str(cache), encoder=EncoderConfig(model=ENCODER, pooling=pooling),
-                                   split_block=SPLIT_BLOCK, device="cpu", num_workers=0))
+                                   split_block=SPLIT_BLOCK, device="cpu", num_workers=0, hidden=hidden))
     return cache
 
 
@@ -266,17 +285,21 @@ def parse_recipe(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def run_recipe(name: str, overrides: dict, seed: int, interactions: Path, caches: dict, out: Path, args) -> dict:
-    """Fit one recipe on one seed's split (or reuse its result file) -> its result row."""
+def run_recipe(name: str, overrides: dict, seed: int, interactions: Path, caches: dict, out: Path,
+               args) -> dict | None:
+    """Fit one recipe on one seed's split (or reuse its result file) -> its result row (None: not fitted
+    yet and --report-only)."""
     from pixelrec.recommend.config import FitConfig
     from pixelrec.runs.fit import fit
 
     overrides = {**overrides, **args.overrides}
-    result_file = out / "results" / f"{name}-seed{seed}.json"
+    result_file = out / "results" / f"{name}-seed{seed}.json"  # name is RECIPE or MODEL/RECIPE (--models)
     if result_file.is_file() and not args.refit:
         row = json.loads(result_file.read_text())
-        if row.get("overrides") == _jsonable(overrides):
+        if row.get("overrides") == _jsonable(overrides) and row.get("epochs_cap", 0) == epochs_cap(overrides, args):
             return row
+    if args.report_only:
+        return None
     cfg = FitConfig(interactions=str(interactions), out=str(out / "runs" / f"{name}-seed{seed}"))
     cache_kind = "vit"
     for key, value in overrides.items():
@@ -286,19 +309,27 @@ def run_recipe(name: str, overrides: dict, seed: int, interactions: Path, caches
             cfg.set(key, value)
     cfg.items.cache = str(caches[cache_kind]) if cfg.items.uses_cache else None
     cfg.train.seed, cfg.train.device = seed, args.device
-    if args.epochs:
-        cfg.train.epochs = args.epochs
+    if epochs_cap(overrides, args):
+        cfg.train.epochs = epochs_cap(overrides, args)
     t0 = time.time()
     res = fit(cfg, overwrite=True)
     test = res.test
-    row = {"recipe": name, "seed": seed, "overrides": _jsonable(overrides),
+    row = {"recipe": name, "model": cfg.model.model, "seed": seed, "overrides": _jsonable(overrides),
+           "epochs_cap": epochs_cap(overrides, args),
            **{f"{part}_{m}": test[part][m] for part in ("overall", "warm", "cold") for m in ("recall@10", "ndcg@10")},
            "cold_users": test["cold"]["users"], "warm_users": test["warm"]["users"],
            "s_per_epoch": res.seconds_per_epoch, "best_epoch": res.best_epoch, "epochs": res.epochs_run,
            "wall_s": round(time.time() - t0, 1)}
     result_file.parent.mkdir(parents=True, exist_ok=True)
-    result_file.write_text(json.dumps(row, indent=1))
+    tmp = result_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    os.replace(tmp, result_file)
     return row
+
+
+def epochs_cap(overrides: dict, args) -> int:
+    """The cap on epochs of a fit: --model-epochs for its model, else --epochs (0 = none)."""
+    return args.model_epochs.get(overrides.get("model.model"), args.epochs)
 
 
 def _jsonable(d: dict) -> dict:
@@ -332,6 +363,49 @@ def markdown_table(summary: dict[str, dict]) -> str:
         cells = [f"{s[f'{p}_{m}'][0]:.4f} ± {s[f'{p}_{m}'][1]:.4f}" for p, m in METRICS]
         lines.append(f"| {name} | {s['seeds']} | " + " | ".join(cells) + f" | {s['s_per_epoch'][0]:.1f} |")
     return "\n".join(lines)
+
+
+# The PixelRec-shaped table (--models): one row per (tower, metric), one column per model.
+GRID_METRICS = [("overall", "ndcg@10", "NDCG@10"), ("warm", "ndcg@10", "warm NDCG@10"), ("cold", "recall@10", "cold Recall@10")]
+GRID_RECIPES = ("id", "frozen", "hybrid")
+
+
+def model_grid(models: list[str], recipes: dict[str, dict]) -> dict[str, dict]:
+    """{"MODEL/RECIPE": overrides + --model MODEL} for every recipe and model (recipe-major: every model's
+    first recipe is fitted before any model's second)."""
+    return {f"{m}/{r}": {**overrides, "model.model": m} for r, overrides in recipes.items() for m in models}
+
+
+def parse_models(text: str) -> list[str]:
+    from pixelrec.recommend.models.registry import MODEL_SPECS
+
+    models = [m for m, s in MODEL_SPECS.items() if s.sequential] if text == "all" else [m for m in text.split(",") if m]
+    unknown = [m for m in models if m not in MODEL_SPECS]
+    if unknown or not models:
+        raise SystemExit(f"--models {text!r}: expected 'all' or a comma-separated list of {', '.join(MODEL_SPECS)}")
+    return models
+
+
+def grid_table(summary: dict[str, dict], models: list[str], recipes: list[str]) -> str:
+    """Models across, towers down: mean ± sd over seeds of each GRID_METRICS metric, then s/epoch and the
+    best epoch (counted from 0: one below the cap means the model was still improving)."""
+    def cell(name: str, key: str, digits: int = 4) -> str:
+        if name not in summary:
+            return "–"
+        mean, sd = summary[name][key]
+        n = summary[name]["seeds"]
+        return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if n > 1 else "")
+
+    lines = ["| tower | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for recipe in recipes:
+        for part, metric, label in GRID_METRICS:
+            lines.append(f"| {recipe} | {label} | " + " | ".join(cell(f"{m}/{recipe}", f"{part}_{metric}")
+                                                                  for m in models) + " |")
+    for key, label, digits in (("s_per_epoch", "s/epoch", 1), ("best_epoch", "best epoch", 0)):
+        for recipe in recipes:
+            lines.append(f"| {recipe} | {label} | " + " | ".join(cell(f"{m}/{recipe}", key, digits) for m in models) + " |")
+    seeds = sorted({summary[n]["seeds"] for n in summary})
+    return "\n".join(lines) + f"\n(seeds per cell: {', '.join(map(str, seeds))})"
 
 
 def targets(summary: dict[str, dict], candidate: str = "hybrid") -> list[str]:
@@ -413,15 +487,24 @@ def main() -> None:
     ap.add_argument("--out", default="runs/coldstart")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated: each seed draws its own cold items and trains")
     ap.add_argument("--cold-share", type=float, default=0.2)
-    ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help=f"of {', '.join(RECIPES)}")
+    ap.add_argument("--recipes", default="", help=f"of {', '.join(RECIPES)} (default: {', '.join(DEFAULT_RECIPES)}; "
+                    f"with --models: {', '.join(GRID_RECIPES)})")
+    ap.add_argument("--models", default="", help="comma-separated models of `pixelrec fit --model`, or all (every "
+                    "sequential one): every recipe with each, printed as the PixelRec-shaped table (models across, "
+                    "towers down)")
     ap.add_argument("--recipe", action="append", default=[], metavar="NAME:section.field=value,...",
-                    help="an extra recipe (repeatable); `cache=vit|vit-mean|meta|random|meta+random` picks the features")
+                    help="an extra recipe (repeatable); `cache=vit|vit-mean|hidden|hidden-mean|meta|random|meta+random` picks the features")
     ap.add_argument("--diagnose", action="store_true", help="also run the frozen diagnosis recipes (DIAGNOSIS)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="section.field=value",
                     help="change a setting in every recipe (repeatable)")
     ap.add_argument("--epochs", type=int, default=0, help="cap on epochs (0 = pixelrec's default)")
+    ap.add_argument("--model-epochs", default="", metavar="MODEL=N,...",
+                    help="with --models: a cap on epochs per model, instead of --epochs (e.g. for the models "
+                    "trained on every prefix, whose epochs cost more)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--refit", action="store_true", help="fit again even where a result file exists")
+    ap.add_argument("--report-only", action="store_true",
+                    help="fit nothing: print the table of the result files already there (missing cells: –)")
     ap.add_argument("--plot", default="", help="write the warm/cold trade-off plot here (PNG)")
     ap.add_argument("--frontier", default=",".join(FRONTIER),
                     help="comma-separated recipes joined by a line in the plot (the ID-dropout sweep)")
@@ -430,6 +513,10 @@ def main() -> None:
     if not args.synthetic and not (args.interactions and args.items):
         ap.error("give the ML-100K interactions and items CSVs, or --synthetic")
     args.overrides = dict(parse_recipe("set:" + ",".join(args.sets))[1]) if args.sets else {}
+    try:
+        args.model_epochs = {m: int(n) for m, _, n in (p.partition("=") for p in args.model_epochs.split(",") if p)}
+    except ValueError:
+        ap.error(f"--model-epochs {args.model_epochs!r}: expected MODEL=N[,MODEL=N...]")
     if args.synthetic:
         args.overrides = {**DEMO_FIT, **args.overrides}
 
@@ -438,10 +525,20 @@ def main() -> None:
     set_quiet(True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    recipes = {n: RECIPES[n] for n in filter(None, args.recipes.split(","))}
+    default_recipes = GRID_RECIPES if args.models else DEFAULT_RECIPES
+    names = [n for n in (args.recipes.split(",") if args.recipes else default_recipes) if n]
+    if unknown := [n for n in names if n not in RECIPES]:
+        ap.error(f"--recipes: unknown {', '.join(unknown)}; expected some of {', '.join(RECIPES)}")
+    recipes = {n: RECIPES[n] for n in names}
     recipes.update(dict(parse_recipe(s) for s in args.recipe))
     if args.diagnose:
         recipes.update(DIAGNOSIS)
+    models = parse_models(args.models) if args.models else []
+    if models and (args.plot or args.diagnose):
+        ap.error("--plot and --diagnose compare the recipes of one model; not with --models")
+    tower_names = list(recipes)
+    if models:
+        recipes = model_grid(models, recipes)
     seeds = [int(s) for s in args.seeds.split(",")]
 
     if args.synthetic:
@@ -453,7 +550,9 @@ def main() -> None:
     wanted = {o.get("cache", "vit") for o in recipes.values()}
     if "vit-mean" in wanted:
         caches["vit-mean"] = encode_covers(covers, out, "mean")
-    for kind in wanted - {"vit", "vit-mean"}:
+    for kind in wanted & set(HIDDEN_CACHES):
+        caches[kind] = encode_covers(covers, out, hidden=HIDDEN_CACHES[kind])
+    for kind in wanted - {"vit", "vit-mean", *HIDDEN_CACHES}:
         if meta is None:
             raise SystemExit(f"cache={kind}: controlled features exist for ML-100K only")
         caches[kind] = feature_cache(kind, meta, out)
@@ -466,6 +565,9 @@ def main() -> None:
         print(f"seed {seed}: {json.dumps(split_summary(split))}", flush=True)
         for name, overrides in recipes.items():
             row = run_recipe(name, overrides, seed, split, caches, out, args)
+            if row is None:
+                print(f"  {name:<22} no result yet (--report-only)", flush=True)
+                continue
             print(f"  {name:<22} warm N@10 {row['warm_ndcg@10']:.4f}  cold R@10 {row['cold_recall@10']:.4f}  "
                   f"overall N@10 {row['overall_ndcg@10']:.4f}  {row['s_per_epoch']:.1f} s/epoch  "
                   f"best {row['best_epoch']}/{row['epochs']}", flush=True)
@@ -480,6 +582,11 @@ def main() -> None:
               f"{ENCODER} random init; seeds {args.seeds}; mean ± sd over seeds")
     if args.sets:
         print(f"changed in every recipe: {', '.join(args.sets)}")
+    if models:
+        print(grid_table(summary, models, tower_names))
+        if args.json:
+            print(json.dumps(rows))
+        return
     print(markdown_table(summary))
     for line in targets(summary):
         print(line)

@@ -3,7 +3,8 @@
 #
 #   env        torch / CUDA / GPUs / FAISS GPU support
 #   encode     ViT-B-32 at 224 px: images/s of the model alone and of the whole encode, AMP and fp32
-#   fit        s/epoch of partial against e2e (top 2 blocks), AMP and fp32
+#   fit        s/epoch of partial (top 2 blocks) and side (every layer's cached class token) against
+#              e2e (top 2 blocks), AMP and fp32
 #   faiss      FAISS Flat and IVF on the GPU against the CPU; Flat results equal? (skipped without faiss-gpu);
 #              exact search (torch) per batch size against FAISS and torch.mm, identical for every batch?
 #   pixel200k  a Pixel200K-shaped epoch of id and partial (benchmarks/pixel200k.py's data)
@@ -27,7 +28,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="${2:?--out needs a directory}"; shift 2 ;;
     --dry-run) dry="--dry-run"; shift ;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "error: unknown argument $1 (expected --out DIR, --dry-run)" >&2; exit 2 ;;
   esac
 done

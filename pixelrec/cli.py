@@ -306,6 +306,13 @@ def synth(out_dir, users, items, cold_items, seed, image_size, styles, min_len, 
 @click.option("--seed", type=_SEED, default=0, show_default=True, help="Random-init seed (--pretrained none).")
 @click.option("--split-block", type=click.IntRange(min=1),
               help="Also cache the tokens entering the last K blocks (for --items partial).")
+@click.option("--hidden", type=click.Choice(["cls", "cls+mean"]),
+              help="Also cache per-layer states from the same pass (for --items side): each tapped layer's class "
+                   "token (cls+mean: and the mean of its patch tokens); ResNet / Swin / ConvNeXt: each stage's "
+                   "output pooled over positions (cls).")
+@click.option("--taps", default="all", show_default=True,
+              help="With --hidden: the layers to cache: all, even (the even ones and the last) or a list such as "
+                   "0,6,12 (ViT tap t: after block t, 0: before the first; others: stage t, 0: the stem).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="Decoding processes (default: min(4, cores)).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
@@ -325,8 +332,8 @@ def synth(out_dir, users, items, cold_items, seed, image_size, styles, min_len, 
                    "exit 2 if it is damaged.")
 @click.pass_context
 def encode(ctx, images, out, interactions, encoder, old_model, pretrained, pooling, preset, image_size, seed,
-           split_block, batch_size, workers, device, float32, normalize, skip_missing, overwrite, precision, from_run,
-           follow_symlinks, verify):
+           split_block, hidden, taps, batch_size, workers, device, float32, normalize, skip_missing, overwrite,
+           precision, from_run, follow_symlinks, verify):
     """Encode covers once into an HDF5 embedding cache (resumable: rerun the same command).
 
     `pixelrec encode --verify CACHE` checks an existing cache instead.
@@ -352,7 +359,8 @@ def encode(ctx, images, out, interactions, encoder, old_model, pretrained, pooli
     if from_run:
         from .runs.new_items import run_item_encoder
 
-        clash = {"encoder", "pretrained", "pooling", "preset", "image_size", "seed", "split_block", "normalize"} & _explicit(ctx)
+        clash = {"encoder", "pretrained", "pooling", "preset", "image_size", "seed", "split_block", "normalize",
+                 "hidden", "taps"} & _explicit(ctx)
         if clash:
             raise PixelrecError(f"--from-run takes the encoder from the run; drop --{sorted(clash)[0].replace('_', '-')}")
         from .runs.rundir import refuse_output_inside
@@ -368,7 +376,8 @@ def encode(ctx, images, out, interactions, encoder, old_model, pretrained, pooli
                                              image_size=image_size, seed=seed),
                        batch_size=batch_size, num_workers=workers, device=device, float32=float32,
                        split_block=split_block, normalize=normalize, skip_missing=skip_missing,
-                       overwrite=overwrite, precision=precision, follow_symlinks=follow_symlinks)
+                       overwrite=overwrite, precision=precision, follow_symlinks=follow_symlinks,
+                       hidden=hidden, taps=taps)
     s = encode_images(cfg, encoder=run_encoder)
     if s.already_complete:
         click.echo(f"{out}: already complete ({s.n_encoded} items, {s.n_failed} failed); nothing to do")
@@ -515,8 +524,9 @@ def fit(ctx: click.Context, config_file: str | None, print_config: bool, resume:
         click.echo(json.dumps(summary, indent=2))
     else:
         t = result.test["overall"]
-        click.echo(f"{result.run_dir}: best epoch {result.best_epoch} of {result.epochs_run}, "
-                   f"test NDCG@10 {t['ndcg@10']:.4f} Recall@10 {t['recall@10']:.4f} "
+        epochs = (f"best epoch {result.best_epoch} of {result.epochs_run}" if result.epochs_run
+                  else "no training")
+        click.echo(f"{result.run_dir}: {epochs}, test NDCG@10 {t['ndcg@10']:.4f} Recall@10 {t['recall@10']:.4f} "
                    f"({result.seconds:.0f}s, {result.seconds_per_epoch:.1f}s/epoch)")
 
 
@@ -859,7 +869,7 @@ def demo(workdir, towers, epochs, users, items, seed, device):
     click.echo(f"  history ({len(ret['history'])} items): {', '.join(ret['history'][-8:])}")
     for rank, (item, score) in enumerate(zip(ret["items"], ret["scores"]), 1):
         click.echo(f"  {rank}. {item}  {score:.4f}")
-    click.echo(f"\ndone in {r.seconds:.0f}s; runs are in {workdir}/ (try `pixelrec evaluate {workdir}/run_partial`)")
+    click.echo(f"\ndone in {r.seconds:.0f}s; runs are in {workdir}/ (try `pixelrec evaluate {ret['run_dir']}`)")
 
 
 def main() -> None:

@@ -64,7 +64,8 @@ class DemoResult:
 def run_demo(cfg: DemoConfig) -> DemoResult:
     t0 = time.time()
     work = Path(cfg.workdir)
-    data_dir, cache = work / "data", work / "cache.h5"
+    side = "side" in cfg.towers  # the side tower reads per-layer states: a cache with them (another file)
+    data_dir, cache = work / "data", work / ("cache_hidden.h5" if side else "cache.h5")
     log(f"[1/4] synthesising {cfg.users} users x {cfg.items} items ({cfg.cold_items} cold) in {data_dir}")
     if (data_dir / "synth.json").is_file() and json.loads((data_dir / "synth.json").read_text()).get("complete"):
         log(f"      {data_dir} exists; reusing it")
@@ -76,7 +77,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     log(f"[2/4] encoding covers once with {cfg.encoder} (random init) -> {cache}")
     encode_images(EncodeConfig(images=str(data_dir / "covers"), out=str(cache), interactions=interactions,
                                encoder=EncoderConfig(model=cfg.encoder, seed=cfg.seed),
-                               split_block=cfg.split_block, device=cfg.device, num_workers=0))
+                               split_block=cfg.split_block, device=cfg.device, num_workers=0,
+                               hidden="cls" if side else None))
 
     result = DemoResult()
     default_p = ItemsConfig().id_dropout
@@ -178,7 +180,7 @@ def format_table(rows: list[dict], cfg: DemoConfig, sweep: list[dict] = ()) -> s
     return "\n".join(lines)
 
 
-IMAGE_ONLY = ("frozen", "partial", "e2e")
+IMAGE_ONLY = ("frozen", "partial", "e2e", "side")
 
 
 def tradeoff_lines(rows: list[dict], sweep: list[dict] = ()) -> list[str]:

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pixelrec import distributed
 from pixelrec.data.sequences import load_sequences
-from pixelrec.recommend.batches import iterate_batches, sample_negatives, training_windows
+from pixelrec.recommend.batches import iterate_user_batches, sample_negatives, training_windows
 from pixelrec.recommend.build import build_recommender
 from pixelrec.recommend.config import FitConfig
 from pixelrec.recommend.train import _step_loss
@@ -30,11 +30,11 @@ def batch_gradient(spec: dict, world: distributed.World = distributed.World()) -
     model = build_recommender(cfg, data)
     windows = training_windows(data, cfg.model.max_len, cfg.train.windows, cfg.train.stride)
     gen = torch.Generator().manual_seed(1)
-    seq, trained = next(iter(iterate_batches(windows, cfg.train.batch_size, gen)))
+    seq, trained, users = next(iter(iterate_user_batches(windows, cfg.train.batch_size, gen)))
     neg = sample_negatives(seq, model.known_items, gen) if cfg.loss.loss == "bpr" else None
     uniform = model.draw_uniform_negatives(gen)
     step = DistributedDataParallel(model, forward_sync_buffers=False) if world.is_distributed else model
-    loss = _step_loss(model, step, seq, neg, uniform, trained, torch.device("cpu"), world)
+    loss = _step_loss(model, step, seq, neg, uniform, trained, torch.device("cpu"), world, users)
     loss.backward()
     value = world.all_reduce_sum(loss.detach()).item() / world.size
     return value, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}

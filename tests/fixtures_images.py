@@ -94,6 +94,18 @@ def encoded_cache(root: str, pooling: str = "model", seed: int = 0) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
+def hidden_cache(root: str, hidden: str = "cls", taps: str = "all") -> Path:
+    """`encoded_cache(root)` (same encoder, batches and split-block-2 tokens) with per-layer states."""
+    from pixelrec.encode.pipeline import EncodeConfig, encode_images
+    from pixelrec.encode.encoder import EncoderConfig
+
+    out = Path(root) / f"cache_hidden_{hidden.replace('+', '_')}_{taps.replace(',', '_')}.h5"
+    encode_images(EncodeConfig(images=str(Path(root) / "covers"), out=str(out), encoder=EncoderConfig(model=TINY_VIT),
+                               split_block=SPLIT, num_workers=0, device="cpu", batch_size=64, hidden=hidden, taps=taps))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
 def new_covers() -> Path:
     """A directory of 6 covers of items no run here knows (ids n00000..n00005), same styles as `cold_dataset`."""
     from pixelrec.data.synth import SynthConfig, synthesize
@@ -118,7 +130,7 @@ def image_config(data: ImageData, out: Path, kind: str, *, epochs: int, seed: in
                  cache: Path | None = None, init_from: Path | None = None, batch_size: int = 64,
                  **items_kw) -> FitConfig:
     items = ItemsConfig(kind=kind, **items_kw)
-    if kind in ("frozen", "partial", "hybrid"):
+    if kind in ("frozen", "partial", "hybrid", "side"):
         items.cache = str(cache or data.cache())
     if kind == "e2e":
         items.images = str(data.covers)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pixelrec.recommend.config import FitConfig
 from pixelrec.runs.fit import fit
@@ -262,3 +263,41 @@ def default_settings_cache() -> Path:
     encode_images(EncodeConfig(images=str(synth_dataset().covers), out=str(out), device="cpu", num_workers=0,
                                encoder=EncoderConfig(model="pixelrec-tiny-vit"), split_block=1))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def hidden_settings_cache() -> Path:
+    """`default_settings_cache` with per-layer states at the even taps (0, 2, 4 of the tiny ViT's 0..4)."""
+    from pixelrec.encode import EncodeConfig, EncoderConfig, encode_images
+
+    out = session_root() / "hidden-settings.h5"
+    encode_images(EncodeConfig(images=str(synth_dataset().covers), out=str(out), device="cpu", num_workers=0,
+                               encoder=EncoderConfig(model="pixelrec-tiny-vit"), split_block=1, hidden="cls",
+                               taps="even"))
+    return out
+
+
+def popularity_ndcg(data) -> float:
+    """Test NDCG@10 of ranking by training popularity, each user's history excluded (computed here)."""
+    counts = data.train_counts.astype(float).copy()
+    counts[0] = -np.inf
+    total = 0.0
+    for u in range(data.num_users):
+        scores = counts.copy()
+        scores[data.history(u, "test")] = -np.inf
+        rank = int((scores > scores[data.targets("test")[u]]).sum())
+        total += 1 / np.log2(rank + 2) if rank < 10 else 0.0
+    return total / data.num_users
+
+
+def assert_two_rank_fit_equals_one(tmp_path: Path, args: list) -> None:
+    """`pixelrec fit ARGS` under torchrun with 2 ranks trains the one-process fit's first-epoch loss (1e-5)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "pixelrec", "--quiet", "fit", *args, "--out", tmp_path / "two"]
+    r = subprocess.run([str(a) for a in cmd], capture_output=True, text=True, timeout=240,
+                       env={**cli_env(), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    one = invoke(["fit", *args, "--out", tmp_path / "one"])
+    assert one.exit_code == 0, one.output
+    got, want = read_jsonl(tmp_path / "two" / "metrics.jsonl"), read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    assert got[0]["train_loss"] == pytest.approx(want[0]["train_loss"], rel=1e-5)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fixtures_runs import (TINY_ARGS, copy_run, default_settings_cache, handmade_dataset, openai_layout_checkpoint,
-                           synth_dataset, trained_run)
+from fixtures_runs import (TINY_ARGS, copy_run, default_settings_cache, handmade_dataset, hidden_settings_cache,
+                           openai_layout_checkpoint, synth_dataset, trained_run)
 from pixelrec.cli import cli
 from pixelrec.runtime import set_quiet
 
@@ -108,6 +108,10 @@ BAD: dict[str, dict[str, list]] = {
         "verify": [Args("--verify", "{tmp}/missing.h5", alone=True), Args("--verify", "{file}", alone=True),
                    Args("--verify", "{file}")],  # with the encoding options: refused
         "precision": ["fp8", "half"],
+        "hidden": ["mean", Args("--hidden", "cls+mean", "--encoder", "pixelrec-tiny-rn")],  # a ResNet has no class token
+        "taps": [Args("--hidden", "cls", "--taps", "5"),  # the tiny ViT's taps are 0..4
+                 Args("--hidden", "cls", "--taps", "0,a"), Args("--taps", "even"),  # --taps without --hidden
+                 Args(*FROM_RUN, "{run}", "--hidden", "cls", alone=True)],
     },
     "fit": {
         "config_file": ["{tmp}/missing.toml", "{file}", "{tmp}", "{configs}/unparsable.toml", "{configs}/unknown.toml",
@@ -140,7 +144,18 @@ BAD: dict[str, dict[str, list]] = {
         "feature_norm": ["zscore"],
         "image_to_id": ["-1", "nan", "inf"],
         "cache_in_memory": ["maybe"],
-        "model": ["bert4rec"],
+        # a cache without per-layer states; taps the cache does not hold; a tap beyond the model's layers
+        "side_taps": [Args("--items", "side", "--cache", "{default_cache}"),
+                      Args("--items", "side", "--cache", "{hidden_cache}", "--side-taps", "1"),
+                      Args("--items", "side", "--cache", "{hidden_cache}", "--side-taps", "0,7"),
+                      Args("--items", "side", "--cache", "{hidden_cache}", "--side-taps", "x"),
+                      Args("--side-taps", "even")],  # the id tower has no side network
+        "side_dim": ["0", Args("--items", "frozen", "--cache", "{default_cache}", "--side-dim", "8")],
+        "side_residual": [Args("--side-residual")],
+        "model": ["caser", Args("--model", "vbpr"),  # vbpr reads the frozen cache
+                  Args("--model", "acf"),  # acf reads the cached tokens
+                  Args("--model", "visrank"),  # visrank reads the cached embeddings
+                  Args("--model", "vbpr", "--items", "frozen", "--cache", "{default_cache}", "--adapter", "mlp")],
         "dim": ["0", "-4", Args("--dim", "15", "--heads", "2")],
         "max_len": ["0"],
         "layers": ["0"],
@@ -148,6 +163,14 @@ BAD: dict[str, dict[str, list]] = {
         "dilations": [Args("--model", "nextitnet", "--dilations", "1,0"), Args("--model", "nextitnet", "--dilations", "a"),
                       Args("--dilations", "1,4")],  # sasrec has no dilations
         "interests": [Args("--model", "lightsans", "--interests", "0"), Args("--interests", "3")],
+        "mask_ratio": [Args("--model", "bert4rec", "--mask-ratio", "1.5"), Args("--model", "bert4rec", "--mask-ratio", "nan"),
+                       Args("--mask-ratio", "0.3")],  # sasrec has no cloze objective
+        "mask_last": [Args("--model", "bert4rec", "--mask-last", "-0.1"), Args("--mask-last", "0.5")],
+        "bert_head": [Args("--no-bert-head")],  # sasrec has no output head option
+        "visrank_k": [Args("--model", "visrank", "--cache", "{default_cache}", "--visrank-k", "0"),
+                      Args("--visrank-k", "2")],  # sasrec has no visrank k
+        "dssm_mlp": [Args("--model", "dssm", "--dssm-mlp", "64,0"), Args("--model", "dssm", "--dssm-mlp", "x"),
+                     Args("--dssm-mlp", "64")],  # sasrec has no user MLP
         "dropout": ["1.5", "nan", "-inf"],
         "attn_dropout": ["1.5", "nan", "-inf"],
         "positions": ["rotary"],
@@ -170,6 +193,7 @@ BAD: dict[str, dict[str, list]] = {
         "patience": ["0"],
         "windows": ["overlap", Args("--model", "lightsans", "--windows", "sliding"),  # not causal: prefixes only
                     Args("--model", "srgnn", "--windows", "chunks"),
+                    Args("--model", "bert4rec", "--windows", "sliding"),  # cloze hides items anywhere in a window
                     Args("--windows", "prefixes", "--stride", "3")],
         "stride": ["-1", "9"],
         "seed": ["-1", str(2**40)],
@@ -330,7 +354,8 @@ def places(tmp_path: Path) -> dict[str, str]:
     return {"unpublished": str(unpublished), "configs": str(configs), "tmp": str(work), "file": str(file), "foreign": str(foreign), "bad_csv": str(bad_csv),
             "csv": str(handmade_dataset().path), "covers": str(synth_dataset().covers), "run": str(run),
             "user": user, "item": item, "users_txt": str(users_txt), "new_covers": str(new_covers),
-            "openai_pt": str(openai_layout_checkpoint()), "default_cache": str(default_settings_cache())}
+            "openai_pt": str(openai_layout_checkpoint()), "default_cache": str(default_settings_cache()),
+            "hidden_cache": str(hidden_settings_cache())}
 
 
 CONFIG_FILES = {

@@ -69,8 +69,8 @@ def test_preset_sets_each_models_own_reference_values(model, layers, dim, batch)
 
 def test_unknown_model():
     c = cfg()
-    c.model.model = "bert4rec"
-    with pytest.raises(PixelrecError, match="unknown --model 'bert4rec'"):
+    c.model.model = "caser"
+    with pytest.raises(PixelrecError, match="unknown --model 'caser'"):
         c.validate()
 
 
@@ -89,7 +89,7 @@ def test_a_cache_the_tower_ignores_is_refused(kind):
     with pytest.raises(PixelrecError) as err:
         cfg(kind=kind, cache="c.h5", **inputs_of(kind)).validate()
     msg = str(err.value)
-    assert "--cache" in msg and f"--items {kind}" in msg and "frozen, partial or hybrid" in msg
+    assert "--cache" in msg and f"--items {kind}" in msg and "frozen, partial, hybrid or side" in msg
 
 
 @pytest.mark.parametrize("kind", [k for k in ITEM_KINDS if k not in IMAGE_KINDS])
@@ -340,8 +340,9 @@ def test_validate_is_resolve_then_check(monkeypatch):
 
 def test_check_sees_a_bad_value_even_when_resolve_cannot_fill_it():
     c = FitConfig(interactions="i.csv", out="o")
-    c.model.model = "bert4rec"  # no per-model defaults: layers stay None
-    with pytest.raises(PixelrecError, match="unknown --model 'bert4rec'; expected sasrec, gru4rec, nextitnet, lightsans or srgnn"):
+    c.model.model = "caser"  # no per-model defaults: layers stay None
+    with pytest.raises(PixelrecError, match="unknown --model 'caser'; expected sasrec, gru4rec, nextitnet, lightsans, "
+                                            "srgnn, bert4rec, "):
         c.validate()
 
 

@@ -84,10 +84,12 @@ def tiny_fit_args(interactions, out, *extra) -> list:
 
 
 # ---------------------------------------------------------------------------------------- fit
-def _spec(interactions, kind: str = "id", loss: str = "softmax", negatives: int = 0, **items) -> dict:
+def _spec(interactions, kind: str = "id", loss: str = "softmax", negatives: int = 0, model: str = "sasrec",
+          **items) -> dict:
     from fixtures_runs import tiny_config
 
-    cfg = tiny_config(interactions, "unused", loss=loss, negatives=negatives, dropout=0.0, attn_dropout=0.0)
+    cfg = tiny_config(interactions, "unused", model=model, loss=loss, negatives=negatives, dropout=0.0,
+                      attn_dropout=0.0)
     cfg.items.kind = kind
     for key, value in items.items():
         setattr(cfg.items, key, value)
@@ -99,6 +101,7 @@ def test_gradient_of_one_global_batch_equals_one_process(tmp_path):
     specs = [_spec(synth.interactions),  # id tower, full softmax
              _spec(synth.interactions, loss="bpr"),  # negatives drawn for the whole batch
              _spec(synth.interactions, negatives=32),  # sampled softmax: the whole batch's targets as candidates
+             _spec(synth.interactions, model="mf"),  # each rank's windows with their users' vectors
              _spec(images.interactions, kind="partial", cache=str(images.cache()))]  # candidates encoded in shares
     (tmp_path / "specs.json").write_text(json.dumps(specs))
     r = torchrun([TESTS / "ddp_gradient.py", tmp_path / "specs.json", tmp_path / "grads.pt"])

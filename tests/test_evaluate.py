@@ -134,7 +134,7 @@ class _FixedQueries:
     def eval(self):
         return self
 
-    def encode_histories(self, histories, item_table=None, batch_size=1024):
+    def encode_histories(self, histories, item_table=None, batch_size=1024, users=None):
         assert len(histories) == len(self.queries)
         return self.queries
 

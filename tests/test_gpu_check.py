@@ -38,7 +38,7 @@ def test_every_section_ran_and_is_in_the_json(dry_run):
     assert {r["precision"] for r in rows["encode"]} == {"AMP", "fp32"}
     assert all(r["model_alone_img_s"] > 0 and r["pipeline_img_s"] > 0 for r in rows["encode"])
     assert {(r["tower"], r["precision"]) for r in rows["fit"]} == {
-        (t, p) for t in ("partial", "e2e") for p in ("AMP", "fp32")}
+        (t, p) for t in ("partial", "side", "e2e") for p in ("AMP", "fp32")}
     assert {r["index"] for r in rows["faiss"]} == {"Flat", "IVF32,Flat"}
     assert [r for r in rows["faiss"] if r["index"] == "Flat"][0]["recall@10"] == 1.0
     assert {r["stage"] for r in rows["pixel200k"]} >= {"fit-id", "fit-partial"}

@@ -26,7 +26,7 @@ from pixelrec.recommend.build import (
     resolve_softmax,
     softmax_plan,
 )
-from pixelrec.recommend.config import FitConfig
+from pixelrec.recommend.config import MODEL_SPECS, FitConfig, SequenceConfig
 from pixelrec.recommend.losses import device_kind, logit_macs, plan_softmax, sequence_macs
 from pixelrec.recommend.towers import IdTower
 from pixelrec.runs.fit import fit
@@ -50,14 +50,51 @@ def config(**loss) -> FitConfig:
 
 
 # ------------------------------------------------------------------------------------ the cost model
+def seq(model: str, **kw) -> SequenceConfig:
+    return SequenceConfig(model=model, **{"dim": 2, "max_len": 3, "layers": 1, "inner_mult": 4, **kw})
+
+
 def test_sequence_macs_hand_cases():
     # SASRec, d 2, L 3, inner 4, 1 layer: 4*4 + 2*4*4 + 2*3*2 = 60 per position; x3 (fwd + bwd) x 2 positions
-    assert sequence_macs("sasrec", tokens=2, dim=2, layers=1, max_len=3, inner_mult=4) == 360
-    assert sequence_macs("sasrec", tokens=2, dim=2, layers=2, max_len=3, inner_mult=4) == 720
+    assert sequence_macs(seq("sasrec"), tokens=2) == 360
+    assert sequence_macs(seq("sasrec", layers=2), tokens=2) == 720
     # GRU4Rec, d 2, hidden 4: 3 (2*4 + 4*4) + 4*2 = 80 per position; a second layer adds 3 (4*4 + 4*4) = 96
-    assert sequence_macs("gru4rec", tokens=5, dim=2, layers=1, max_len=3) == 3 * 5 * 80
-    assert sequence_macs("gru4rec", tokens=5, dim=2, layers=2, max_len=3) == 3 * 5 * (80 + 96)
+    assert sequence_macs(seq("gru4rec"), tokens=5) == 3 * 5 * 80
+    assert sequence_macs(seq("gru4rec", layers=2), tokens=5) == 3 * 5 * (80 + 96)
+    # NextItNet, dilations 1,4 (2 blocks), 2 kernel-3 convolutions of 2x2 each: 2 * 2 * 3 * 4 = 48
+    assert sequence_macs(seq("nextitnet", dilations="1,4"), tokens=1) == 3 * 48
+    # layers left unset: the model's default (SASRec's 2)
+    assert sequence_macs(seq("sasrec", layers=None), tokens=2) == 720
     assert logit_macs(64) == 192
+
+
+@pytest.mark.parametrize("model", [name for name, spec in MODEL_SPECS.items() if spec.trains])
+def test_every_models_modelled_cost_is_what_its_forward_pass_multiplies(model):
+    """The cost rule's per-position cost of each registry model against torch's count of the matrix
+    products of one forward pass (8 windows of 12, d 32, 2 layers): within 5% (+ d for running sums)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pixelrec.recommend.sequence import build_sequence_encoder
+
+    B, L, d = 8, 12, 32
+    extra = {"dssm_mlp": "48"} if "dssm_mlp" in MODEL_SPECS[model].reads else {}
+    cfg = SequenceConfig(model=model, dim=d, max_len=L, layers=2, heads=2, inner_mult=2, **extra)
+    enc = build_sequence_encoder(cfg, num_users=5)
+    x, mask = torch.randn(B, L, d), torch.ones(B, L, dtype=torch.bool)
+    args = (x, mask)
+    if getattr(enc, "reads_items", False):
+        args = (x, mask, torch.randint(1, 20, (B, L)))
+    if getattr(enc, "reads_users", False):
+        args = (x, mask, torch.zeros(B, dtype=torch.long), *args[2:])
+    if model == "acf":  # attends over each item's cached tokens: the shape its cost assumes
+        from pixelrec.recommend.models.acf import COST_TOKENS, COST_WIDTH
+
+        enc.attach_tokens(torch.randn(20, COST_TOKENS, COST_WIDTH))
+    with FlopCounterMode(display=False) as counter:
+        enc(*args)
+    counted = counter.get_total_flops() / 2 / (B * L)  # multiply-adds per window position
+    modelled = sequence_macs(cfg, tokens=1) / 3  # forward only
+    assert abs(counted - modelled) <= 0.05 * modelled + d, (counted, modelled)
 
 
 SASREC_REST = 3 * 2_560 * 2 * (4 * 64**2 + 8 * 64**2 + 40 * 64)  # SASRec defaults, batch 128: 794,296,320

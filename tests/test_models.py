@@ -137,8 +137,8 @@ def test_gru_hidden_size():
 def test_build_sequence_encoder_kinds_and_errors():
     assert isinstance(build_sequence_encoder(seq_cfg("sasrec")), SASRec)
     assert isinstance(build_sequence_encoder(seq_cfg("gru4rec")), GRU4Rec)
-    with pytest.raises(PixelrecError, match="bert4rec"):
-        build_sequence_encoder(seq_cfg("bert4rec"))
+    with pytest.raises(PixelrecError, match="caser"):
+        build_sequence_encoder(seq_cfg("caser"))
     with pytest.raises(PixelrecError, match="--dim 10"):
         build_sequence_encoder(seq_cfg("sasrec", dim=10, heads=3))
 

@@ -12,6 +12,7 @@ import pytest
 
 from pixelrec.cli import cli
 from pixelrec.recommend import config
+from pixelrec.recommend.models.registry import MODEL_SPECS
 from pixelrec.recommend.config import (
     DEFAULT_LAYERS,
     DEFAULT_LR,
@@ -114,6 +115,10 @@ def test_validate_accepts_exactly_the_options_choices(opt):
             c.items.cache = "c.h5"
         if c.items.kind == "e2e":
             c.items.images = "covers"
+        if c.model.model == "vbpr":  # reads the frozen cache
+            c.items.kind, c.items.cache = "frozen", "c.h5"
+        if c.model.model in ("acf", "visrank"):  # read the cache whatever the tower
+            c.items.cache = "c.h5"
         c.validate()
     c = FitConfig(interactions="i.csv", out="o")
     c.set(opt.key, "no-such-choice")
@@ -135,11 +140,14 @@ def test_fit_help_shows_every_default():
 def test_per_model_defaults_are_written_from_the_tables():
     by_key = {o.key: o for o in fit_options()}
     assert by_key["model.layers"].spec.default_text == per_model(DEFAULT_LAYERS) == (
-        "2 for sasrec, 1 for gru4rec, 1 for nextitnet, 1 for lightsans, 1 for srgnn")
+        "2 for sasrec, 1 for gru4rec, 1 for nextitnet, 1 for lightsans, 1 for srgnn, 2 for bert4rec")
     assert by_key["train.lr"].spec.default_text == per_model(DEFAULT_LR) == (
-        "0.001 for sasrec, 0.002 for gru4rec, 0.001 for nextitnet, 0.001 for lightsans, 0.001 for srgnn")
+        "0.001 for sasrec, 0.002 for gru4rec, 0.001 for nextitnet, 0.001 for lightsans, 0.001 for srgnn, "
+        "0.003 for bert4rec, 0.01 for mf, 0.001 for fm, 0.005 for dssm, 0.01 for vbpr, 0.01 for acf, 0 for visrank")
     assert by_key["train.windows"].spec.default_text == per_model(DEFAULT_WINDOWS)
-    assert set(DEFAULT_LAYERS) == set(DEFAULT_LR) == set(DEFAULT_WINDOWS) == set(config.MODELS)
+    assert set(DEFAULT_LR) == set(DEFAULT_WINDOWS) == set(config.MODELS)
+    # a default number of layers for exactly the models that stack layers
+    assert set(DEFAULT_LAYERS) == {m for m, spec in MODEL_SPECS.items() if "layers" in spec.reads}
     assert set(config.PRESETS) == set(config.PRESET_NAMES)
 
 
@@ -178,7 +186,8 @@ ENCODE_FIELDS = {  # option -> (dataclass, field)
     "device": ("EncodeConfig", "device"), "float32": ("EncodeConfig", "float32"),
     "normalize": ("EncodeConfig", "normalize"), "skip_missing": ("EncodeConfig", "skip_missing"),
     "overwrite": ("EncodeConfig", "overwrite"), "precision": ("EncodeConfig", "precision"),
-    "follow_symlinks": ("EncodeConfig", "follow_symlinks"),
+    "follow_symlinks": ("EncodeConfig", "follow_symlinks"), "hidden": ("EncodeConfig", "hidden"),
+    "taps": ("EncodeConfig", "taps"),
 }
 ENCODE_NOT_FIELDS = {"from_run": "picks the encoder (a run's item tower) instead of an EncoderConfig",
                      "verify": "checks an existing cache (encode.cache.verify_cache) instead of encoding",

@@ -121,7 +121,73 @@ MODEL_ROWS = {
         ("train.batch_size", 512, "README.md PixelNet table, SRGNN row: B [512] (IDNet row: 64)"),
         ("train.weight_decay", 0.01, "README.md PixelNet table, SRGNN row: β [0.01]"),
     ],
+    "bert4rec": [
+        ("model.layers", 2, "PixelNet/bert4rec.yaml:2 n_layers: 2"),
+        ("model.heads", 4, "PixelNet/bert4rec.yaml:3 n_heads: 4"),
+        ("model.dim", 512, "PixelNet/bert4rec.yaml:4 embedding_size: 512"),
+        ("model.inner_mult", 1, "PixelNet/bert4rec.yaml:5 inner_size: 1 (times embedding_size, "
+                                "REC/model/PixelNet/mobert4rec.py:18)"),
+        ("model.dropout", 0.1, "PixelNet/bert4rec.yaml:6 hidden_dropout_prob: 0.1"),
+        ("model.attn_dropout", 0.1, "PixelNet/bert4rec.yaml:7 attn_dropout_prob: 0.1"),
+        ("model.norm", "post", "PixelNet/bert4rec.yaml:9 layer_norm_eps: 1e-12; REC/model/layers.py:615,671 "
+                               "LayerNorm(hidden + input) (the TransformerEncoder SASRec uses)"),
+        ("model.mask_ratio", 0.6, "PixelNet/bert4rec.yaml:11 mask_ratio: 0.6"),
+        ("model.mask_last", 0.0, "REC/data/dataset/trainset.py:418-479 BERT4RecTrainDataset masks positions "
+                                 "at random only: no last-item-only samples"),
+        ("model.bert_head", False, "REC/model/PixelNet/mobert4rec.py:101-109 the transformer's output at the "
+                                   "masked positions is scored directly (BPR), no output head"),
+        ("train.lr", 1e-4, "README.md PixelNet table, BERT4Rec row: γ [0.0001] (IDNet row: 0.00005)"),
+        ("train.batch_size", 64, "README.md PixelNet table, BERT4Rec row: B [64]"),
+        ("train.weight_decay", 0.1, "README.md PixelNet table, BERT4Rec row: β [0.1]"),
+    ],
 }
+# The non-sequential models (docs/models.md): the README's hyper-parameter table and the model yamls as
+# ../shared/reference/pixelrec-models.md section 2 gathers them; the PixelNet lr / weight decay / batch of FM
+# and DSSM are overall/ViT.yaml's (the README has no PixelNet row for them).
+MODEL_ROWS.update({
+    "mf": [
+        ("model.dim", 4096, "IDNet/mf.yaml embedding_size: 4096 (PixelNet/momf.yaml: 4096); mlp_hidden_size: [] "
+                            "= no tower MLP (REC/model/IDNet/mf.py:52-62 score = <e_u, e_i>)"),
+        ("train.lr", 1e-4, "README.md IDNet table, MF row: γ [0.0001]"),
+        ("train.batch_size", 512, "README.md IDNet table, MF row: B [512]"),
+        ("train.weight_decay", 0.0, "README.md IDNet table, MF row: β [0]"),
+    ],
+    "fm": [
+        ("model.dim", 4096, "PixelNet/mofm.yaml embedding_size: 4096 (README; IDNet/fm.yaml: 2048)"),
+        ("model.dropout", 0.0, "IDNet/fm.yaml dropout_prob: 0"),
+        ("train.lr", 1e-4, "overall/ViT.yaml:35 rec_lr: 0.0001 (README IDNet table, FM row: 5e-5)"),
+        ("train.batch_size", 64, "overall/ViT.yaml:24 train_batch_size: 16 per GPU x 4 GPUs"),
+        ("train.weight_decay", 0.1, "overall/ViT.yaml:37 rec_decay: 0.1 (README IDNet table, FM row: 0)"),
+    ],
+    "dssm": [
+        ("model.dim", 4096, "IDNet/dssm.yaml and PixelNet/modssm.yaml embedding_size: 4096"),
+        ("model.dssm_mlp", "", "IDNet/dssm.yaml mlp_hidden_size: [] (no tower MLP; REC/model/IDNet/dssm.py:46-69)"),
+        ("model.dropout", 0.0, "IDNet/dssm.yaml dropout_prob: 0"),
+        ("train.lr", 1e-4, "overall/ViT.yaml:35 rec_lr: 0.0001 (README IDNet table, DSSM row: 0.0001)"),
+        ("train.batch_size", 64, "overall/ViT.yaml:24 16 per GPU x 4 GPUs (README IDNet table, DSSM row: B [64])"),
+        ("train.weight_decay", 0.1, "overall/ViT.yaml:37 rec_decay: 0.1 (README IDNet table, DSSM row: 0)"),
+    ],
+    "vbpr": [
+        ("model.dim", 4096, "ViNet/vbpr.yaml embedding_size: 4096 = 2048 id factors + 2048 visual factors "
+                            "(REC/model/ViNet/vbpr.py:55-70)"),
+        ("train.lr", 1e-3, "README.md ViNet table, VBPR row and vbpr.yaml: id parameters γ [0.001]"),
+        ("train.weight_decay", 0.0, "README.md ViNet table, VBPR row: id parameters β [0]"),
+        ("train.encoder_lr", 1e-4, "vbpr.yaml: parameters named 'projection' (E, beta') at lr 0.0001"),
+        ("train.encoder_weight_decay", 0.1, "vbpr.yaml: 'projection' parameters at weight decay 0.1"),
+        ("train.batch_size", 512, "ViNet/vbpr.yaml train_batch_size: 512"),
+    ],
+    "acf": [
+        ("model.dim", 512, "ViNet/acf.yaml embedding_size: 512 (README ViNet table, ACF row: 128)"),
+        ("model.max_len", 10, "ACFEvalDataset (REC/data/dataset/evalset.py:148-183): the last 10 items + the user id"),
+        ("train.lr", 1e-4, "ViNet/acf.yaml and README ViNet table, ACF row: γ [0.0001]"),
+        ("train.weight_decay", 0.01, "ViNet/acf.yaml weight_decay: 0.01 (README ViNet table, ACF row: β 0.1)"),
+        ("train.batch_size", 512, "ViNet/acf.yaml train_batch_size: 512 (README ViNet table, ACF row: 64)"),
+    ],
+    "visrank": [
+        ("model.max_len", 50, "VisRankEvalDataset (REC/data/dataset/evalset.py:113-145): the last 50 items"),
+        ("model.visrank_k", 1, "REC/model/ViNet/visrank.py:37-55 top_num 1: the largest similarity"),
+    ],
+})
 MODEL_ROW_CASES = [(m, *row) for m, rows in MODEL_ROWS.items() for row in rows]
 
 # What `encode --preset pixelrec` applies (cli.ENCODE_PIXELREC_PRESET), with the reference's source.
@@ -144,6 +210,10 @@ def test_fit_preset_setting(key, value, source):
 def test_fit_preset_setting_of_each_model(model, key, value, source):
     cfg = FitConfig(interactions="i.csv", out="o")
     cfg.model.model = model
+    if model == "vbpr":  # reads the frozen cache
+        cfg.items.kind, cfg.items.cache = "frozen", "c.h5"
+    if model in ("acf", "visrank"):  # read the cache whatever the tower
+        cfg.items.cache = "c.h5"
     cfg = apply_preset(cfg, "pixelrec").validate()
     assert cfg.get(key) == value, f"{model} {key}: reference {source}"
 

@@ -74,7 +74,8 @@ def evaluate_model(
 
     if negatives:  # cheap, and its negatives come from one random stream: every process computes it whole
         histories = [data.history(u, split) for u in range(data.num_users)]
-        queries = model.encode_histories(histories, item_table=table, batch_size=batch_size)
+        queries = model.encode_histories(histories, item_table=table, batch_size=batch_size,
+                                         users=np.arange(data.num_users))
         ranks = _sampled_protocol(queries, table, data, split, targets, negatives, seed)
         report["protocol"] = f"sampled: target vs {negatives} random non-interacted items per user"
     else:
@@ -97,13 +98,7 @@ def evaluate_model(
         else:
             report["index"] = {"spec": EXACT_SPEC, "exact": True}
 
-    report["overall"] = summarize(ranks, ks)
-    target_counts = counts[targets]
-    cold = target_counts < cold_threshold
-    report["cold_threshold"] = cold_threshold
-    report["cold"] = summarize(ranks[cold], ks)
-    report["warm"] = summarize(ranks[~cold], ks)
-    report["buckets"] = summarize_groups(ranks, target_buckets(counts, targets), ks, order=POPULARITY_BUCKETS)
+    report.update(ranks_report(ranks, data, split, ks, cold_threshold))
     untrained = int((counts[1:] == 0).sum())
     if tower_kind in ("id",) and untrained:
         report["notes"] = [f"{untrained} items have no training interactions; the id model scores them with "
@@ -111,11 +106,21 @@ def evaluate_model(
     return report
 
 
+def ranks_report(ranks: np.ndarray, data: SequenceData, split: str, ks, cold_threshold: int) -> dict[str, Any]:
+    """The metrics part of a report from each user's target rank: overall, cold / warm targets (fewer /
+    at least `cold_threshold` training interactions) and by the target's popularity bucket."""
+    counts, targets = data.train_counts, data.targets(split)
+    cold = counts[targets] < cold_threshold
+    return {"overall": summarize(ranks, ks), "cold_threshold": cold_threshold, "cold": summarize(ranks[cold], ks),
+            "warm": summarize(ranks[~cold], ks),
+            "buckets": summarize_groups(ranks, target_buckets(counts, targets), ks, order=POPULARITY_BUCKETS)}
+
+
 def _rank_batch(model, data: SequenceData, split: str, users: np.ndarray, table: torch.Tensor, exact: ItemIndex,
                 approx: ItemIndex | None, targets: np.ndarray, k_max: int, ks) -> tuple[np.ndarray, dict]:
     """(rank of each user's target [u], per k the share of the exact top-k the approximate index found)."""
     histories = [data.history(u, split) for u in users]
-    queries = model.encode_histories(histories, item_table=table, batch_size=len(users))
+    queries = model.encode_histories(histories, item_table=table, batch_size=len(users), users=users)
     _, exact_ids = exact.search(queries, k_max, exclude=histories)
     if approx is None:
         return target_ranks(exact_ids, targets[users]), {}

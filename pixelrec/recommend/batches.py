@@ -19,6 +19,10 @@ ways to cut windows:
   items, training only its newest target, i.e. only the window's last position. The one cut that
   suits models whose states are not causal (``prefix`` objective, models/registry.py).
 
+Under the ``cloze`` objective (BERT4Rec) a window is a sequence of up to L + 1 items of which
+`cloze_masks` hides some; every item may be a target, so it takes ``chunks`` or ``overlapping``
+windows (config refuses the cuts made for next-item targets).
+
 A one-item training sequence has no transition and gives no window, unless `keep_single` asks for
 it as a window that trains nothing (the PixelRec code keeps it: with the loss averaged over a
 batch's sequences it still counts in the average, `LossConfig.mean_over`).
@@ -39,10 +43,12 @@ WindowMode = Literal["sliding", "overlapping", "chunks", "prefixes"]
 
 @dataclass
 class Windows:
-    """items [W, L + 1] int32 left-padded windows; trained [W] int32: how many newest targets each trains."""
+    """items [W, L + 1] int32 left-padded windows; trained [W] int32: how many newest targets each trains;
+    users [W] int32: the user index each window comes from (models with a vector per user, e.g. MF)."""
 
     items: np.ndarray
     trained: np.ndarray
+    users: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -85,15 +91,17 @@ def training_windows(data: SequenceData, max_len: int, mode: WindowMode = "slidi
     stride = stride or max_len
     rows: list[np.ndarray] = []
     trained: list[int] = []
+    users: list[int] = []
     for u in range(data.num_users):
         seq = data.train_sequence(u)
         for s, e, k in window_bounds(len(seq), max_len, mode, stride, keep_single):
             rows.append(seq[s:e])
             trained.append(k)
+            users.append(u)
     out = np.zeros((len(rows), max_len + 1), dtype=np.int32)
     for i, r in enumerate(rows):
         out[i, max_len + 1 - len(r) :] = r
-    return Windows(out, np.asarray(trained, dtype=np.int32))
+    return Windows(out, np.asarray(trained, dtype=np.int32), np.asarray(users, dtype=np.int32))
 
 
 def left_pad(histories: list[np.ndarray], max_len: int) -> np.ndarray:
@@ -110,17 +118,52 @@ def iterate_batches(
     windows: Windows, batch_size: int, generator: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled batches: (items [B, L + 1] int64, trained [B] int64) of the windows."""
+    for items, trained, _ in iterate_user_batches(windows, batch_size, generator):
+        yield items, trained
+
+
+def iterate_user_batches(
+    windows: Windows, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """`iterate_batches` (the same order for the same generator) with each window's user index [B]
+    int64 as a third member (None when the windows carry no users)."""
     order = torch.randperm(len(windows), generator=generator).numpy()
     for i in range(0, len(order), batch_size):
         rows = order[i : i + batch_size]
+        users = None if windows.users is None else torch.from_numpy(windows.users[rows].astype(np.int64))
         yield (torch.from_numpy(windows.items[rows].astype(np.int64)),
-               torch.from_numpy(windows.trained[rows].astype(np.int64)))
+               torch.from_numpy(windows.trained[rows].astype(np.int64)), users)
+
+
+def cloze_masks(seq: torch.Tensor, trained: torch.Tensor, ratio: float, last_share: float,
+                generator: torch.Generator) -> torch.Tensor:
+    """[B, W] bool: the slots of windows seq [B, W] that a cloze step hides (BERT4Rec's training).
+
+    A window with a target (trained > 0) hides each of its items with probability `ratio` and at
+    least one (where the draw hid none, the item with the smallest draw, i.e. a uniformly chosen
+    one); a `last_share` of the windows hides only its last item instead, as a user vector is
+    computed at inference (RecBole after its issue #1530). Padding is never hidden, and a window
+    that trains nothing (`keep_single`) hides nothing. Every draw comes from `generator`.
+    """
+    B, W = seq.shape
+    real = (seq != 0) & (trained > 0)[:, None].to(seq.device)
+    last_only = (torch.rand(B, generator=generator) < last_share).to(seq.device)
+    draw = torch.rand(B, W, generator=generator).to(seq.device)
+    hidden = (draw < ratio) & real
+    none = ~hidden.any(1) & real.any(1)
+    first = draw.masked_fill(~real, 2.0).argmin(1)  # the real slot with the smallest draw
+    hidden[none, first[none]] = True
+    hidden[last_only] = False
+    hidden[:, -1] |= last_only & real[:, -1]
+    return hidden
 
 
 def sample_negatives(
-    seq: torch.Tensor, candidates: int | torch.Tensor, generator: torch.Generator, rounds: int = 10
+    seq: torch.Tensor, candidates: int | torch.Tensor, generator: torch.Generator, rounds: int = 10,
+    width: int | None = None,
 ) -> torch.Tensor:
-    """One uniform negative per target position [B, L], never among the window's items (PixelRec BPR).
+    """One uniform negative per target position [B, L] (or [B, width]: the cloze objective has a target
+    at every slot of a window, width = L + 1), never among the window's items (PixelRec BPR).
 
     `candidates`: the item indices negatives are drawn from (training uses the items that have
     training interactions: items first seen at test time did not exist yet), or an int N for 1..N.
@@ -131,7 +174,8 @@ def sample_negatives(
         candidates = torch.arange(1, candidates + 1)
     B, L1 = seq.shape
     draw = lambda n: candidates[torch.randint(0, len(candidates), (n,), generator=generator)]  # noqa: E731
-    neg = draw(B * (L1 - 1)).view(B, L1 - 1)
+    n = L1 - 1 if width is None else width
+    neg = draw(B * n).view(B, n)
     for _ in range(rounds):
         clash = (neg[:, :, None] == seq[:, None, :]).any(-1)  # [B, L]
         if not clash.any():

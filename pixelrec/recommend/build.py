@@ -10,6 +10,7 @@ from ..data.sequences import SequenceData
 from ..errors import PixelrecError
 from .batches import window_bounds
 from .config import MIN_NEGATIVES, FitConfig
+from .models.registry import model_spec
 from .image_towers import build_image_tower
 from .losses import SoftmaxPlan, device_kind, plan_softmax, sequence_macs
 from .model import Recommender
@@ -19,6 +20,10 @@ from .towers import IdTower, ItemTower
 
 def build_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
     kind = cfg.items.kind
+    if cfg.model.model == "vbpr":  # its own tower: id factors + a linear projection of the cached embedding
+        from .models.vbpr import build_vbpr_tower
+
+        return build_vbpr_tower(cfg, data)
     if kind == "id":
         return IdTower(data.num_items, cfg.model.dim)
     return build_image_tower(cfg, data)
@@ -33,9 +38,14 @@ def build_recommender(cfg: FitConfig, data: SequenceData, device: object = "cpu"
     tower = build_tower(cfg, data)
     asked = (cfg.loss.softmax, cfg.loss.negatives)
     plan = resolve_softmax(cfg, data, tower, device)
+    encoder = build_sequence_encoder(cfg.model, data.num_users)
+    if cfg.model.model == "acf":  # every item's cached tokens (its component-level attention)
+        from .models.acf import attach_acf_tokens
+
+        attach_acf_tokens(encoder, cfg, data)
     model = Recommender(
         tower=tower,
-        encoder=build_sequence_encoder(cfg.model),
+        encoder=encoder,
         max_len=cfg.model.max_len,
         loss=cfg.loss,
         popularity=popularity,
@@ -90,7 +100,7 @@ def softmax_plan(cfg: FitConfig, data: SequenceData, tower: ItemTower, device: o
     """The cost rule's plan for this configuration and data on `device` (see `losses.plan_softmax`)."""
     m = cfg.model
     batch = cfg.train.batch_size
-    other = sequence_macs(m.model, batch * m.max_len, m.dim, m.layers or 1, m.max_len, m.inner_mult, m.gru_hidden)
+    other = sequence_macs(m, batch * m.max_len)
     item = 3.0 * _dense_weights(tower)
     positions = batch * mean_trained_per_window(cfg, data)
     return plan_softmax(plan_items(cfg, data), positions, m.dim, other, item, cfg.loss.full_softmax_max_share,
@@ -119,8 +129,17 @@ def mean_trained_per_window(cfg: FitConfig, data: SequenceData) -> float:
         bounds = window_bounds(length, cfg.model.max_len, cfg.train.windows or "sliding",
                                cfg.train.stride or cfg.model.max_len, keep_single)
         windows += count * len(bounds)
-        trained += count * sum(k for _, _, k in bounds)
+        trained += count * sum(_targets_of_window(cfg, k) for _, _, k in bounds)
     return trained / max(windows, 1)
+
+
+def _targets_of_window(cfg: FitConfig, trained: int) -> float:
+    """Trained positions of a window training `trained` next-item targets; under the cloze objective
+    (BERT4Rec) the expected hidden slots of its trained + 1 items (`batches.cloze_masks`)."""
+    if trained == 0 or model_spec(cfg.model.model).objective != "cloze":
+        return trained
+    m = cfg.model
+    return m.mask_last + (1 - m.mask_last) * max(1.0, m.mask_ratio * (trained + 1))
 
 
 def _dense_weights(tower: ItemTower) -> int:

@@ -23,21 +23,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import PixelrecError
-from .models.registry import MODEL_SETTINGS, MODEL_SPECS, default_of, model_spec
+from .models.registry import CACHE_MODELS, MODEL_SETTINGS, MODEL_SPECS, default_of, model_spec
 
 if TYPE_CHECKING:
     from .towers import ItemTower
 
 # ---------------------------------------------------------------------------------- choice lists
-ITEM_KINDS = ("id", "frozen", "partial", "e2e", "hybrid")
-CACHE_KINDS = ("frozen", "partial", "hybrid")  # item towers that read an embedding cache (--cache)
+ITEM_KINDS = ("id", "frozen", "partial", "e2e", "hybrid", "side")
+CACHE_KINDS = ("frozen", "partial", "hybrid", "side")  # item towers that read an embedding cache (--cache)
 IMAGE_KINDS = ("e2e",)  # item towers that read the covers themselves (--images)
 ADAPTERS = ("auto", "linear", "mlp")
 HEADS = ("pooled", "pooled_relu", "token_relu_mean")
 HYBRID_MODES = ("sum", "concat", "switch")
 HYBRID_GATES = ("none", "count")
 FEATURE_NORMS = ("none", "standardize", "whiten")
-IMAGE_BRANCHES = ("frozen", "partial")
+IMAGE_BRANCHES = ("frozen", "partial", "side")
 CACHE_IN_MEMORY = ("auto", "yes", "no")
 MODELS = tuple(MODEL_SPECS)  # the sequence models: one ModelSpec each (models/registry.py)
 POSITIONS = ("relative", "absolute")
@@ -103,8 +103,11 @@ class ItemsConfig:
     kind: str = setting(
         "id", flag="--items", choices=ITEM_KINDS,
         help="Item tower: id (IDNet), frozen (cached embedding + adapter), partial (cached split-block tokens "
-             "+ top encoder blocks), e2e (raw images, PixelNet), hybrid (id + image).")
-    cache: str | None = setting(None, path="file", help="HDF5 cache from `pixelrec encode` (frozen/partial/hybrid).")
+             "+ top encoder blocks), e2e (raw images, PixelNet), hybrid (id + image), side (a side network over "
+             "the cached per-layer states of `encode --hidden`).")
+    cache: str | None = setting(None, path="file",
+                                help="HDF5 cache from `pixelrec encode` (frozen/partial/hybrid/side; "
+                                     "--model acf / visrank read it whatever the tower).")
     images: str | None = setting(None, path="any", help="Covers dir or LMDB (e2e).")
     encoder: str = setting("ViT-B-32", help="open_clip model (e2e).")
     pretrained: str = setting("none", help="none | open_clip tag | local checkpoint path (e2e).")
@@ -152,6 +155,17 @@ class ItemsConfig:
         1.0, at_least=0,
         help="hybrid: weight of an auxiliary loss that trains a map from the image part to the item's trained "
              "id embedding; items without an id (cold, new, dropped) use the predicted one. 0 = off.")
+    side_dim: int = setting(
+        64, at_least=1,
+        help="side: bottleneck width of the side network's adapters (IISAN's 64).")
+    side_taps: str = setting(
+        "all",
+        help="side: the cached taps the side network reads: all, even (the even ones and the last) or a list "
+             "such as 0,6,12 (a subset of the cache's `encode --taps`).")
+    side_residual: bool = setting(
+        False,
+        help="side: add the frozen tower (cached pooled embedding + adapter) to the side network's output; the "
+             "side head starts at zero, so at step 0 the tower equals --items frozen.")
     grad_checkpointing: bool = setting(False, help="e2e: trade compute for memory.")
     cache_in_memory: str = setting("auto", choices=CACHE_IN_MEMORY, help="Load the cache into RAM (auto: when it is small).")
 
@@ -166,7 +180,7 @@ class SequenceConfig:
     """The sequence encoder (user tower): one of the models of models/registry.py. Fields other than
     SHARED_SETTINGS (registry) are read only by the models whose ModelSpec lists them (`--help` marks them)."""
 
-    model: str = setting("sasrec", choices=MODELS, help="Sequence model (docs/models.md).")
+    model: str = setting("sasrec", choices=MODELS, help="Model: sequential, or non-sequential mf, fm, dssm, vbpr, acf, visrank (docs/models.md).")
     dim: int = setting(64, at_least=1, help="Item/user vector size.")
     max_len: int = setting(20, at_least=1, help="Items of history the model sees.")
     layers: int | None = setting(None, at_least=1, default_text=per_model(DEFAULT_LAYERS),
@@ -192,6 +206,24 @@ class SequenceConfig:
         help="Dilations of one repetition of residual blocks, comma-separated; each block convolves at d "
              "then 2d (kernel 3), so 1,4 gives dilations 1,2,4,8 (the PixelRec code's).")
     interests: int = setting(3, at_least=1, help="Latent interests the history is aggregated into (k).")
+    mask_ratio: float = setting(
+        0.2, at_least=0, at_most=1,
+        help="Cloze training: each item of a window is hidden behind the mask vector with this probability (at "
+             "least one per window; RecBole 0.2, the PixelRec code 0.6).")
+    mask_last: float = setting(
+        0.5, at_least=0, at_most=1,
+        help="Cloze training: this share of the windows hides only its last item, as the user vector is computed "
+             "(RecBole's fix after its issue #1530; the PixelRec code: 0).")
+    bert_head: bool = setting(
+        True, help="An output head (Linear, GELU, LayerNorm) on the states before scoring (RecBole's, #1839); "
+                   "--no-bert-head scores the transformer's output as the PixelRec code does.")
+    visrank_k: int = setting(
+        1, at_least=1,
+        help="VisRank: an item's score is the mean of its k largest cosine similarities to the history's items "
+             "(1 = the largest, the PixelRec code's top_num).")
+    dssm_mlp: str = setting(
+        "", default_text="none", help="Hidden sizes of an MLP on DSSM's user side (mean history vector -> tanh layers -> --dim), "
+                 "comma-separated; empty = none, as the PixelRec code's mlp_hidden_size: [].")
 
 
 @dataclass
@@ -243,7 +275,8 @@ class TrainConfig:
         None, choices=WINDOWS, default_text=per_model(DEFAULT_WINDOWS),
         help="How training sequences are cut: sliding (each target once, in the window where it has the most "
              "context), overlapping (every target of every window), chunks (PixelRec's non-overlapping chunks), "
-             "prefixes (every prefix -> its next item, one target per window: the only one for lightsans).")
+             "prefixes (every prefix -> its next item, one target per window: the only one for lightsans). bert4rec "
+             "(cloze) takes chunks or overlapping.")
     stride: int = setting(
         0, help="Sliding windows: a window ends every STRIDE items and trains its newest STRIDE targets "
                 "(1 = one sample per prefix, as RecBole). 0 = auto: max-len/6 for id/frozen, max-len/2 for "
@@ -415,11 +448,34 @@ class FitConfig:
             raise PixelrecError(f"--windows {windows} trains several positions of a window at once, which needs a "
                                 f"causal model; --model {spec.name} attends over its whole window: use --windows "
                                 f"prefixes (one target per prefix)")
+        if spec.objective == "cloze" and windows in ("sliding", "prefixes"):
+            raise PixelrecError(f"--windows {windows} cuts windows for next-item targets; --model {spec.name} hides "
+                                f"items anywhere in a window (cloze): use --windows chunks or overlapping")
         if windows == "prefixes" and self.train.stride not in (0, 1):
             raise PixelrecError(f"--stride applies to sliding and overlapping windows, not to --windows prefixes "
                                 f"(every prefix is one window); drop --stride {self.train.stride}")
         if "dilations" in spec.reads:
             parse_dilations(self.model.dilations)
+        if "dssm_mlp" in spec.reads:
+            parse_sizes(self.model.dssm_mlp)
+        if spec.name == "vbpr":
+            self._check_vbpr()
+        if spec.name == "visrank" and not self.items.cache:
+            raise PixelrecError("--model visrank ranks items by their cached embeddings: give --cache CACHE.h5 "
+                                "(made by `pixelrec encode --images COVERS --out CACHE.h5`)")
+        if spec.name == "acf" and not self.items.cache:
+            raise PixelrecError("--model acf attends over each item's cached image tokens: give --cache CACHE.h5 "
+                                "(made by `pixelrec encode --images COVERS --out CACHE.h5 --split-block 1`)")
+
+    def _check_vbpr(self) -> None:
+        """VBPR reads each item's frozen cached embedding through its own linear projection."""
+        items = self.items
+        if items.kind != "frozen" or not items.cache:
+            raise PixelrecError("--model vbpr reads each item's frozen cached embedding: use --items frozen --cache "
+                                "CACHE.h5 (made by `pixelrec encode --images COVERS --out CACHE.h5`)")
+        if items.adapter not in ("auto", "linear"):
+            raise PixelrecError(f"--model vbpr projects the cached embedding linearly (E f_i and the visual bias); "
+                                f"drop --adapter {items.adapter}")
 
     def _check_inputs(self) -> None:
         """The chosen item tower has the inputs it reads, and no input it would ignore."""
@@ -428,13 +484,19 @@ class FitConfig:
             raise PixelrecError(f"--items {items.kind} needs --cache CACHE.h5 (made by `pixelrec encode`)")
         if items.kind in IMAGE_KINDS and not items.images:
             raise PixelrecError("--items e2e needs --images DIR|LMDB (the covers) and --encoder")
-        if items.cache and not items.uses_cache:
+        if items.cache and not items.uses_cache and self.model.model not in CACHE_MODELS:
             raise PixelrecError(f"--cache is read only by --items {_one_of(CACHE_KINDS)}, not by --items "
                                 f"{items.kind}; drop --cache or choose one of those towers")
         if items.images and items.kind not in IMAGE_KINDS:
             raise PixelrecError(f"--images is read only by --items {_one_of(IMAGE_KINDS)}, not by --items "
                                 f"{items.kind}; drop --images or choose that tower")
         branch = items.image_branch if items.kind == "hybrid" else items.kind
+        defaults = {f.name: f.default for f in dataclasses.fields(ItemsConfig)}
+        side_given = ["--" + name.replace("_", "-") for name in ("side_dim", "side_taps", "side_residual")
+                      if getattr(items, name) != defaults[name]]
+        if side_given and branch != "side":
+            raise PixelrecError(f"{side_given[0]} shapes the side network of --items side (or hybrid --image-branch "
+                                f"side); --items {items.kind} has none: drop {side_given[0]}")
         if not items.tune_head and branch not in ("partial", "e2e"):
             tower = "--items hybrid --image-branch frozen" if items.kind == "hybrid" else f"--items {items.kind}"
             raise PixelrecError(f"--no-tune-head freezes the image encoder's own head, which only --items partial or "
@@ -476,13 +538,16 @@ _ITEM_SETTING_BRANCHES: dict[str, tuple[str, ...]] = {
     "pretrained": ("e2e",),
     "image_size": ("e2e",),
     "tune_blocks": ("partial", "e2e"),  # partial: the split block `--preset pixelrec` checks the cache for
-    "adapter": ("frozen", "partial", "e2e"),
-    "dropout": ("frozen", "partial", "e2e"),
+    "adapter": ("frozen", "partial", "e2e", "side"),  # side: the frozen part of --side-residual
+    "dropout": ("frozen", "partial", "e2e", "side"),
     "feature_norm": ("frozen",),
     "head": ("frozen", "partial", "e2e"),  # frozen: the pooling `--preset pixelrec` checks the cache for
     "tune_head": ("partial", "e2e"),
     "grad_checkpointing": ("partial", "e2e"),
-    "cache_in_memory": ("partial", "e2e"),
+    "cache_in_memory": ("partial", "e2e", "side"),
+    "side_dim": ("side",),
+    "side_taps": ("side",),
+    "side_residual": ("side",),
 }
 _HYBRID_SETTINGS = ("hybrid", "image_branch", "id_dropout", "hybrid_gate", "image_to_id")
 # Sequence-model settings and the models that read them: models/registry.py (MODEL_SETTINGS).
@@ -507,6 +572,21 @@ def parse_dilations(text: str) -> tuple[int, ...]:
         values = ()
     if not values or any(v < 1 for v in values):
         raise PixelrecError(f"--dilations must be positive integers separated by commas, e.g. 1,4 (got {text!r})")
+    return values
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """"256,128" -> (256, 128), "" -> (); PixelrecError naming --dssm-mlp for anything but positive integers."""
+    text = str(text).strip()
+    if not text:
+        return ()
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise PixelrecError(f"--dssm-mlp must be positive integers separated by commas, e.g. 256,256, or empty "
+                            f"(got {text!r})")
     return values
 
 

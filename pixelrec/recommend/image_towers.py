@@ -573,6 +573,10 @@ def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
             tower = PartialTower(cache, data, d, adapter, it.head, it.cache_in_memory, it.dropout, it.tune_head)
             if it.grad_checkpointing:
                 tower.top.set_grad_checkpointing(True)
+    elif kind == "side":
+        from .side_tower import build_side_tower  # side_tower builds on this module's FrozenTower
+
+        tower = build_side_tower(open_cache(it.cache), data, d, it, resolve_adapter(it.adapter, "frozen"))
     elif kind == "e2e":
         encoder = build_encoder(EncoderConfig(model=it.encoder, pretrained=it.pretrained, image_size=it.image_size,
                                               pooling="mean" if it.head == "token_relu_mean" else "model",

@@ -13,10 +13,17 @@ would dominate every step and an epoch's cost would grow with interactions x cat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from .models.registry import model_spec
+
+if TYPE_CHECKING:
+    from .config import SequenceConfig
 
 
 def bpr_loss(states: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -79,17 +86,15 @@ def logit_macs(dim: int) -> float:
     return 3.0 * dim
 
 
-def sequence_macs(model: str, tokens: int, dim: int, layers: int, max_len: int, inner_mult: int = 4,
-                  gru_hidden: int = 0) -> float:
-    """Modelled multiply-adds of the sequence encoder over `tokens` window positions (padding included),
-    forward and backward: SASRec 4d^2 (attention projections) + 2 inner d^2 (feed-forward) + 2 L d
-    (attention) per position and layer; GRU4Rec 3 (in h + h^2) per position and layer + h d output."""
-    if model == "gru4rec":
-        h = gru_hidden or 2 * dim
-        per_token = sum(3 * ((dim if i == 0 else h) * h + h * h) for i in range(layers)) + h * dim
-    else:
-        per_token = layers * (4 * dim * dim + 2 * inner_mult * dim * dim + 2 * max_len * dim)
-    return 3.0 * tokens * per_token
+def sequence_macs(cfg: "SequenceConfig", tokens: int) -> float:
+    """Modelled multiply-adds of the sequence encoder `cfg.model` over `tokens` window positions (padding
+    included), forward and backward (3x the forward). Each model states its forward cost per position
+    in its own module, `token_macs(cfg)` beside the class its ModelSpec's factory names."""
+    spec = model_spec(cfg.model)
+    if cfg.layers is None and "layers" in spec.reads:
+        cfg = replace(cfg, layers=spec.defaults["model.layers"])
+    module = importlib.import_module(f"{__package__}.models.{spec.factory.partition(':')[0]}")
+    return 3.0 * tokens * module.token_macs(cfg)
 
 
 @dataclass(frozen=True)

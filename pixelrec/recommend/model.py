@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..distributed import World
-from .batches import left_pad
+from .batches import cloze_masks, left_pad
 from .config import LossConfig
 from .losses import bpr_loss, expected_draws_log, softmax_loss
 from .towers import ItemTower
@@ -45,14 +45,26 @@ class Recommender(nn.Module):
         self.register_buffer("known_position", position, persistent=False)  # item -> index in known_items
 
     # ---- forward pieces ----------------------------------------------------------------------
-    def states(self, item_vecs: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    def states(self, item_vecs: torch.Tensor, seq: torch.Tensor, users: torch.Tensor | None = None,
+               hidden: torch.Tensor | None = None) -> torch.Tensor:
         """item_vecs [B, L, d] of seq [B, L] (left-padded) -> states [B, L, d]. An encoder that marks
-        `reads_items` (SR-GNN: repeated items are one graph node) also gets the item indices."""
+        `reads_items` (SR-GNN: repeated items are one graph node) also gets the item indices; one that
+        marks `reads_users` (MF, VBPR: a learned vector per training user) gets the user indices [B].
+        hidden [B, L] (the cloze objective's training): the slots the encoder hides behind its mask
+        vector. Without it a cloze encoder (BERT4Rec) appends a mask slot after the history and returns
+        [B, L + 1, d], so the last state is the user vector as for every model."""
+        if hidden is not None:
+            return self.encoder(item_vecs, seq != 0, hidden)
+        if getattr(self.encoder, "reads_users", False):
+            if getattr(self.encoder, "reads_items", False):  # ACF: the history's cached tokens too
+                return self.encoder(item_vecs, seq != 0, users, seq)
+            return self.encoder(item_vecs, seq != 0, users)
         if getattr(self.encoder, "reads_items", False):
             return self.encoder(item_vecs, seq != 0, seq)
         return self.encoder(item_vecs, seq != 0)
 
-    def user_vectors(self, seq: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
+    def user_vectors(self, seq: torch.Tensor, item_table: torch.Tensor | None = None,
+                     users: torch.Tensor | None = None) -> torch.Tensor:
         """seq [B, L] left-padded item indices -> user vectors [B, d] (state after the last item).
 
         item_table [N + 1, d]: precomputed item vectors to look up instead of running the tower
@@ -63,12 +75,20 @@ class Recommender(nn.Module):
         else:
             uniq, inv = torch.unique(seq, return_inverse=True)
             vecs = self.tower(uniq)[inv]  # [B, L, d]
-        return self.states(vecs, seq)[:, -1]
+        return self.states(vecs, seq, users)[:, -1]
 
     @torch.no_grad()
     def encode_histories(self, histories: list[np.ndarray], item_table: torch.Tensor | None = None,
-                         batch_size: int = 1024) -> np.ndarray:
-        """User vectors [U, d] float32 for a list of item-index histories (most recent last)."""
+                         batch_size: int = 1024, users: np.ndarray | None = None) -> np.ndarray:
+        """User vectors [U, d] float32 for a list of item-index histories (most recent last).
+
+        users [U]: the training user index of each history (-1 = not a training user), read only by an
+        encoder with a vector per training user (MF, VBPR): a training user gets its learned vector, any
+        other history is folded in (`recommend.foldin`)."""
+        if getattr(self.encoder, "reads_users", False):
+            from .foldin import user_vectors_of
+
+            return user_vectors_of(self, histories, users, item_table)
         device = next(self.parameters()).device
         table = None if item_table is None else item_table.to(device)
         out = []
@@ -84,17 +104,29 @@ class Recommender(nn.Module):
 
     def training_loss(self, seq: torch.Tensor, neg: torch.Tensor | None = None,
                       generator: torch.Generator | None = None, trained: torch.Tensor | None = None, *,
-                      uniform: torch.Tensor | None = None, share: "BatchShare | None" = None) -> torch.Tensor:
-        """seq [B, L + 1] left-padded windows; neg [B, L] BPR negatives (loss bpr only);
+                      uniform: torch.Tensor | None = None, share: "BatchShare | None" = None,
+                      users: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """seq [B, L + 1] left-padded windows; neg [B, L] BPR negatives (loss bpr only; [B, L + 1] for
+        cloze); users [B]: the windows' user indices (encoders that read them, MF and VBPR); hidden
+        [B, L + 1]: the cloze objective's hidden slots (`draw_hidden`; None for the other objectives);
         trained [B]: how many of each window's newest targets to train (None = all); uniform: the
         sampled softmax's uniform negatives (drawn from `generator` when not given);
         share: this process's part of a larger global batch (distributed training), None = all of it.
 
         The recommendation loss plus the item tower's own auxiliary loss, if it has one
         (`ItemTower.auxiliary_loss`, computed over the items of this step)."""
-        loss = self.recommendation_loss(seq, neg, generator, trained, uniform=uniform, share=share)
+        loss = self.recommendation_loss(seq, neg, generator, trained, uniform=uniform, share=share, users=users,
+                                        hidden=hidden)
         aux = self.tower.auxiliary_loss()
         return loss if aux is None else loss + aux
+
+    def draw_hidden(self, seq: torch.Tensor, trained: torch.Tensor, generator: torch.Generator | None
+                    ) -> torch.Tensor | None:
+        """The slots of windows seq [B, L + 1] a cloze step hides (`batches.cloze_masks` with the
+        encoder's mask_ratio and mask_last); None for an encoder with another objective."""
+        if getattr(self.encoder, "objective", None) != "cloze":
+            return None
+        return cloze_masks(seq, trained, self.encoder.mask_ratio, self.encoder.mask_last, generator)
 
     def draw_uniform_negatives(self, generator: torch.Generator | None) -> torch.Tensor | None:
         """The sampled softmax's uniform negatives for one step (None for bpr and full softmax)."""
@@ -107,8 +139,10 @@ class Recommender(nn.Module):
 
     def recommendation_loss(self, seq: torch.Tensor, neg: torch.Tensor | None = None,
                             generator: torch.Generator | None = None, trained: torch.Tensor | None = None, *,
-                            uniform: torch.Tensor | None = None, share: "BatchShare | None" = None) -> torch.Tensor:
-        """The next-item loss of `training_loss` alone (bpr or softmax, see LossConfig).
+                            uniform: torch.Tensor | None = None, share: "BatchShare | None" = None,
+                            users: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The recommendation loss of `training_loss` alone (bpr or softmax, see LossConfig), for every
+        objective (`Targets`): next item (causal, prefix) or the hidden items (cloze).
 
         Averaged over the trained positions, or with `mean_over="sequences"` (the PixelRec code)
         summed over each window's positions and averaged over the windows. With `share` (distributed
@@ -117,25 +151,25 @@ class Recommender(nn.Module):
         gradients, and the item tower, unless cheap, encodes
         each unique item of the whole batch once, in shares (`BatchShare.vectors`), so W processes
         compute one process's gradient with 1/W of its item-encoding work each."""
-        inputs, targets = seq[:, :-1], seq[:, 1:]
-        mask = trained_positions(seq, trained)  # [B, L]
+        goal = Targets.of(seq, trained, hidden)
+        inputs, targets, mask = goal.inputs(seq), goal.targets(seq), goal.mask  # [B, n] each
         cfg = self.loss_cfg
         per_window = cfg.mean_over == "sequences"
         reduction = "sum" if share is not None or per_window else "mean"
         if cfg.loss == "bpr":
             neg = neg.masked_fill(~mask, 0)  # no need to encode negatives of positions without a target
-            vecs = self._vectors(torch.cat([seq, neg], 1), share, share and share.bpr_items())  # [B, 2L + 1, d]
-            L = inputs.shape[1]
-            states = self.states(vecs[:, :L], inputs)
-            loss = bpr_loss(states[mask], vecs[:, 1 : L + 1][mask], vecs[:, L + 1 :][mask], reduction)
+            vecs = self._vectors(torch.cat([seq, neg], 1), share, share and share.bpr_items())  # [B, W + n, d]
+            W = seq.shape[1]
+            states = self.states(vecs[:, : inputs.shape[1]], inputs, users, goal.hidden)
+            loss = bpr_loss(states[mask], vecs[:, goal.shift : W][mask], vecs[:, W:][mask], reduction)
         elif cfg.use_full_softmax(self.tower):
             all_vecs = self.tower(torch.arange(self.tower.num_items + 1, device=seq.device))  # [N + 1, d]
-            states = self.states(all_vecs[inputs], inputs)
+            states = self.states(all_vecs[inputs], inputs, users, goal.hidden)
             # candidates: every item with training interactions (not padding, not cold items)
             loss = softmax_loss(states[mask], all_vecs[self.known_items], self.known_position[targets[mask]],
                                 reduction=reduction)
         else:
-            loss = self._sampled_softmax(inputs, targets, mask, generator, uniform, share, reduction)
+            loss = self._sampled_softmax(goal, inputs, targets, generator, uniform, share, reduction, users)
         if share is None:
             return loss / len(seq) if per_window else loss
         return loss * share.world.size / max(len(share.seq) if per_window else share.positions, 1)
@@ -150,8 +184,9 @@ class Recommender(nn.Module):
         batch_items = batch_items.to(items.device)
         return share.vectors(batch_items, self.tower)[torch.searchsorted(batch_items, items)]
 
-    def _sampled_softmax(self, inputs, targets, mask, generator, uniform, share, reduction) -> torch.Tensor:
+    def _sampled_softmax(self, goal, inputs, targets, generator, uniform, share, reduction, users=None) -> torch.Tensor:
         """Candidates = the (global) batch's targets + uniform negatives, logits log-q corrected."""
+        mask = goal.mask
         if uniform is None:
             uniform = self.draw_uniform_negatives(generator)
         uniform = uniform.to(inputs.device)
@@ -159,14 +194,42 @@ class Recommender(nn.Module):
         batch_pos = pos if share is None else share.targets.to(inputs.device)  # the whole batch's
         cand = torch.unique(torch.cat([batch_pos, uniform]))  # [C] sorted
         labels = torch.searchsorted(cand, pos)  # this process's positives among the candidates
-        batch_items = None if share is None else torch.unique(torch.cat([share.seq[:, :-1].flatten().to(cand.device),
-                                                                        cand]))
+        batch_items = None
+        if share is not None:  # every item the whole batch encodes: its windows' inputs and the candidates
+            batch_items = torch.unique(torch.cat([goal.inputs(share.seq).flatten().to(cand.device), cand]))
         vecs = self._vectors(torch.cat([inputs.flatten(), cand]), share, batch_items)
         n_in = inputs.numel()
         item_vecs, cand_vecs = vecs[:n_in].view(*inputs.shape, -1), vecs[n_in:]  # [B, L, d], [C, d]
-        states = self.states(item_vecs, inputs)
+        states = self.states(item_vecs, inputs, users, goal.hidden)
         logq = expected_draws_log(cand, self.popularity, len(batch_pos), len(uniform), len(self.known_items))
         return softmax_loss(states[mask], cand_vecs, labels, logq, reduction=reduction)
+
+
+@dataclass
+class Targets:
+    """What a training batch of windows seq [B, W] predicts, under every objective: the states of
+    `inputs(seq)` = seq[:, :W - shift] at the `mask` [B, n] positions predict `targets(seq)[mask]`.
+
+    shift 1, the causal and prefix objectives: position t predicts the item at t + 1 (`trained_positions`);
+    shift 0, cloze: a hidden slot predicts its own item, `hidden` [B, W] being the slots whose item the
+    encoder replaces by its mask vector."""
+
+    shift: int
+    mask: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, seq: torch.Tensor, trained: torch.Tensor | None, hidden: torch.Tensor | None) -> "Targets":
+        if hidden is None:
+            return cls(1, trained_positions(seq, trained))
+        hidden = hidden.to(seq.device) & (seq != 0)
+        return cls(0, hidden, hidden)
+
+    def inputs(self, seq: torch.Tensor) -> torch.Tensor:
+        return seq[:, : seq.shape[1] - self.shift]
+
+    def targets(self, seq: torch.Tensor) -> torch.Tensor:
+        return seq[:, self.shift :]
 
 
 def trained_positions(seq: torch.Tensor, trained: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,19 +247,21 @@ def trained_positions(seq: torch.Tensor, trained: torch.Tensor | None = None) ->
 class BatchShare:
     """One process's part of a global training batch (distributed data parallel training).
 
-    seq [B, L + 1], trained [B], neg [B, L] or None: the whole global batch, which every process
-    holds (its own part is a slice of it); world: the processes sharing it.
+    seq [B, L + 1], trained [B], neg [B, L] or None, hidden [B, L + 1] or None (cloze): the whole
+    global batch, which every process holds (its own part is a slice of it); world: the processes sharing it.
     """
 
     seq: torch.Tensor
     trained: torch.Tensor
     neg: torch.Tensor | None
     world: World
+    hidden: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.mask = trained_positions(self.seq, self.trained)  # [B, L] the whole batch's trained positions
+        goal = Targets.of(self.seq, self.trained, self.hidden)
+        self.mask = goal.mask  # [B, n] the whole batch's trained positions
         self.positions = int(self.mask.sum())  # the loss's normaliser
-        self.targets = self.seq[:, 1:][self.mask]  # the sampled softmax's in-batch candidates, batch order
+        self.targets = goal.targets(self.seq)[self.mask]  # the sampled softmax's in-batch candidates, batch order
 
     def bpr_items(self) -> torch.Tensor:
         """The unique items a bpr step of the whole batch encodes (windows + negatives of trained positions)."""

@@ -29,10 +29,12 @@ __all__ = ["Block", "CausalSelfAttention", "DEFAULT_LAYERS", "GRU4Rec", "POST_LN
            "build_sequence_encoder", "init_weights"]
 
 
-def build_sequence_encoder(cfg: SequenceConfig) -> nn.Module:
-    """The nn.Module of `cfg.model` (its ModelSpec's factory), with the model's default layers if none given."""
+def build_sequence_encoder(cfg: SequenceConfig, num_users: int = 0) -> nn.Module:
+    """The nn.Module of `cfg.model` (its ModelSpec's factory), with the model's default layers if none given;
+    a model with a vector per training user (`ModelSpec.per_user`) is built with `num_users` of them."""
     spec = model_spec(cfg.model)
-    if cfg.layers is None:
+    if cfg.layers is None and "layers" in spec.reads:
         cfg = replace(cfg, layers=spec.defaults["model.layers"])
     module, _, name = spec.factory.partition(":")
-    return getattr(importlib.import_module(f"{__package__}.models.{module}"), name)(cfg)
+    cls = getattr(importlib.import_module(f"{__package__}.models.{module}"), name)
+    return cls(cfg, num_users) if spec.per_user else cls(cfg)

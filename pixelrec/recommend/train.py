@@ -23,7 +23,7 @@ from torch import nn
 
 from ..distributed import World
 from ..runtime import autocast_for, progress
-from .batches import Windows, iterate_batches, sample_negatives
+from .batches import Windows, iterate_user_batches, sample_negatives
 from .model import BatchShare, Recommender
 
 
@@ -64,13 +64,15 @@ def train_one_epoch(model: Recommender, windows: Windows, optimizer: torch.optim
     step_model = model if step_model is None else step_model
     bpr = model.loss_cfg.loss == "bpr"
     total, steps = 0.0, 0
-    bar = progress(iterate_batches(windows, batch_size, gen), total=math.ceil(len(windows) / batch_size),
+    bar = progress(iterate_user_batches(windows, batch_size, gen), total=math.ceil(len(windows) / batch_size),
                    desc=f"epoch {epoch}")
-    for seq, trained in bar:
-        neg = sample_negatives(seq, model.known_items.cpu(), gen) if bpr else None  # [B, L], the global batch's
+    for seq, trained, users in bar:
+        hidden = model.draw_hidden(seq, trained, gen)  # cloze: [B, L + 1] the slots to hide; else None
+        width = None if hidden is None else seq.shape[1]  # cloze: a target at every slot
+        neg = sample_negatives(seq, model.known_items.cpu(), gen, width=width) if bpr else None  # the global batch's
         uniform = model.draw_uniform_negatives(gen)
         with autocast_for(device, precision):
-            loss = _step_loss(model, step_model, seq, neg, uniform, trained, device, world)
+            loss = _step_loss(model, step_model, seq, neg, uniform, trained, device, world, users, hidden)
         value = _global_value(loss, world)
         if not math.isfinite(value):
             raise TrainingDiverged(epoch, steps, value)
@@ -84,19 +86,32 @@ def train_one_epoch(model: Recommender, windows: Windows, optimizer: torch.optim
 
 
 def _step_loss(model: Recommender, step_model: nn.Module, seq: torch.Tensor, neg: torch.Tensor | None,
-               uniform: torch.Tensor | None, trained: torch.Tensor, device: torch.device, world: World
-               ) -> torch.Tensor:
-    """This process's loss of one global batch (the whole batch in a single process)."""
+               uniform: torch.Tensor | None, trained: torch.Tensor, device: torch.device, world: World,
+               users: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """This process's loss of one global batch (the whole batch in a single process); `users` [B]: the
+    windows' user indices, passed only to a model whose encoder reads them (MF, VBPR); `hidden`: the
+    cloze objective's hidden slots (`Recommender.draw_hidden`)."""
+    users = users if getattr(model.encoder, "reads_users", False) else None
     if not world.is_distributed:
-        return step_model(seq.to(device), None if neg is None else neg.to(device), None, trained, uniform=uniform)
-    share = BatchShare(seq=seq, trained=trained, neg=neg, world=world)
+        extra = {} if users is None else {"users": users.to(device)}
+        if hidden is not None:
+            extra["hidden"] = hidden.to(device)
+        return step_model(seq.to(device), None if neg is None else neg.to(device), None, trained, uniform=uniform,
+                          **extra)
+    share = BatchShare(seq=seq, trained=trained, neg=neg, world=world, hidden=hidden)
     lo, hi = world.span(len(seq))
     trained = trained.clone()
     if hi == lo:  # more processes than windows in this (last) batch: take part with one window that trains nothing
         lo, hi = 0, 1
         trained[0] = 0
+        if hidden is not None:
+            hidden = hidden.clone()
+            hidden[0] = False
     part = lambda t: None if t is None else t[lo:hi].to(device)  # noqa: E731
-    return step_model(part(seq), part(neg), None, part(trained), uniform=uniform, share=share)
+    extra = {} if users is None else {"users": part(users)}
+    if hidden is not None:
+        extra["hidden"] = part(hidden)
+    return step_model(part(seq), part(neg), None, part(trained), uniform=uniform, share=share, **extra)
 
 
 def _global_value(loss: torch.Tensor, world: World) -> float:

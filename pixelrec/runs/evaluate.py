@@ -6,7 +6,9 @@ from typing import Any
 
 from .. import distributed
 from ..index.evaluate import evaluate_model
+from ..errors import PixelrecError
 from .trained import load_trained
+from .visrank import VisRankRun, is_visrank_run
 
 
 def evaluate_run(run_dir: str, split: str = "test", ks=(5, 10, 20), index_spec: str | None = None,
@@ -16,6 +18,11 @@ def evaluate_run(run_dir: str, split: str = "test", ks=(5, 10, 20), index_spec: 
     """`pixelrec evaluate`: metrics of a finished run from its stored item vectors (no re-encoding).
 
     Under torchrun the users are shared among the ranks and every rank returns the whole report."""
+    if is_visrank_run(run_dir):  # no item vectors: ranked exactly by brute force (runs/visrank.py)
+        if index_spec or negatives:
+            raise PixelrecError(f"{run_dir}: a --model visrank run is ranked exactly over the whole catalogue; "
+                                f"drop --index-spec / --negatives")
+        return VisRankRun(run_dir).evaluate(split, ks, cold_threshold)
     world = distributed.init(device)
     trained = world.agree(lambda: load_trained(run_dir, device=world.device(device)))
     table = trained.table[: trained.data.num_items + 1]  # the run's own catalogue (not items added later)

@@ -42,6 +42,7 @@ from ..recommend.batches import training_windows
 from ..recommend.build import build_optimizer, build_recommender
 from ..recommend.config import FitConfig
 from ..recommend.model import Recommender
+from ..recommend.models.registry import model_spec
 from ..recommend.preset_check import check_preset_inputs
 from ..recommend.train import TrainingDiverged, train_one_epoch
 from ..runtime import FileLock, grad_scaler_for, log, plain_data, seed_everything
@@ -123,6 +124,8 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False,
         log(f"data: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
             f" ({data.dropped_users} users with < {cfg.train.min_interactions} interactions dropped,"
             f" {data.dropped_interactions} rows)")
+        if not model_spec(cfg.model.model).trains:  # VisRank: nothing to train (runs/visrank.py)
+            return world.on_main(lambda: _fit_without_training(cfg, data, out, resume, overwrite, t0))
         model = world.agree(lambda: build_recommender(cfg, data, device).to(device))
         resuming = resume and world.on_main(lambda: _check_resume(RunDir(out), cfg, data, model.softmax_choice))
         if resuming:
@@ -140,6 +143,38 @@ def fit(cfg: FitConfig, resume: bool = False, overwrite: bool = False,
     finally:
         if world.is_main:
             lock.release()
+
+
+def _fit_without_training(cfg: FitConfig, data: SequenceData, out: Path, resume: bool, overwrite: bool,
+                          t0: float) -> FitResult:
+    """--model visrank: a run directory with the data, every item's cached embedding and results.json (its
+    exact test metrics), put in place as a trained run is."""
+    from .visrank import cached_vectors, evaluate_scorer, scorer_of, write_results, write_vectors
+
+    name = cfg.model.model
+    if resume:
+        raise PixelrecError(f"--model {name} trains nothing, so there is nothing to --resume: drop --resume")
+    if cfg.init_from:
+        raise PixelrecError(f"--model {name} has no trained weights to start from: drop --init-from")
+    _check_new_target(out, overwrite, resume)
+    vectors = cached_vectors(cfg, data)
+    scorer = scorer_of(cfg, vectors)
+    valid = evaluate_scorer(scorer, data, "valid", cold_threshold=cfg.train.cold_threshold)
+    test = evaluate_scorer(scorer, data, "test", cold_threshold=cfg.train.cold_threshold)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    try:
+        run = RunDir(staging)
+        _start_run_dir(run, cfg, data)
+        write_vectors(run, vectors)
+        write_results(run, test)
+        _promote(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    overall = test["overall"]
+    log(f"{name} (no training): test ndcg@10 {overall['ndcg@10']:.4f} recall@10 {overall['recall@10']:.4f}")
+    return FitResult(run_dir=out, best_epoch=0, epochs_run=0,
+                     valid={k: v for k, v in valid["overall"].items() if k != "users"}, test=test,
+                     seconds=time.time() - t0, seconds_per_epoch=0.0)
 
 
 def _train(cfg: FitConfig, data: SequenceData, model: Recommender, run: RunDir, state: dict | None,
@@ -217,7 +252,7 @@ def _start_run_dir(run: RunDir, cfg: FitConfig, data: SequenceData, softmax: dic
 
 def image_encoder(cfg: FitConfig) -> tuple[str, str] | None:
     """(model, pretrained) of the image encoder behind the item tower: the one e2e builds, or the one
-    that made the cache a frozen, partial or hybrid tower reads; None for the id tower."""
+    that made the cache a frozen, partial, side or hybrid tower reads; None for the id tower."""
     if cfg.items.kind == "e2e":
         return cfg.items.encoder, cfg.items.pretrained
     if cfg.items.uses_cache and cfg.items.cache:

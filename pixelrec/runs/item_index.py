@@ -187,7 +187,7 @@ def _user_queries(trained: TrainedRun, users: np.ndarray) -> tuple[np.ndarray, l
     """(user vectors [U, d], histories): each user's vector after their whole history, which they
     must not be recommended (as `retrieve --user` serves them)."""
     histories = [trained.data.history(int(u), "all") for u in users]
-    return trained.model.encode_histories(histories, item_table=trained.table), histories
+    return trained.model.encode_histories(histories, item_table=trained.table, users=np.asarray(users)), histories
 
 
 def read_tuning(index_dir: Path) -> dict | None:

@@ -1,9 +1,10 @@
 """Encode new covers through a trained run's item tower (`encode --from-run`, `index --add-images`).
 
 Cold items need no retraining: their vectors come from their images through the same function the
-run learned. For `frozen` and `partial` runs that is the cache's encoder (rebuilt from the cache's
-attributes and checked against its weight fingerprint) followed by the run's trained adapter / top
-blocks; for `e2e` runs, the run's tuned encoder. New items of `hybrid` runs have no id embedding: their image
+run learned. For `frozen`, `partial` and `side` runs that is the cache's encoder (rebuilt from the
+cache's attributes and checked against its weight fingerprint) followed by the run's trained adapter /
+top blocks / side network (a `side` run: the encoder's per-layer states at the run's taps, stored as
+the cache stores them); for `e2e` runs, the run's tuned encoder. New items of `hybrid` runs have no id embedding: their image
 part goes through the hybrid's cold path (`HybridTower.cold_from_image`), the same rule that gives
 the run's cold vocabulary items their vectors (and, with `--image-to-id`, a predicted id). The result is an `ImageEncoder`-compatible module, so the ordinary
 resumable `encode_images` pipeline writes the vectors into an HDF5 cache.
@@ -24,6 +25,7 @@ from ..recommend.build import build_recommender
 from ..recommend.config import FitConfig
 from ..recommend.image_towers import E2ETower, FrozenTower, HybridTower, PartialTower
 from ..recommend.model import Recommender
+from ..recommend.side_tower import SideTower
 from .rundir import RunDir
 
 
@@ -75,10 +77,15 @@ class RunItemEncoder(nn.Module):
         if self.kind == "partial":
             tokens = self.base.tokens_at_split(pixels, self.tower.top.k)
             return self.tower.from_tokens(_as_cached(tokens, "float16"))  # the tower trained on float16 tokens
-        emb = self.base(pixels)  # frozen: what the cache holds for an item
-        if self.cache_attrs.get("normalized"):
-            emb = F.normalize(emb, dim=-1)
-        return self.tower.adapter(_as_cached(emb, self.cache_attrs.get("embedding_dtype", "float16")))
+        dtype = self.cache_attrs.get("embedding_dtype", "float16")
+        if self.kind == "side":
+            emb, _, states = self.base.forward_hidden(pixels, self.tower.taps, self.tower.kind)
+            return self.tower.from_states(_as_cached(states, dtype), _as_cached(self._as_stored(emb), dtype))
+        return self.tower.adapter(_as_cached(self._as_stored(self.base(pixels)), dtype))  # frozen
+
+    def _as_stored(self, emb: torch.Tensor) -> torch.Tensor:
+        """A pooled embedding as the cache holds it (normalised where the cache is)."""
+        return F.normalize(emb, dim=-1) if self.cache_attrs.get("normalized") else emb
 
 
 def _as_cached(x: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -115,7 +122,7 @@ def item_encoder_for(model: Recommender, cfg: FitConfig, cache: dict | None, lab
     cache_attrs = None
     if isinstance(tower, E2ETower):
         base = tower.encoder
-    elif isinstance(tower, (FrozenTower, PartialTower)):
+    elif isinstance(tower, (FrozenTower, PartialTower, SideTower)):
         with open_cache(cfg.items.cache) as opened:
             if cache:
                 opened.check_identity(cache, f"encoding new covers for {label}")

@@ -19,6 +19,7 @@ from ..errors import PixelrecError
 from ..runtime import atomic_path, progress
 from .rundir import refuse_output_inside
 from .trained import TrainedRun, load_trained
+from .visrank import VisRankRun, is_visrank_run
 
 
 @dataclass
@@ -45,8 +46,25 @@ class BatchRetrieval:
 
 def retrieve_one(run_dir: str, user: str | None = None, history: list[str] | None = None, k: int = 10,
                  device: str = "cpu") -> Recommendation:
+    if is_visrank_run(run_dir):  # no user or item vectors: ranked by brute force (runs/visrank.py)
+        return _visrank_recommendation(VisRankRun(run_dir), user, history, k)
     trained = load_trained(run_dir, device=device)
     return _recommendation(*_query(trained, user, history, k))
+
+
+def _visrank_recommendation(run: "VisRankRun", user: str | None, history: list[str] | None, k: int
+                            ) -> Recommendation:
+    names = run.data.item_ids
+    if user is not None:
+        u = run.data.user_index.get(str(user))
+        if u is None:
+            raise PixelrecError(f"unknown user {user!r}: not among the {run.data.num_users} users of {run.run.path}")
+        hist = run.data.history(u, "all")
+    else:
+        hist = _history_indices(names, history or [])
+    ids, scores = run.query(hist, k)
+    return Recommendation(user_id=user, history=[str(names[i]) for i in hist], items=[str(names[i]) for i in ids],
+                          scores=[round(float(s), 6) for s in scores])
 
 
 def _query(trained: TrainedRun, user: str | None, history: list[str] | None, k: int
@@ -59,8 +77,8 @@ def _query(trained: TrainedRun, user: str | None, history: list[str] | None, k: 
                                 f"{trained.run.path}")
         hist = trained.data.history(u, "all")
     else:
-        hist = _history_indices(trained, history or [])
-    vec = trained.model.encode_histories([hist], item_table=trained.table)
+        u, hist = -1, _history_indices(trained, history or [])  # not a training user: folded in by MF / VBPR
+    vec = trained.model.encode_histories([hist], item_table=trained.table, users=np.array([u]))
     scores, ids = trained.index.search(vec, k, exclude=[hist])
     keep = ids[0] >= 0
     return trained, user, np.asarray(hist), ids[0][keep], scores[0][keep]
@@ -104,8 +122,10 @@ def retrieve_html(run_dir: str, out: str, user: str | None = None, history: list
     return {"queries": len(shown), "unknown": unknown, "covers": embedded}
 
 
-def _history_indices(trained: TrainedRun, names: list[str]) -> np.ndarray:
-    lookup = {str(n): i for i, n in enumerate(trained.item_names) if i > 0}
+def _history_indices(trained: TrainedRun | np.ndarray, names: list[str]) -> np.ndarray:
+    """Item indices of a history given by item ids; `trained`: a run, or the item names themselves."""
+    item_names = trained if isinstance(trained, np.ndarray) else trained.item_names
+    lookup = {str(n): i for i, n in enumerate(item_names) if i > 0}
     names = [n.strip() for n in names if n.strip()]
     if not names:
         raise PixelrecError("the history is empty: give item ids, oldest first")
@@ -205,7 +225,8 @@ def _lines(trained: TrainedRun, batches: list[list[str]], index: dict[str, int],
     names, out = trained.item_names, []
     for chunk in batches:
         hists = [trained.data.history(index[u], "all") for u in chunk]
-        vecs = trained.model.encode_histories(hists, item_table=trained.table, batch_size=len(chunk))
+        vecs = trained.model.encode_histories(hists, item_table=trained.table, batch_size=len(chunk),
+                                              users=np.array([index[u] for u in chunk]))
         scores, ids = trained.index.search(vecs, k, exclude=hists)
         for u, s_row, i_row in zip(chunk, scores, ids):
             keep = i_row >= 0

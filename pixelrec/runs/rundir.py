@@ -14,6 +14,8 @@
                                added_items.jsonl: names of items added after training)
       added/covers/            copies of the covers of items added with `pixelrec index --add-images`
       results.json             test metrics of the published model
+      visrank.npy              (--model visrank only: no checkpoint, index or manifest) every item's
+                               cached embedding, [N + 1, E] float32 (runs/visrank.py)
 
 Publication: `fit` trains while the manifest still names the previous published model (if any);
 it then writes a new index version, results.json, and last the manifest. A process killed at any
@@ -50,7 +52,7 @@ from ..data.ids import PAD, first_bad_id, shown
 from ..data.sequences import SequenceData
 from ..encode.cache import cache_identity
 from ..errors import PixelrecError
-from ..recommend.config import FitConfig
+from ..recommend.config import MODEL_SPECS, FitConfig
 from ..runtime import (FileLock, atomic_path, disk_full_error, file_sha256, fsync_path, load_tensors, lock_path_for, log,
                        save_tensors, write_json)
 
@@ -227,7 +229,11 @@ class RunDir:
         """The finished model the manifest names; PixelrecError (with the fix) when there is none."""
         manifest = self.read_manifest()
         if manifest is None:
-            self.read_config()  # a non-run or an incompatible one says so first
+            model = self.read_config()["config"].get("model", {}).get("model")  # a non-run says so first
+            if model in MODEL_SPECS and not MODEL_SPECS[model].trains:  # VisRank (runs/visrank.py)
+                raise PixelrecError(f"{self.path}: a --model {model} run has no item or user vectors to index or "
+                                    f"serve; `pixelrec evaluate` and `pixelrec retrieve --user/--history` rank it "
+                                    f"by brute force")
             raise PixelrecError(f"{self.path}: no finished model yet (training in progress or interrupted); "
                                 f"finish it with `pixelrec fit --resume` and the same options")
         try:

@@ -59,7 +59,8 @@ def load_trained(run_dir: str, device: str | torch.device = "cpu") -> TrainedRun
     table = torch.zeros(int(ids.max()) + 1, vectors.shape[1])
     table[torch.from_numpy(np.array(ids))] = torch.from_numpy(np.array(vectors, dtype=np.float32))
 
-    model = Recommender(TableTower(table), build_sequence_encoder(cfg.model), cfg.model.max_len, cfg.loss)
+    model = Recommender(TableTower(table), build_sequence_encoder(cfg.model, data.num_users), cfg.model.max_len,
+                        cfg.loss)
     try:
         model.encoder.load_state_dict(strip_prefix(state, "encoder."))
     except RuntimeError as exc:

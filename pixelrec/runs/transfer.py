@@ -11,16 +11,21 @@ from ..errors import PixelrecError
 from ..runtime import log
 from ..recommend.config import FitConfig
 from ..recommend.model import Recommender
+from ..recommend.models.registry import model_spec
 from .rundir import RunDir, run_cache_identity, strip_prefix
 
 # Settings of the sequence encoder that must match for its weights to load.
 ENCODER_KEYS = ("model", "dim", "layers", "heads", "inner_mult", "max_len", "gru_hidden", "positions", "dilations",
-                "interests")
+                "interests", "dssm_mlp")
 
 
 def init_from_run(model: Recommender, cfg: FitConfig) -> dict[str, int]:
     """Load `cfg.init_from`'s sequence encoder and image tower into `model` (built from `cfg`)."""
     run_dir = cfg.init_from
+    if model_spec(cfg.model.model).per_user:
+        raise PixelrecError(f"--init-from carries a sequence encoder to new data, but --model {cfg.model.model} "
+                            f"learns a vector per training user, which the new data's users do not have; drop "
+                            f"--init-from")
     src = RunDir(run_dir)
     meta = src.read_config()
     src_cfg = src.fit_config(meta)

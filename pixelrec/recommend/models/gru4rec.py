@@ -30,3 +30,10 @@ class GRU4Rec(nn.Module):
         h, _ = self.gru(self.drop(torch.gather(x, 1, to_right)))  # [B, L, hidden]
         to_left = ((t - pad) % L)[..., None].expand(-1, -1, h.shape[-1])
         return self.out(self.drop(torch.gather(h, 1, to_left)))
+
+
+def token_macs(cfg: SequenceConfig) -> float:
+    """Forward multiply-adds per window position (losses.sequence_macs): 3 gates x (input x h + h x h)
+    per layer, then the h x d output projection."""
+    h = cfg.gru_hidden or 2 * cfg.dim
+    return sum(3 * ((cfg.dim if i == 0 else h) * h + h * h) for i in range(cfg.layers)) + h * cfg.dim

@@ -107,3 +107,12 @@ class LightSANs(nn.Module):
         for layer in self.layers:
             x = layer(x, keys, pos)
         return x
+
+
+def token_macs(cfg: SequenceConfig) -> float:
+    """Forward multiply-adds per window position (losses.sequence_macs), per layer: 4 d^2 (query, key,
+    value, output), 2 inner d^2 (feed-forward), 6 k d over the k interests (pooling weights and sums of
+    keys and values, scores and weighted sum) and L d (the position attention's weighted sum; its
+    weights come from the position embeddings, once per window shape, not per window)."""
+    d, k = cfg.dim, cfg.interests
+    return cfg.layers * (4 * d * d + 2 * cfg.inner_mult * d * d + 6 * k * d + cfg.max_len * d)

@@ -63,3 +63,9 @@ class NextItNet(nn.Module):
         for block in self.blocks:
             h = block(h, keep)
         return h.transpose(1, 2)
+
+
+def token_macs(cfg: SequenceConfig) -> float:
+    """Forward multiply-adds per window position (losses.sequence_macs): two kernel-3 d x d convolutions
+    per residual block, one block per dilation and repetition."""
+    return cfg.layers * len(parse_dilations(cfg.dilations)) * 2 * KERNEL * cfg.dim * cfg.dim

@@ -1,7 +1,8 @@
-"""The sequence models `pixelrec fit --model` offers, one `ModelSpec` each (this module does not import torch).
+"""The models `pixelrec fit --model` offers (sequential, and the non-sequential MF, FM, DSSM, VBPR, ACF,
+VisRank), one `ModelSpec` each (this module does not import torch).
 
 A spec is the one place that says what a model is: the settings it reads beyond the shared ones
-(`--dim`, `--max-len`, `--layers`, `--dropout`), its defaults, its `--preset` values, its training
+(`--dim`, `--max-len`, `--dropout`), its defaults, its `--preset` values, its training
 objective and the class that builds it. `recommend.config` derives the command line's choices, the
 per-model default texts, the null settings of config.json and the refusal of options a model does
 not have from these specs; `models.build_sequence_encoder` builds the class.
@@ -12,6 +13,10 @@ Objectives (how training windows are cut, `--windows`):
 - ``prefix``: states attend over the whole window, so only its last position may be trained: every
   prefix of a training sequence is one window that trains the item after it (`--windows prefixes`,
   the PixelRec code's AUGSEQ and RecBole's augmentation).
+- ``cloze``: states attend over the whole window and some of its items are hidden behind the
+  model's mask vector; each hidden slot's state predicts its own item (BERT4Rec). Any item of a
+  window may be hidden, so windows are whole sequences or parts of them (`--windows chunks` or
+  `overlapping`), not windows cut for next-item targets (`sliding`, `prefixes`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-OBJECTIVES = ("causal", "prefix")
+OBJECTIVES = ("causal", "prefix", "cloze")
 # Settings every model reads (SequenceConfig fields); the others belong to the models that list them.
-SHARED_SETTINGS = ("model", "dim", "max_len", "layers", "dropout")
+SHARED_SETTINGS = ("model", "dim", "max_len", "dropout")
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,16 @@ class ModelSpec:
     defaults: Mapping[str, Any]  # "model.layers", "train.lr", "train.windows": used when not given
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # preset name -> {"section.field": value}
     objective: str = "causal"
-    factory: str = ""  # "module:Class" under pixelrec.recommend.models, built with the SequenceConfig
+    # "module:Class" under pixelrec.recommend.models, built with the SequenceConfig; the module also
+    # defines token_macs(cfg), the model's forward cost per window position (losses.sequence_macs)
+    factory: str = ""
+    # a learned vector per training user (MF, VBPR): the class is built with the user count too, and
+    # histories of other users are folded in (recommend/foldin.py)
+    per_user: bool = False
+    sequential: bool = True  # False: the user state ignores the order of the history (docs/models.md)
+    # False (VisRank): no training and no user or item vectors; `fit` writes a run that evaluate and
+    # retrieve rank by brute force (runs/visrank.py), factory and objective unused
+    trains: bool = True
 
 
 # The PixelRec reference's values (westlake-repl/PixelRec code/, PixelNet/<model>.yaml and the README's
@@ -40,7 +54,7 @@ class ModelSpec:
 SASREC = ModelSpec(
     name="sasrec",
     summary="self-attentive transformer over the history (Kang & McAuley 2018)",
-    reads=("heads", "attn_dropout", "positions", "norm", "inner_mult"),
+    reads=("layers", "heads", "attn_dropout", "positions", "norm", "inner_mult"),
     # layers, lr, windows: the best on MovieLens-100K with full ranking of the leave-one-out test item
     # (benchmarks/ml100k.py); `sliding` windows gained SASRec about 0.005 NDCG@10 over `overlapping`.
     defaults={"model.layers": 2, "train.lr": 1e-3, "train.windows": "sliding"},
@@ -54,7 +68,7 @@ SASREC = ModelSpec(
 GRU4REC = ModelSpec(
     name="gru4rec",
     summary="GRU over the history (Hidasi et al. 2016), projected back to the item space",
-    reads=("gru_hidden",),
+    reads=("layers", "gru_hidden"),
     # a second GRU layer cost about 0.01 NDCG@10 on ML-100K; at lr 1e-3 it took twice the epochs;
     # `overlapping` windows every max_len / 2 did best for it
     defaults={"model.layers": 1, "train.lr": 2e-3, "train.windows": "overlapping"},
@@ -67,7 +81,7 @@ GRU4REC = ModelSpec(
 NEXTITNET = ModelSpec(
     name="nextitnet",
     summary="causal dilated residual CNN (Yuan et al. 2019)",
-    reads=("dilations",),
+    reads=("layers", "dilations"),
     # layers = repetitions of the --dilations blocks; 1 already sees 30 items back (kernel 3, dilations
     # 1,2,4,8). Not tuned yet: SASRec's lr and windows (first ML-100K figures: docs/models.md)
     defaults={"model.layers": 1, "train.lr": 1e-3, "train.windows": "sliding"},
@@ -80,7 +94,7 @@ NEXTITNET = ModelSpec(
 LIGHTSANS = ModelSpec(
     name="lightsans",
     summary="low-rank self-attention over k latent interests, decoupled positions (Fan et al. 2021)",
-    reads=("heads", "attn_dropout", "inner_mult", "interests"),
+    reads=("layers", "heads", "attn_dropout", "inner_mult", "interests"),
     # the reference's 1 layer; lr not tuned yet (first ML-100K figures: docs/models.md)
     defaults={"model.layers": 1, "train.lr": 1e-3, "train.windows": "prefixes"},
     presets={"pixelrec": {
@@ -95,7 +109,7 @@ LIGHTSANS = ModelSpec(
 SRGNN = ModelSpec(
     name="srgnn",
     summary="gated graph network over the history's session graph, attention readout (Wu et al. 2019)",
-    reads=(),  # --layers = gated GNN steps
+    reads=("layers",),  # --layers = gated GNN steps
     # RecBole's 1 step; lr not tuned yet (first ML-100K figures: docs/models.md)
     defaults={"model.layers": 1, "train.lr": 1e-3, "train.windows": "prefixes"},
     presets={"pixelrec": {
@@ -106,7 +120,107 @@ SRGNN = ModelSpec(
     factory="srgnn:SRGNN",
 )
 
-MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (SASREC, GRU4REC, NEXTITNET, LIGHTSANS, SRGNN)}
+BERT4REC = ModelSpec(
+    name="bert4rec",
+    summary="bidirectional transformer trained by cloze; a mask slot after the history is the user (Sun et al. 2019)",
+    reads=("layers", "heads", "attn_dropout", "norm", "inner_mult", "mask_ratio", "mask_last", "bert_head"),
+    # ML-100K (benchmarks/ml100k.py, docs/models.md): lr 3e-3 reached lr 1e-3's best validation NDCG@10 in
+    # half the epochs; mask ratio 0.4, no head and no last-item-only windows were no better (one seed each)
+    defaults={"model.layers": 2, "train.lr": 3e-3, "train.windows": "overlapping"},
+    presets={"pixelrec": {
+        "model.dim": 512, "model.layers": 2, "model.heads": 4, "model.inner_mult": 1, "model.dropout": 0.1,
+        "model.attn_dropout": 0.1, "model.norm": "post", "model.mask_ratio": 0.6, "model.mask_last": 0.0,
+        "model.bert_head": False, "train.lr": 1e-4, "train.weight_decay": 0.1, "train.batch_size": 64,
+    }},
+    objective="cloze",
+    factory="bert4rec:BERT4Rec",
+)
+
+# Non-sequential models (PixelRec's MF, FM and DSSM columns; VBPR of its ViNet baselines). Their
+# `--preset pixelrec` values: the README's hyper-parameter table and the IDNet/PixelNet/ViNet yamls
+# (tests/test_reference_preset.py cites them). The reference trains FM and DSSM on chunks whose items
+# after the target are context too (non-causal); here every position trains its next item from the
+# items before it (causal), under the preset too: docs/models.md says why.
+MF = ModelSpec(
+    name="mf",
+    summary="matrix factorisation: a learned vector per training user dotted with the item vector (BPR-MF)",
+    reads=(),
+    # lr 1e-2: on ML-100K (seed 0) the best validation NDCG@10 0.082 at epoch 15; at 1e-3 the user vectors
+    # (one update per window of their user) had not caught up after 10 epochs (0.053)
+    defaults={"train.lr": 1e-2, "train.windows": "sliding"},
+    presets={"pixelrec": {"model.dim": 4096, "train.lr": 1e-4, "train.weight_decay": 0.0,
+                          "train.batch_size": 512}},
+    factory="mf:MF",
+    per_user=True,
+    sequential=False,
+)
+FM = ModelSpec(
+    name="fm",
+    summary="factorisation machine's pair term: the user is the sum of the last --max-len history item vectors",
+    reads=(),
+    # ML-100K, seed 0: test NDCG@10 0.095 at lr 1e-3, 0.083 at 5e-3 (docs/models.md)
+    defaults={"train.lr": 1e-3, "train.windows": "sliding"},
+    presets={"pixelrec": {"model.dim": 4096, "model.dropout": 0.0, "train.lr": 1e-4, "train.weight_decay": 0.1,
+                          "train.batch_size": 64}},
+    factory="fm:FM",
+    sequential=False,
+)
+DSSM = ModelSpec(
+    name="dssm",
+    summary="two-tower DSSM: the user is the mean of the last --max-len history item vectors, optional user MLP",
+    reads=("dssm_mlp",),
+    # ML-100K, seed 0: best validation NDCG@10 0.098 at lr 5e-3, 0.086 at 1e-3 (the mean's smaller
+    # logits learn slower than FM's sum)
+    defaults={"train.lr": 5e-3, "train.windows": "sliding"},
+    presets={"pixelrec": {"model.dim": 4096, "model.dssm_mlp": "", "model.dropout": 0.0, "train.lr": 1e-4,
+                          "train.weight_decay": 0.1, "train.batch_size": 64}},
+    factory="dssm:DSSM",
+    sequential=False,
+)
+VBPR = ModelSpec(
+    name="vbpr",
+    summary="VBPR: MF plus the user's visual factors dotted with a learned projection of the item's cached "
+            "embedding, plus a visual bias (He & McAuley 2016)",
+    reads=(),
+    # lr 1e-2 as MF: on ML-100K (seed 0) best validation NDCG@10 0.078 at epoch 18; 0.066 at 1e-3 after 34
+    defaults={"train.lr": 1e-2, "train.windows": "sliding"},
+    presets={"pixelrec": {"model.dim": 4096, "train.lr": 1e-3, "train.weight_decay": 0.0, "train.encoder_lr": 1e-4,
+                          "train.encoder_weight_decay": 0.1, "train.batch_size": 512}},
+    factory="vbpr:VBPRUser",
+    per_user=True,
+    sequential=False,
+)
+
+ACF = ModelSpec(
+    name="acf",
+    summary="ACF: a learned user vector plus item-level attention over the history's item vectors, each "
+            "weighted by component-level attention over its cached image tokens (Chen et al. 2017)",
+    reads=(),
+    # lr 1e-2 as MF (one update of e_u per window of its user)
+    defaults={"train.lr": 1e-2, "train.windows": "sliding"},
+    # the reference's ViNet/acf.yaml (its README's table says embedding 128, weight decay 0.1, batch 64);
+    # profile: the last 10 items
+    presets={"pixelrec": {"model.dim": 512, "model.max_len": 10, "train.lr": 1e-4, "train.weight_decay": 0.01,
+                          "train.batch_size": 512}},
+    factory="acf:ACF",
+    per_user=True,
+    sequential=False,
+)
+VISRANK = ModelSpec(
+    name="visrank",
+    summary="VisRank, no training: an item's score is the mean of its --visrank-k largest cosine similarities "
+            "to the cached embeddings of the last --max-len history items",
+    reads=("visrank_k",),
+    defaults={"train.lr": 0.0, "train.windows": "sliding"},  # nothing trains
+    presets={"pixelrec": {"model.max_len": 50, "model.visrank_k": 1}},  # ViNet/visrank.py: last 50, top_num 1
+    sequential=False,
+    trains=False,
+)
+
+MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (SASREC, GRU4REC, NEXTITNET, LIGHTSANS, SRGNN,
+                                                                  BERT4REC, MF, FM, DSSM, VBPR, ACF, VISRANK)}
+# Models that read `--cache` whatever the item tower (ACF: every item's cached tokens; VisRank: embeddings)
+CACHE_MODELS = ("acf", "visrank")
 # Every model-specific setting -> the models that read it.
 MODEL_SETTINGS: dict[str, tuple[str, ...]] = {}
 for _spec in MODEL_SPECS.values():

@@ -62,3 +62,10 @@ class SASRec(nn.Module):
         for block in self.blocks:
             x = block(x, allowed)
         return self.ln_out(x)
+
+
+def token_macs(cfg: SequenceConfig) -> float:
+    """Forward multiply-adds per window position (losses.sequence_macs): per layer 4 d^2 (attention
+    projections), 2 inner d^2 (feed-forward) and 2 L d (scores and weighted sum over L keys)."""
+    d = cfg.dim
+    return cfg.layers * (4 * d * d + 2 * cfg.inner_mult * d * d + 2 * cfg.max_len * d)

@@ -97,3 +97,11 @@ class SRGNN(nn.Module):
         s_g = (alpha * seq * mask[..., None]).sum(1)
         user = self.w3(torch.cat([s_g, last], 1))
         return torch.cat([seq[:, :-1], user[:, None]], 1)
+
+
+def token_macs(cfg: SequenceConfig) -> float:
+    """Forward multiply-adds per window position (losses.sequence_macs): per gated step 2 d^2 (edge
+    maps), 2 L d (in- and out-adjacency products over L node slots) and 9 d^2 (GRU cell, input 2d);
+    the readout's d^2 + d per position (W2, q) and 3 d^2 per window (W1, W3) shared by its L positions."""
+    d, L = cfg.dim, cfg.max_len
+    return cfg.layers * (11 * d * d + 2 * L * d) + d * d + d + 3 * d * d / L

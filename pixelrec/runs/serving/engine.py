@@ -161,8 +161,11 @@ def _query_vectors(snapshot: Snapshot, resolved: list[_Resolved]) -> np.ndarray:
     users = [i for i, r in enumerate(resolved) if r.history is not None]
     if users:
         histories = [resolved[i].history for i in users]
+        # the training user of a user-id query (MF / VBPR serve its learned vector); -1 = a history, folded in
+        index = trained.data.user_index
+        ids = np.array([index.get(getattr(resolved[i].query, "user_id", None) or "", -1) for i in users])
         vectors[users] = trained.model.encode_histories(histories, item_table=snapshot.device_table,
-                                                        batch_size=max(len(histories), 1))
+                                                        batch_size=max(len(histories), 1), users=ids)
     items = [i for i, r in enumerate(resolved) if r.item is not None]
     if items:
         vectors[items] = trained.table[[resolved[i].item for i in items]].numpy()
