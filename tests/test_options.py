@@ -117,8 +117,10 @@ def test_validate_accepts_exactly_the_options_choices(opt):
             c.items.images = "covers"
         if c.model.model == "vbpr":  # reads the frozen cache
             c.items.kind, c.items.cache = "frozen", "c.h5"
-        if c.model.model in ("acf", "visrank"):  # read the cache whatever the tower
+        if c.model.model == "acf":  # reads the cache whatever the tower
             c.items.cache = "c.h5"
+        if c.model.model == "visrank":  # ranks by the frozen cached embeddings
+            c.items.kind, c.items.cache = "frozen", "c.h5"
         c.validate()
     c = FitConfig(interactions="i.csv", out="o")
     c.set(opt.key, "no-such-choice")

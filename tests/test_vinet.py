@@ -217,8 +217,8 @@ def test_visrank_ranking_is_brute_force(k):
 def test_cli_visrank_fit_evaluate_retrieve_history(tmp_path):
     ds = cold_dataset()
     out = tmp_path / "visrank"
-    r = invoke(["fit", "--interactions", ds.interactions, "--out", out, "--model", "visrank", "--cache", str(ds.cache()),
-                "--visrank-k", "2", "--max-len", "10"])
+    r = invoke(["fit", "--interactions", ds.interactions, "--out", out, "--model", "visrank", "--items", "frozen",
+                "--cache", str(ds.cache()), "--visrank-k", "2", "--max-len", "10"])
     assert r.exit_code == 0, r.output
     assert f"{out}: no training, test NDCG@10" in r.stdout
     r = invoke(["evaluate", out, "--json"])
@@ -261,10 +261,15 @@ def test_visrank_refusals(tmp_path):
     ds = cold_dataset()
     r = invoke(["fit", "--interactions", ds.interactions, "--out", tmp_path / "a", "--model", "visrank"])
     one_error_line(r, "--model visrank", "--cache", "pixelrec encode")
+    for tower in ("id", "partial"):  # no item tower of its own: another one would be ignored, so it is refused
+        r = invoke(["fit", "--interactions", ds.interactions, "--out", tmp_path / tower, "--model", "visrank",
+                    "--items", tower, "--cache", str(ds.cache())])
+        one_error_line(r, "--model visrank", "use --items frozen")
     r = invoke(["fit", "--interactions", ds.interactions, "--out", tmp_path / "b", "--visrank-k", "2"])
     one_error_line(r, "--visrank-k", "visrank")
     other = session_root() / "vinet_other.csv"
     other.write_text("item_id,user_id,timestamp\n" + "".join(f"zz{i},u{u},{i}\n" for u in range(3) for i in range(4)))
-    r = invoke(["fit", "--interactions", other, "--out", tmp_path / "c", "--model", "visrank", "--cache", str(ds.cache())])
+    r = invoke(["fit", "--interactions", other, "--out", tmp_path / "c", "--model", "visrank", "--items", "frozen",
+                "--cache", str(ds.cache())])
     one_error_line(r, "4 of 4 items", "no cached embedding", "pixelrec encode --images")
     assert not (tmp_path / "c").exists()

@@ -460,9 +460,10 @@ class FitConfig:
             parse_sizes(self.model.dssm_mlp)
         if spec.name == "vbpr":
             self._check_vbpr()
-        if spec.name == "visrank" and not self.items.cache:
-            raise PixelrecError("--model visrank ranks items by their cached embeddings: give --cache CACHE.h5 "
-                                "(made by `pixelrec encode --images COVERS --out CACHE.h5`)")
+        if spec.name == "visrank" and (self.items.kind != "frozen" or not self.items.cache):
+            # no item tower of its own: any other --items would be silently ignored
+            raise PixelrecError("--model visrank ranks items by their cached embeddings as they are: use --items frozen "
+                                "--cache CACHE.h5 (made by `pixelrec encode --images COVERS --out CACHE.h5`)")
         if spec.name == "acf" and not self.items.cache:
             raise PixelrecError("--model acf attends over each item's cached image tokens: give --cache CACHE.h5 "
                                 "(made by `pixelrec encode --images COVERS --out CACHE.h5 --split-block 1`)")
