@@ -210,9 +210,9 @@ def test_fit_preset_setting(key, value, source):
 def test_fit_preset_setting_of_each_model(model, key, value, source):
     cfg = FitConfig(interactions="i.csv", out="o")
     cfg.model.model = model
-    if model == "vbpr":  # reads the frozen cache
+    if model in ("vbpr", "visrank"):  # read the frozen cached embeddings
         cfg.items.kind, cfg.items.cache = "frozen", "c.h5"
-    if model in ("acf", "visrank"):  # read the cache whatever the tower
+    if model == "acf":  # reads the cache whatever the tower
         cfg.items.cache = "c.h5"
     cfg = apply_preset(cfg, "pixelrec").validate()
     assert cfg.get(key) == value, f"{model} {key}: reference {source}"
