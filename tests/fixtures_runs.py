@@ -301,3 +301,25 @@ def assert_two_rank_fit_equals_one(tmp_path: Path, args: list) -> None:
     assert one.exit_code == 0, one.output
     got, want = read_jsonl(tmp_path / "two" / "metrics.jsonl"), read_jsonl(tmp_path / "one" / "metrics.jsonl")
     assert got[0]["train_loss"] == pytest.approx(want[0]["train_loss"], rel=1e-5)
+
+
+def assert_fit_evaluate_retrieve_history(ds, out: Path, model: str, extra: list) -> None:
+    """`fit --model MODEL` (2 tiny epochs) on `ds`, then `evaluate` ranks and `retrieve --history` gives 5 items
+    outside the history, the same twice (fold-in of users without a learned vector is deterministic)."""
+    from pixelrec.data.sequences import load_sequences
+    from pixelrec.runs.retrieve import retrieve_one
+
+    r = invoke(["fit", "--interactions", ds.interactions, "--out", out, "--model", model, "--dim", "16",
+                "--max-len", "10", "--epochs", "2", "--batch-size", "64", "--device", "cpu", *extra])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["config"]["model"]["model"] == model
+    r = invoke(["evaluate", out, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["overall"]["ndcg@10"] > 0
+    data = load_sequences(str(ds.interactions))
+    history = [str(data.item_ids[i]) for i in data.history(0, "test")[-5:]]
+    r = invoke(["retrieve", out, "--history", ",".join(history), "--json", "--k", "5"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert len(got["items"]) == 5 and not set(got["items"]) & set(history)
+    assert retrieve_one(str(out), history=history, k=5).items == got["items"]

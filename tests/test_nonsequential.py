@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fixtures_images import cold_dataset
-from fixtures_runs import invoke, one_error_line, popularity_ndcg, session_root, tiny_config
+from fixtures_runs import assert_fit_evaluate_retrieve_history, invoke, one_error_line, popularity_ndcg, session_root, tiny_config
 from pixelrec.data.sequences import load_sequences
 from pixelrec.encode.cache import open_cache
 from pixelrec.errors import PixelrecError
@@ -194,22 +194,7 @@ def test_cli_fit_evaluate_retrieve_history(tmp_path, model):
     ds = cold_dataset()
     out = tmp_path / model
     extra = ["--items", "frozen", "--cache", str(ds.cache())] if model == "vbpr" else []
-    r = invoke(["fit", "--interactions", ds.interactions, "--out", out, "--model", model, "--dim", "16",
-                "--max-len", "10", "--epochs", "2", "--batch-size", "64", "--device", "cpu", *extra])
-    assert r.exit_code == 0, r.output
-    config = json.loads((out / "config.json").read_text())
-    assert config["config"]["model"]["model"] == model if "config" in config else config["model"]["model"] == model
-    r = invoke(["evaluate", out, "--json"])
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["overall"]["ndcg@10"] > 0
-    data = load_sequences(str(ds.interactions))
-    history = [str(data.item_ids[i]) for i in data.history(0, "test")[-5:]]
-    r = invoke(["retrieve", out, "--history", ",".join(history), "--json", "--k", "5"])
-    assert r.exit_code == 0, r.output
-    got = json.loads(r.output)
-    assert len(got["items"]) == 5 and not set(got["items"]) & set(history)
-    again = retrieve_one(str(out), history=history, k=5)
-    assert again.items == got["items"]  # fold-in (mf, vbpr) is deterministic
+    assert_fit_evaluate_retrieve_history(ds, out, model, extra)
 
 
 def test_cli_dssm_mlp_refusal(tmp_path):

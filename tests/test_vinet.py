@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fixtures_images import TINY_VIT, cold_dataset
-from fixtures_runs import invoke, one_error_line, popularity_ndcg, session_root, tiny_config
+from fixtures_runs import assert_fit_evaluate_retrieve_history, invoke, one_error_line, popularity_ndcg, session_root, tiny_config
 from pixelrec.data.sequences import load_sequences
 from pixelrec.errors import PixelrecError
 from pixelrec.index.visrank import VisRank
@@ -150,19 +150,7 @@ def test_cli_acf_without_cache_is_one_line(tmp_path):
 def test_cli_acf_fit_evaluate_retrieve_history(tmp_path):
     ds = cold_dataset()
     out = tmp_path / "acf"
-    r = invoke(["fit", "--interactions", ds.interactions, "--out", out, "--model", "acf", "--cache", str(ds.cache()),
-                "--dim", "16", "--max-len", "10", "--epochs", "2", "--batch-size", "64", "--device", "cpu"])
-    assert r.exit_code == 0, r.output
-    r = invoke(["evaluate", out, "--json"])
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["overall"]["ndcg@10"] > 0
-    data = load_sequences(str(ds.interactions))
-    history = [str(data.item_ids[i]) for i in data.history(0, "test")[-5:]]
-    r = invoke(["retrieve", out, "--history", ",".join(history), "--json", "--k", "5"])
-    assert r.exit_code == 0, r.output
-    got = json.loads(r.output)
-    assert len(got["items"]) == 5 and not set(got["items"]) & set(history)
-    assert retrieve_one(str(out), history=history, k=5).items == got["items"]  # fold-in is deterministic
+    assert_fit_evaluate_retrieve_history(ds, out, "acf", ["--cache", str(ds.cache())])
 
 
 def test_acf_serving_answers_a_user_and_a_history():
