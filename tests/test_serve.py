@@ -318,8 +318,10 @@ def test_queries_during_an_addition_see_one_whole_snapshot(image_run):
     done = threading.Event()
     with served(image_run, batch_window_ms=2) as client:
         def query_loop(offset: int) -> None:
-            i = offset
-            while not done.is_set() or i < offset + 2 * len(queries):
+            i, after = offset, 0  # queries sent once the addition had returned
+            while after < len(queries):  # every query at least once after it, however fast the loop
+                if done.is_set():
+                    after += 1
                 r = client.post("/recommend", json=queries[i % len(queries)])
                 if r.status_code != 200:
                     failures.append(r.text)
@@ -331,7 +333,9 @@ def test_queries_during_an_addition_see_one_whole_snapshot(image_run):
         threads = [threading.Thread(target=query_loop, args=(t,)) for t in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while len(seen) < len(queries) and time.monotonic() < deadline:  # answers before the addition
+            time.sleep(0.01)
         r = client.post("/items", files=cover_files(new_cover_names()))
         done.set()
         for t in threads:
