@@ -171,6 +171,8 @@ BAD: dict[str, dict[str, list]] = {
                       Args("--visrank-k", "2")],  # sasrec has no visrank k
         "dssm_mlp": [Args("--model", "dssm", "--dssm-mlp", "64,0"), Args("--model", "dssm", "--dssm-mlp", "x"),
                      Args("--dssm-mlp", "64")],  # sasrec has no user MLP
+        "context": [Args("--model", "fm", "--context", "both"), Args("--context", "window"),  # sasrec: no such setting
+                    Args("--model", "dssm", "--context", "window", "--windows", "prefixes")],
         "dropout": ["1.5", "nan", "-inf"],
         "attn_dropout": ["1.5", "nan", "-inf"],
         "positions": ["rotary"],

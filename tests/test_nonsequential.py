@@ -84,6 +84,71 @@ def test_fm_ranks_as_the_factorisation_machines_pair_term():
     assert torch.allclose(gap, gap[0].expand(30), atol=1e-4)
 
 
+# ------------------------------------------------------------ FM and DSSM with --context window
+def test_context_window_states_are_the_windows_other_items_by_hand():
+    x = torch.tensor([[[7., 7.], [1., 2.], [3., -1.], [0.5, 0.5]]])  # position 0 is padding
+    mask = torch.tensor([[False, True, True, True]])
+    targets = mask.clone()
+    fm = FM(SequenceConfig(model="fm", dim=2, dropout=0.0, context="window")).eval()
+    assert fm.objective == "context"
+    assert fm(x, mask, targets)[0, 1:].tolist() == [[3.5, -0.5], [1.5, 2.5], [4., 1.]]
+    assert fm(x, mask)[0, 1:].tolist() == [[1., 2.], [4., 1.], [4.5, 1.5]]  # served: causal, as by default
+    dssm = DSSM(SequenceConfig(model="dssm", dim=2, dropout=0.0, context="window")).eval()
+    assert torch.allclose(dssm(x, mask, targets)[0, 1:], torch.tensor([[1.75, -0.25], [0.75, 1.25], [2., 0.5]]))
+    assert FM(SequenceConfig(model="fm", dim=2)).objective == "causal"
+
+
+def test_context_window_loss_is_each_items_softmax_given_the_others_by_hand(tmp_path):
+    """The whole training loss of two chunks, written out: every real item of a window (with another
+    real item in it) is a softmax target over the catalogue, scored from the sum of the window's others."""
+    from pixelrec.recommend.batches import context_slots
+
+    csv = tmp_path / "t.csv"
+    write_taste_data(csv)
+    cfg = tiny_config(csv, tmp_path / "o", model="fm", dropout=0.0, context="window")
+    cfg.train.windows, cfg.loss.softmax = "chunks", "full"
+    cfg.validate()
+    data = load_sequences(str(csv))
+    model = build_recommender(cfg, data, torch.device("cpu"))
+    seq = torch.tensor([[0, 0, 3, 5, 9], [0, 0, 0, 0, 4]])  # the second window has no item to predict from
+    trained = torch.tensor([4, 4])
+    hidden = model.draw_hidden(seq, trained, torch.Generator().manual_seed(0))
+    assert hidden.tolist() == context_slots(seq, trained).tolist() == [[False, False, True, True, True], [False] * 5]
+    got = model.recommendation_loss(seq, hidden=hidden)
+    table = model.tower(torch.arange(model.tower.num_items + 1))
+    known = model.known_items
+    terms = []
+    for j, item in enumerate([3, 5, 9]):
+        others = table[[3, 5, 9]].sum(0) - table[item]
+        logits = table[known] @ others
+        terms.append(torch.logsumexp(logits, 0) - logits[(known == item).nonzero()[0, 0]])
+    assert torch.allclose(got, torch.stack(terms).mean(), atol=1e-6), (got, terms)
+
+
+@pytest.mark.parametrize("model", ["fm", "dssm"])
+def test_context_window_fit_learns_each_users_taste(tmp_path, model):
+    csv = tmp_path / "t.csv"
+    write_taste_data(csv)
+    r = invoke(["fit", "--interactions", csv, "--out", tmp_path / "r", "--model", model, "--context", "window",
+                "--max-len", "10", "--dim", "16", "--epochs", "15", "--lr", "1e-2", "--dropout", "0",
+                "--batch-size", "32", "--device", "cpu", "--min-interactions", "3"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert config["model"]["context"] == "window" and config["train"]["windows"] == "chunks"  # its windows
+    metrics = json.loads((tmp_path / "r" / "results.json").read_text())  # test split
+    baseline = popularity_ndcg(load_sequences(str(csv)))
+    assert metrics["overall"]["ndcg@10"] > baseline + 0.15, (metrics, baseline)
+
+
+def test_context_window_refusals(tmp_path):
+    ds = cold_dataset()
+    base = ["fit", "--interactions", ds.interactions, "--out", tmp_path / "r"]
+    one_error_line(invoke([*base, "--model", "fm", "--context", "window", "--windows", "sliding"]),
+                   "--windows sliding", "--context window", "chunks or overlapping")
+    one_error_line(invoke([*base, "--model", "sasrec", "--context", "window"]), "--context", "sasrec")
+    one_error_line(invoke([*base, "--model", "dssm", "--context", "both"]), "--context", "both")
+
+
 # ------------------------------------------------------------------------------ MF and fold-in
 def test_mf_learns_each_users_taste_beyond_popularity():
     result = taste_run("mf")

@@ -155,6 +155,8 @@ MODEL_ROWS.update({
     "fm": [
         ("model.dim", 4096, "PixelNet/mofm.yaml embedding_size: 4096 (README; IDNet/fm.yaml: 2048)"),
         ("model.dropout", 0.0, "IDNet/fm.yaml dropout_prob: 0"),
+        ("model.context", "window", "REC/data/dataset/trainset.py:374-413 SampleOneTowerTrainDataset: each item of "
+                                    "an 11-item chunk is the target, the chunk's other items (before and after) the fields"),
         ("train.lr", 1e-4, "overall/ViT.yaml:35 rec_lr: 0.0001 (README IDNet table, FM row: 5e-5)"),
         ("train.batch_size", 64, "overall/ViT.yaml:24 train_batch_size: 16 per GPU x 4 GPUs"),
         ("train.weight_decay", 0.1, "overall/ViT.yaml:37 rec_decay: 0.1 (README IDNet table, FM row: 0)"),
@@ -163,6 +165,8 @@ MODEL_ROWS.update({
         ("model.dim", 4096, "IDNet/dssm.yaml and PixelNet/modssm.yaml embedding_size: 4096"),
         ("model.dssm_mlp", "", "IDNet/dssm.yaml mlp_hidden_size: [] (no tower MLP; REC/model/IDNet/dssm.py:46-69)"),
         ("model.dropout", 0.0, "IDNet/dssm.yaml dropout_prob: 0"),
+        ("model.context", "window", "REC/data/dataset/trainset.py:294-332 SampleTwoTowerTrainDataset: the user "
+                                    "tower averages the chunk minus the target, items after it included"),
         ("train.lr", 1e-4, "overall/ViT.yaml:35 rec_lr: 0.0001 (README IDNet table, DSSM row: 0.0001)"),
         ("train.batch_size", 64, "overall/ViT.yaml:24 16 per GPU x 4 GPUs (README IDNet table, DSSM row: B [64])"),
         ("train.weight_decay", 0.1, "overall/ViT.yaml:37 rec_decay: 0.1 (README IDNet table, DSSM row: 0)"),

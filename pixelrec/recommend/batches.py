@@ -21,7 +21,8 @@ ways to cut windows:
 
 Under the ``cloze`` objective (BERT4Rec) a window is a sequence of up to L + 1 items of which
 `cloze_masks` hides some; every item may be a target, so it takes ``chunks`` or ``overlapping``
-windows (config refuses the cuts made for next-item targets).
+windows (config refuses the cuts made for next-item targets). The ``context`` objective (FM / DSSM
+with `--context window`) takes the same windows and trains every item of them (`context_slots`).
 
 A one-item training sequence has no transition and gives no window, unless `keep_single` asks for
 it as a window that trains nothing (the PixelRec code keeps it: with the loss averaged over a
@@ -156,6 +157,14 @@ def cloze_masks(seq: torch.Tensor, trained: torch.Tensor, ratio: float, last_sha
     hidden[last_only] = False
     hidden[:, -1] |= last_only & real[:, -1]
     return hidden
+
+
+def context_slots(seq: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    """[B, W] bool: the slots a ``context`` step trains (FM / DSSM with `--context window`, the PixelRec
+    code's chunks): every real item of a window that trains something (trained > 0) and holds another
+    real item to predict it from."""
+    real = (seq != 0) & (trained > 0)[:, None].to(seq.device)
+    return real & (real.sum(1, keepdim=True) >= 2)
 
 
 def sample_negatives(

@@ -135,8 +135,12 @@ def mean_trained_per_window(cfg: FitConfig, data: SequenceData) -> float:
 
 def _targets_of_window(cfg: FitConfig, trained: int) -> float:
     """Trained positions of a window training `trained` next-item targets; under the cloze objective
-    (BERT4Rec) the expected hidden slots of its trained + 1 items (`batches.cloze_masks`)."""
-    if trained == 0 or model_spec(cfg.model.model).objective != "cloze":
+    (BERT4Rec) the expected hidden slots of its trained + 1 items (`batches.cloze_masks`), under the
+    context one (FM / DSSM --context window) all of them."""
+    spec = model_spec(cfg.model.model)
+    if trained and "context" in spec.reads and cfg.model.context == "window":
+        return trained + 1
+    if trained == 0 or spec.objective != "cloze":
         return trained
     m = cfg.model
     return m.mask_last + (1 - m.mask_last) * max(1.0, m.mask_ratio * (trained + 1))

@@ -42,6 +42,7 @@ CACHE_IN_MEMORY = ("auto", "yes", "no")
 MODELS = tuple(MODEL_SPECS)  # the sequence models: one ModelSpec each (models/registry.py)
 POSITIONS = ("relative", "absolute")
 NORMS = ("pre", "post")  # SASRec LayerNorm placement
+CONTEXTS = ("causal", "window")  # FM/DSSM training context (models/fm.py)
 NEGATIVE_POOLS = ("train", "all")  # items sampled negatives come from
 LOSS_MEANS = ("positions", "sequences")  # what a step's loss is averaged over
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # = runtime.PRECISIONS (this module does not import torch)
@@ -224,6 +225,11 @@ class SequenceConfig:
     dssm_mlp: str = setting(
         "", default_text="none", help="Hidden sizes of an MLP on DSSM's user side (mean history vector -> tanh layers -> --dim), "
                  "comma-separated; empty = none, as the PixelRec code's mlp_hidden_size: [].")
+    context: str = setting(
+        "causal", choices=CONTEXTS,
+        help="FM/DSSM training: causal (each item of a window is trained from the items before it, as it is "
+             "served) or window (from every other item of its window, before and after: the PixelRec code's "
+             "training; needs --windows chunks or overlapping).")
 
 
 @dataclass
@@ -396,6 +402,8 @@ class FitConfig:
         """Settings left at None (or stride 0) take the chosen sequence model's default (its ModelSpec),
         so that config.json records what was used. Settings already given are kept."""
         spec = MODEL_SPECS.get(self.model.model)
+        if spec and "context" in spec.reads and self.model.context == "window" and self.train.windows is None:
+            self.train.windows = "chunks"  # the windows of --context window (the PixelRec code's)
         for key, value in (spec.defaults.items() if spec else ()):
             if self.get(key) is None:
                 self.set(key, value)
@@ -451,6 +459,9 @@ class FitConfig:
         if spec.objective == "cloze" and windows in ("sliding", "prefixes"):
             raise PixelrecError(f"--windows {windows} cuts windows for next-item targets; --model {spec.name} hides "
                                 f"items anywhere in a window (cloze): use --windows chunks or overlapping")
+        if "context" in spec.reads and self.model.context == "window" and windows in ("sliding", "prefixes"):
+            raise PixelrecError(f"--windows {windows} cuts windows for next-item targets; --context window trains "
+                                f"each item of a window from the others: use --windows chunks or overlapping")
         if windows == "prefixes" and self.train.stride not in (0, 1):
             raise PixelrecError(f"--stride applies to sliding and overlapping windows, not to --windows prefixes "
                                 f"(every prefix is one window); drop --stride {self.train.stride}")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..distributed import World
-from .batches import cloze_masks, left_pad
+from .batches import cloze_masks, context_slots, left_pad
 from .config import LossConfig
 from .losses import bpr_loss, expected_draws_log, softmax_loss
 from .towers import ItemTower
@@ -50,8 +50,8 @@ class Recommender(nn.Module):
         """item_vecs [B, L, d] of seq [B, L] (left-padded) -> states [B, L, d]. An encoder that marks
         `reads_items` (SR-GNN: repeated items are one graph node) also gets the item indices; one that
         marks `reads_users` (MF, VBPR: a learned vector per training user) gets the user indices [B].
-        hidden [B, L] (the cloze objective's training): the slots the encoder hides behind its mask
-        vector. Without it a cloze encoder (BERT4Rec) appends a mask slot after the history and returns
+        hidden [B, L] (the cloze and context objectives' training): the slots the encoder hides behind
+        its mask vector (cloze), or computes from the window's other items (context). Without it a cloze encoder (BERT4Rec) appends a mask slot after the history and returns
         [B, L + 1, d], so the last state is the user vector as for every model."""
         if hidden is not None:
             return self.encoder(item_vecs, seq != 0, hidden)
@@ -108,7 +108,7 @@ class Recommender(nn.Module):
                       users: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """seq [B, L + 1] left-padded windows; neg [B, L] BPR negatives (loss bpr only; [B, L + 1] for
         cloze); users [B]: the windows' user indices (encoders that read them, MF and VBPR); hidden
-        [B, L + 1]: the cloze objective's hidden slots (`draw_hidden`; None for the other objectives);
+        [B, L + 1]: the cloze / context objectives' target slots (`draw_hidden`; None for the others);
         trained [B]: how many of each window's newest targets to train (None = all); uniform: the
         sampled softmax's uniform negatives (drawn from `generator` when not given);
         share: this process's part of a larger global batch (distributed training), None = all of it.
@@ -123,8 +123,12 @@ class Recommender(nn.Module):
     def draw_hidden(self, seq: torch.Tensor, trained: torch.Tensor, generator: torch.Generator | None
                     ) -> torch.Tensor | None:
         """The slots of windows seq [B, L + 1] a cloze step hides (`batches.cloze_masks` with the
-        encoder's mask_ratio and mask_last); None for an encoder with another objective."""
-        if getattr(self.encoder, "objective", None) != "cloze":
+        encoder's mask_ratio and mask_last), or those a context step trains (`batches.context_slots`:
+        every item, from the window's other items); None for the next-item objectives."""
+        objective = getattr(self.encoder, "objective", None)
+        if objective == "context":  # FM / DSSM --context window: every item, from the window's others
+            return context_slots(seq, trained)
+        if objective != "cloze":
             return None
         return cloze_masks(seq, trained, self.encoder.mask_ratio, self.encoder.mask_last, generator)
 
@@ -142,7 +146,7 @@ class Recommender(nn.Module):
                             uniform: torch.Tensor | None = None, share: "BatchShare | None" = None,
                             users: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The recommendation loss of `training_loss` alone (bpr or softmax, see LossConfig), for every
-        objective (`Targets`): next item (causal, prefix) or the hidden items (cloze).
+        objective (`Targets`): next item (causal, prefix) or the items of the drawn slots (cloze, context).
 
         Averaged over the trained positions, or with `mean_over="sequences"` (the PixelRec code)
         summed over each window's positions and averaged over the windows. With `share` (distributed
@@ -212,7 +216,8 @@ class Targets:
 
     shift 1, the causal and prefix objectives: position t predicts the item at t + 1 (`trained_positions`);
     shift 0, cloze: a hidden slot predicts its own item, `hidden` [B, W] being the slots whose item the
-    encoder replaces by its mask vector."""
+    encoder replaces by its mask vector; context (FM / DSSM --context window): likewise, `hidden` being
+    the slots whose state the encoder computes from the window's other items."""
 
     shift: int
     mask: torch.Tensor

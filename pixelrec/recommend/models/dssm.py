@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from ..config import SequenceConfig, parse_sizes
-from .fm import history_sums
+from .fm import context_objective, history_sums
 
 
 class DSSM(nn.Module):
-    """State at t = MLP(mean of the real item vectors at positions <= t); MLP = identity without --dssm-mlp,
+    """State at t = MLP(mean of the real item vectors at positions <= t, or with --context window of the
+    window's other real items); MLP = identity without --dssm-mlp,
     else Linear+tanh per hidden size (the reference's MLP activation) and a last Linear back to --dim."""
 
     def __init__(self, cfg: SequenceConfig):
@@ -31,9 +32,11 @@ class DSSM(nn.Module):
         if layers:
             layers.append(nn.Linear(width, cfg.dim))
         self.mlp = nn.Sequential(*layers)  # empty: identity
+        self.objective = context_objective(cfg)  # Recommender.draw_hidden reads it
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        total, count = history_sums(self.drop(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """targets [B, L]: --context window's trained slots, each the mean of the window's other items."""
+        total, count = history_sums(self.drop(x), mask, targets)
         return self.mlp(total / count.clamp(min=1))
 
 

@@ -17,6 +17,9 @@ Objectives (how training windows are cut, `--windows`):
   model's mask vector; each hidden slot's state predicts its own item (BERT4Rec). Any item of a
   window may be hidden, so windows are whole sequences or parts of them (`--windows chunks` or
   `overlapping`), not windows cut for next-item targets (`sliding`, `prefixes`).
+- ``context`` (FM and DSSM with `--context window`, the PixelRec code's training): every item of a
+  window is a target, predicted from the window's other items, before and after it; the same windows
+  as cloze. These order-free models still serve the causal state (the last items of a history).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-OBJECTIVES = ("causal", "prefix", "cloze")
+OBJECTIVES = ("causal", "prefix", "cloze", "context")
 # Settings every model reads (SequenceConfig fields); the others belong to the models that list them.
 SHARED_SETTINGS = ("model", "dim", "max_len", "dropout")
 
@@ -139,8 +142,9 @@ BERT4REC = ModelSpec(
 # Non-sequential models (PixelRec's MF, FM and DSSM columns; VBPR of its ViNet baselines). Their
 # `--preset pixelrec` values: the README's hyper-parameter table and the IDNet/PixelNet/ViNet yamls
 # (tests/test_reference_preset.py cites them). The reference trains FM and DSSM on chunks whose items
-# after the target are context too (non-causal); here every position trains its next item from the
-# items before it (causal), under the preset too: docs/models.md says why.
+# after the target are context too (non-causal): the preset does (`--context window`); by default
+# every position trains its next item from the items before it (causal), as a user vector is served
+# (docs/models.md says why).
 MF = ModelSpec(
     name="mf",
     summary="matrix factorisation: a learned vector per training user dotted with the item vector (BPR-MF)",
@@ -157,23 +161,23 @@ MF = ModelSpec(
 FM = ModelSpec(
     name="fm",
     summary="factorisation machine's pair term: the user is the sum of the last --max-len history item vectors",
-    reads=(),
+    reads=("context",),
     # ML-100K, seed 0: test NDCG@10 0.095 at lr 1e-3, 0.083 at 5e-3 (docs/models.md)
     defaults={"train.lr": 1e-3, "train.windows": "sliding"},
-    presets={"pixelrec": {"model.dim": 4096, "model.dropout": 0.0, "train.lr": 1e-4, "train.weight_decay": 0.1,
-                          "train.batch_size": 64}},
+    presets={"pixelrec": {"model.dim": 4096, "model.dropout": 0.0, "model.context": "window", "train.lr": 1e-4,
+                          "train.weight_decay": 0.1, "train.batch_size": 64}},
     factory="fm:FM",
     sequential=False,
 )
 DSSM = ModelSpec(
     name="dssm",
     summary="two-tower DSSM: the user is the mean of the last --max-len history item vectors, optional user MLP",
-    reads=("dssm_mlp",),
+    reads=("dssm_mlp", "context"),
     # ML-100K, seed 0: best validation NDCG@10 0.098 at lr 5e-3, 0.086 at 1e-3 (the mean's smaller
     # logits learn slower than FM's sum)
     defaults={"train.lr": 5e-3, "train.windows": "sliding"},
-    presets={"pixelrec": {"model.dim": 4096, "model.dssm_mlp": "", "model.dropout": 0.0, "train.lr": 1e-4,
-                          "train.weight_decay": 0.1, "train.batch_size": 64}},
+    presets={"pixelrec": {"model.dim": 4096, "model.dssm_mlp": "", "model.dropout": 0.0, "model.context": "window",
+                          "train.lr": 1e-4, "train.weight_decay": 0.1, "train.batch_size": 64}},
     factory="dssm:DSSM",
     sequential=False,
 )
