@@ -26,7 +26,7 @@ whole frontier (recall vs speed-up over Flat of every measured setting). Default
 `--exact` compares exact (Flat) search paths batch by batch instead: queries/s at each catalogue
 size for batches of `--batches` queries (default 1, 8, 64, 512, 4096), with `--history` excluded
 items per query, of FAISS's Flat search as `ItemIndex` ran it before (`search_with_faiss`), of
-today's `ItemIndex.search` (`pixelrec/index/exact.py`: fixed-shape torch products) and of a plain
+today's `ItemIndex.search` (`pixelrec/index/exact.py`: fast candidates, canonical scores) and of a plain
 `torch.mm` + `torch.topk` of the same shapes without exclusions (the matrix-product limit); each
 batch's ids and scores are also compared, bit for bit, with one search of the first 64 queries.
 `--evaluate-scale 0.1,1` adds evaluation at the Pixel200K shape (users and items of

@@ -1,5 +1,6 @@
-"""Exact (Flat) search gives the same ids and bit-identical scores whatever the batch size, and equals
-a brute-force full sort (pixelrec/index/exact.py)."""
+"""Exact (Flat) search gives the same ids and bit-identical scores whatever the batch size and the
+candidate path, equal to every item's exact dot product rounded once to float32 and a full sort
+(pixelrec/index/exact.py)."""
 
 import numpy as np
 import pytest
@@ -89,7 +90,7 @@ def test_rows_with_too_few_items_and_cosine(catalogue):
     assert (found[0, :5] >= 0).all() and (found[0, 5:] == -1).all() and np.isneginf(scores[0, 5:]).all()
     ref = brute_force_search(vectors[:30], ids[:30], queries[:3], 10, exclude=exclude)
     np.testing.assert_array_equal(found, ref[1])
-    np.testing.assert_allclose(scores, ref[0], rtol=1e-6)  # BLAS rounds 3 rows unlike 8: last bit
+    np.testing.assert_allclose(scores, ref[0], rtol=1e-6)  # the reference's BLAS product: last bit
     cosine = ItemIndex.build(vectors, ids, metric="cosine")
     scores, found = cosine.search(queries[:200], K)
     assert scores.max() <= 1 + 1e-6
@@ -110,13 +111,53 @@ def test_added_items_and_reloaded_index_search_the_same(tmp_path, catalogue):
     assert loaded[0].tobytes() == added[0].tobytes() and np.array_equal(loaded[1], added[1])
 
 
-def test_wide_products_give_the_fixed_tiles_bits(catalogue, monkeypatch):
-    """A group scored in the wider products `_wide_steps` accepted equals one scored 8 rows at a time."""
+def reference(vectors, ids, queries, k, exclude):
+    """Every item scored independently of pixelrec: numpy float64 dot products (exact products, sums
+    within 1e-14 relative) rounded once to float32, excluded ids dropped, a stable sort by (score, id)."""
+    order = np.argsort(ids, kind="stable")
+    scores = (queries.astype(np.float64) @ vectors[order].astype(np.float64).T).astype(np.float32)
+    out_scores, out_ids = np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1)
+    for u, row in enumerate(scores):
+        keep = ~np.isin(ids[order], exclude[u])
+        rank = np.argsort(-row[keep], kind="stable")[:k]
+        out_scores[u, :len(rank)], out_ids[u, :len(rank)] = row[keep][rank], ids[order][keep][rank]
+    return out_scores, out_ids
+
+
+def test_scores_are_the_exact_dot_products_rounded_once(catalogue):
     vectors, ids, queries, exclude = catalogue
+    scores, found = ItemIndex.build(vectors, ids).search(queries[:300], K, exclude=exclude[:300])
+    ref_scores, ref_found = reference(vectors, ids, queries[:300], K, exclude[:300])
+    np.testing.assert_array_equal(found, ref_found)
+    np.testing.assert_array_equal(scores, ref_scores)
+
+
+def test_both_candidate_paths_and_forced_retries_give_the_same_bits(catalogue, monkeypatch):
+    """FAISS's scan and torch products as the candidate source, and a margin of 0 with a tie of 40
+    copies across the cut (every such row searched again, wider): identical ids and bits."""
+    vectors, ids, queries, exclude = catalogue
+    vectors = vectors.copy()
+    vectors[100:140] = vectors[7] * 3  # 40 copies, longer than any other item: the top of most queries
     index = ItemIndex.build(vectors, ids)
-    assert index._exact.steps[0] > index._exact.steps[-1] == exact.QUERY_ROWS["cpu"]  # wider shapes in use here
-    wide = index.search(queries, K, exclude=exclude)
-    monkeypatch.setattr(index._exact, "steps", [exact.QUERY_ROWS["cpu"]])
-    fixed = index.search(queries, K, exclude=exclude)
-    np.testing.assert_array_equal(wide[1], fixed[1])
-    assert wide[0].tobytes() == fixed[0].tobytes()
+    assert index._exact.faiss_search is not None
+    results = []
+    for below, margin in ((0, 16), (1 << 30, 16), (0, 0), (1 << 30, 0)):  # products, FAISS; then no margin
+        monkeypatch.setattr(exact, "FAISS_BELOW", below)
+        monkeypatch.setattr(exact, "MARGIN", margin)
+        calls = []
+        original = exact.ExactSearch._candidates
+        monkeypatch.setattr(exact.ExactSearch, "_candidates",
+                            lambda self, q, e, n: calls.append(n) or original(self, q, e, n))
+        results.append(index.search(queries[:200], K, exclude=exclude[:200]))
+        monkeypatch.setattr(exact.ExactSearch, "_candidates", original)
+        if margin == 0 and below == 0:  # (FAISS over-fetches by the excluded ids: a margin of its own)
+            assert max(calls) > K, calls  # the tie at the cut was searched again
+    for scores, found in results[1:]:
+        np.testing.assert_array_equal(found, results[0][1])
+        assert scores.tobytes() == results[0][0].tobytes()
+    ref_scores, ref_found = reference(vectors, ids, queries[:200], K, exclude[:200])
+    np.testing.assert_array_equal(results[0][1], ref_found)
+    np.testing.assert_array_equal(results[0][0], ref_scores)
+    copies = np.sort(ids[100:140])
+    top = [row for row, history in zip(results[0][1], exclude[:200]) if not np.isin(copies, history).any()]
+    assert any(np.array_equal(row, copies[:K]) for row in top)  # the tie, ordered by id

@@ -1,135 +1,210 @@
-"""Exact top-k by matrix products of one fixed shape: the same results whatever the batch size.
+"""Exact top-k whose ids and scores do not depend on the batch: fast candidates, canonical scores.
 
-A BLAS matrix product does not round a row's scores the same way for every number of rows (MKL,
-for one, takes another kernel below 4 rows, and splits rows between threads differently), so a
-query's scores could differ in the last bit between batchings. Here every score comes from one
-call shape: the queries are padded to blocks of `rows` (8 on CPU, 256 on CUDA) and the items,
-sorted by id, are stored as blocks of `width` columns ([d, width], zero-padded), and every product
-is one `torch.mm` of [rows, d] x [d, width]. A query's scores therefore depend only on the query
-and the item, never on its neighbours, the batch size or its position in the batch
-(`tests/test_exact_search.py` checks batch sizes 1, 7, 64, 2,000 and all, bit for bit).
+A BLAS product does not round a row's scores the same way for every number of rows (MKL, for one,
+takes another kernel below 4 rows and splits rows between threads differently), and FAISS's own
+scan rounds differently again, so the fastest way to score a batch depends on its size and its
+bits would too. Here the speed and the result are separated:
 
-One product per `rows` queries is slow for large batches, so a group of queries is scored in
-products of 2, 4, 8, 16 or 32 x `rows` rows where this BLAS has been seen to give every row the
-bits that the fixed shape gives it: `_wide_steps` compares each such shape against the fixed tiles
-on random data, once per process, device, dim, width and thread count, and keeps only the shapes
-that agree bit for bit (none where any row differs: then every product is the fixed one).
+1. **Candidates**, by whichever exhaustive float32 search is fastest for the batch: FAISS's scan of
+   the index (1-3 queries, and from 2,048 queries on, where it blocks queries for BLAS and keeps a
+   fused heap) or torch products of the queries with item blocks ([d, width], sorted by id) and a
+   running top-k through chunk maxima (every other batch, and every batch on a GPU). Each query
+   gets its k + `MARGIN` best items by these approximate scores (excluded ids never among them).
+2. **Canonical scores** of the candidates: products of the float32 query and item in float64
+   (exact), summed over the dimensions as a fixed pairwise tree, rounded once to float32
+   (`canonical_scores`). That is elementwise arithmetic in one fixed order, so a query's score of
+   an item is the same bits in every batch, on every path and device. Rows are sorted by it, ties
+   by the smaller id.
+3. **A certificate** that no item left out could rank higher: any float32 dot product of length d
+   is within gamma_d |q| |x| of the exact one (gamma_d = d u / (1 - d u), u = 2^-24), and the
+   canonical score within d 2^-53 |q||x| + half an ulp of it. So an item outside the candidates,
+   whose approximate score is at most the last candidate's, has a canonical score at most that
+   plus `slack` (twice both bounds, with the largest item norm). If the k-th canonical score is
+   above it the row is final; else (many items tied around the k-th) it is searched again with 4x
+   the candidates, up to every item.
 
-The top-k is kept per query as the blocks go by: a block is looked at only where its best score
-beats the query's current k-th score, and ties are ordered by the smaller id (the items' column
-order), so the result equals a full stable sort of all scores, the excluded ids set to -inf
-(`faiss_index.brute_force_search`). Excluded ids are set to -inf in the scores themselves, so no
-over-fetch is needed; rows with fewer than k eligible items end with id -1, score -inf.
+The result equals ranking every item by its canonical score (excluded ids removed, ties by id),
+whatever the batch or path: `tests/test_exact_search.py` checks batch sizes 1, 7, 64, 2,000 and
+all bit for bit, forced retries, both candidate paths, and the ranking against an independent
+float64 reference. Rows with fewer than k eligible items end with id -1, score -inf.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-QUERY_ROWS = {"cpu": 8, "cuda": 256}  # rows of every score product (fixed: batch invariance)
 ITEM_COLUMNS = {"cpu": 8192, "cuda": 1 << 16}  # items per block (at most; fixed per index)
 CHUNK = 64  # columns per chunk whose maximum preselects the chunks a top k can lie in
-GROUP_ENTRIES = {"cpu": 1 << 20, "cuda": 0}  # query rows x items scored before selecting (0: one block)
+GROUP_ENTRIES = {"cpu": 1 << 20, "cuda": 1 << 28}  # query rows x items scored before selecting
+MARGIN = 4  # candidates beyond k per query (a retry takes 4x as many)
+FAISS_BELOW, FAISS_FROM = 4, 2048  # CPU batches whose candidates come from FAISS's scan (when given)
+CANONICAL_ENTRIES = 1 << 18  # query x candidate pairs rescored at a time (x d float64 values)
+
+# (queries [B, d] float32, n) -> (scores [B, n], item ids [B, n], -1 where none): a FAISS Flat search
+FaissSearch = Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]
 
 
 class ExactSearch:
     """Exact inner-product top-k over fixed item vectors, on one torch device."""
 
-    def __init__(self, vectors: np.ndarray, ids: np.ndarray, device: torch.device):
-        """`vectors` [N, d] float32 as searched (already normalised for cosine), `ids` [N] unique."""
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray, device: torch.device,
+                 faiss_search: FaissSearch | None = None):
+        """`vectors` [N, d] float32 as searched (already normalised for cosine), `ids` [N] unique;
+        `faiss_search`: a FAISS Flat search of the same vectors and ids, for the batch sizes where its
+        scan is the faster way to find candidates (CPU only); None = torch products always."""
         self.device = device
         kind = "cuda" if device.type == "cuda" else "cpu"
-        self.rows = QUERY_ROWS[kind]
         count, dim = vectors.shape
         self.width = _block_width(count, ITEM_COLUMNS[kind])
         self.entries = GROUP_ENTRIES[kind]
         order = np.argsort(ids, kind="stable")
         self.sorted_ids = np.asarray(ids)[order]
-        self.count = count
+        self.count, self.dim = count, dim
         blocks = torch.zeros(-(-count // self.width), dim, self.width)
         for b, start in enumerate(range(0, count, self.width)):
             part = order[start:start + self.width]
             blocks[b, :, :len(part)] = torch.from_numpy(np.asarray(vectors[part], dtype=np.float32)).T
         self.items = blocks.to(device)  # [blocks, d, width]
-        self.steps = _wide_steps(device, dim, self.width, self.rows)  # product rows, widest first
+        self.faiss_search = faiss_search if kind == "cpu" else None
+        largest = float(np.sqrt((np.asarray(vectors, dtype=np.float64) ** 2).sum(1).max())) if count else 0.0
+        u = 2.0 ** -24
+        gamma = dim * u / (1 - dim * u)
+        self.slack_per_norm = 2 * (gamma + dim * 2.0 ** -53 + u) * largest  # x |q|: see the module docstring
 
     def search(self, queries: np.ndarray, k: int,
                excluded: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(scores [U, k] float32, ids [U, k] int64) of queries [U, d]; `excluded[u]` int64 ids."""
         users = len(queries)
-        padded = -(-users // self.rows) * self.rows
-        query = torch.zeros(padded, queries.shape[1], device=self.device)
-        query[:users] = torch.from_numpy(queries).to(self.device)
-        best = torch.full((padded, k), -torch.inf, device=self.device)
-        best[users:] = torch.inf  # padding rows: never selected from
-        columns = torch.full((padded, k), self.count, dtype=torch.long, device=self.device)
-        pairs = _ExcludedPairs(excluded, self.sorted_ids, self.width, padded)
-        rows_per_group, blocks_per_group = self._group_shape(padded)
+        scores = np.full((users, k), -np.inf, dtype=np.float32)
+        ids = np.full((users, k), -1, dtype=np.int64)
+        query = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+        slack = torch.linalg.vector_norm(query.double(), dim=1) * self.slack_per_norm  # [U]
+        pending, fetch = np.arange(users), min(self.count, k + MARGIN)
+        while len(pending):
+            rows = torch.from_numpy(pending).to(self.device)
+            positions, last = self._candidates(queries[pending], [excluded[u] for u in pending], fetch)
+            top, cols = _canonical_top(query[rows], positions, self.items, self.width, self.count, k)
+            certain = torch.isneginf(last) | (top[:, -1] > last.double() + slack[rows])
+            done = certain.cpu().numpy() | (fetch >= self.count)
+            top, cols = top[done].cpu(), cols[done].cpu().numpy()
+            found = torch.isfinite(top).numpy()
+            scores[pending[done]] = top.float().numpy()
+            ids[pending[done]] = np.where(found, self.sorted_ids[np.minimum(cols, self.count - 1)], -1)
+            pending, fetch = pending[~done], min(self.count, 4 * fetch)
+        return scores, ids
+
+    # ---------------------------------------------------------------------------- candidates
+    def _candidates(self, queries: np.ndarray, excluded: Sequence[np.ndarray], n: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions [U, >= n] int64 in id order, -1 = none; last [U]: the approximate score no item
+        left out exceeds, -inf where every eligible item is among the positions)."""
+        if self.faiss_search is not None and (len(queries) < FAISS_BELOW or len(queries) >= FAISS_FROM):
+            return self._faiss_candidates(queries, excluded, n)
+        return self._product_candidates(queries, excluded, n)
+
+    def _faiss_candidates(self, queries: np.ndarray, excluded: Sequence[np.ndarray], n: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """FAISS's top n + |excluded[u]| per query (rounded up to a power of two, so that the rows fall
+        into few searches), excluded ids dropped."""
+        extra = np.array([len(e) for e in excluded], dtype=np.int64)
+        sizes = np.minimum(self.count, n + np.where(extra > 0, 1 << np.ceil(np.log2(np.maximum(extra, 1))).astype(np.int64), 0))
+        positions = np.full((len(queries), int(sizes.max(initial=n))), -1, dtype=np.int64)
+        last = np.full(len(queries), -np.inf, dtype=np.float32)
+        for size in np.unique(sizes):
+            rows = np.flatnonzero(sizes == size)
+            approx, found = self.faiss_search(np.ascontiguousarray(queries[rows], dtype=np.float32), int(size))
+            where = np.minimum(np.searchsorted(self.sorted_ids, found), self.count - 1)
+            valid = (found >= 0) & (self.sorted_ids[where] == found)
+            for i, row in enumerate(rows):
+                if len(excluded[row]):
+                    valid[i] &= ~np.isin(found[i], excluded[row])
+            positions[rows, :size] = np.where(valid, where, -1)
+            if size < self.count:  # fetched `size` of them: any item left out scores at most the last
+                last[rows] = np.where(found[:, -1] >= 0, approx[:, -1], -np.inf)
+        return torch.from_numpy(positions).to(self.device), torch.from_numpy(last).to(self.device)
+
+    def _product_candidates(self, queries: np.ndarray, excluded: Sequence[np.ndarray], n: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top n by torch products with the item blocks (excluded ids at -inf), as the blocks go by."""
+        users = len(queries)
+        query = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+        best = torch.full((users, n), -torch.inf, device=self.device)
+        columns = torch.full((users, n), self.count, dtype=torch.long, device=self.device)
+        pairs = _ExcludedPairs(excluded, self.sorted_ids, self.width, users)
+        rows_per_group, blocks_per_group = self._group_shape(users)
         buffer = torch.empty(rows_per_group, blocks_per_group * self.width, device=self.device)
         for first_block in range(0, len(self.items), blocks_per_group):
             blocks = range(first_block, min(first_block + blocks_per_group, len(self.items)))
-            for start in range(0, padded, rows_per_group):
-                stop = min(start + rows_per_group, padded)
+            for start in range(0, users, rows_per_group):
+                stop = min(start + rows_per_group, users)
                 scores = buffer.view(-1)[:(stop - start) * len(blocks) * self.width].view(stop - start, -1)
                 self._score_group(query[start:stop], blocks, pairs.within(blocks, start, stop), start, scores)
                 _keep_best(scores, first_block * self.width, start, best, columns)
-        best, columns = best[:users].cpu(), columns[:users].cpu().numpy()
-        found = torch.isfinite(best).numpy()
-        ids = np.where(found, self.sorted_ids[np.minimum(columns, self.count - 1)], -1)
-        return best.numpy(), ids.astype(np.int64)
+        positions = torch.where(torch.isfinite(best), columns, -1)
+        return positions, best[:, -1]  # -inf: fewer than n eligible items, every one of them kept
 
-    def _group_shape(self, padded: int) -> tuple[int, int]:
+    def _group_shape(self, users: int) -> tuple[int, int]:
         """(query rows, item blocks) scored before each selection: about `entries` scores (the
-        selection's per-call cost is then spread over many), at least one product's worth."""
-        rows = min(padded, max(self.rows, self.entries // self.width // self.rows * self.rows))
+        selection's per-call cost is then spread over many), at least one block's worth."""
+        rows = min(users, max(1, self.entries // self.width))
         return rows, max(1, min(len(self.items), self.entries // (rows * self.width)))
 
     def _score_group(self, query: torch.Tensor, blocks: range, excluded: tuple[np.ndarray, np.ndarray],
                      first_row: int, scores: torch.Tensor) -> None:
         """Fill `scores` [len(query), len(blocks) * width] with the queries' scores of `blocks`, the
-        (rows, columns) of `excluded` set to -inf."""
+        (rows, columns) of `excluded` and the columns past the last item set to -inf."""
         for slot, block in enumerate(blocks):
-            self._scores(query, block, scores[:, slot * self.width:(slot + 1) * self.width])
+            torch.mm(query, self.items[block], out=scores[:, slot * self.width:(slot + 1) * self.width])
+            valid = self.count - block * self.width
+            if valid < self.width:
+                scores[:, slot * self.width + valid:(slot + 1) * self.width] = -torch.inf
         rows, cols = excluded
         if len(rows):
             rows, cols = torch.from_numpy(rows - first_row), torch.from_numpy(cols)
             scores[rows.to(self.device), cols.to(self.device)] = -torch.inf
 
-    def _scores(self, query: torch.Tensor, block: int, scores: torch.Tensor) -> None:
-        """Fill `scores` [len(query), width] (a view) with one item block's scores, one product of the
-        fixed shape per `rows` queries; columns past the last item are -inf."""
-        items = self.items[block]
-        start = 0
-        while start < len(query):  # len(query) is a multiple of rows, the last step
-            step = next(s for s in self.steps if s <= len(query) - start)
-            torch.mm(query[start:start + step], items, out=scores[start:start + step])
-            start += step
-        valid = self.count - block * self.width
-        if valid < self.width:
-            scores[:, valid:] = -torch.inf
+
+# ------------------------------------------------------------------------------ canonical scores
+def canonical_scores(query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """[..., F] float64 holding float32 values: query [..., d] . items [..., F, d], each product taken
+    exactly in float64, summed over d as a fixed pairwise tree (zero-padded to a power of two), then
+    rounded once to float32. Elementwise operations in one order: the same bits whatever the shapes,
+    the batch or the device."""
+    terms = items.double() * query.double().unsqueeze(-2)  # [..., F, d], exact
+    width = 1 << max(0, (terms.shape[-1] - 1).bit_length())
+    if width != terms.shape[-1]:
+        terms = torch.nn.functional.pad(terms, (0, width - terms.shape[-1]))
+    while terms.shape[-1] > 1:
+        half = terms.shape[-1] // 2
+        terms = terms[..., :half] + terms[..., half:]
+    return terms[..., 0].float().double()
 
 
-WIDE_MULTIPLES = (32, 16, 8, 4, 2)  # wider products tried, in multiples of the fixed rows (CPU only)
-_STEPS: dict[tuple, list[int]] = {}  # (device, dim, width, rows, threads) -> product rows, widest first
-
-
-def _wide_steps(device: torch.device, dim: int, width: int, rows: int) -> list[int]:
-    """Row counts of the products a group is scored in: each m x `rows` of WIDE_MULTIPLES whose
-    product [m x rows, dim] x [dim, width] gives every row the bits that products of [rows, dim]
-    give it (random data, checked once), then `rows` itself. On CUDA the fixed rows are already
-    a group's (see GROUP_ENTRIES), so only they are used."""
-    key = (str(device), dim, width, rows, torch.get_num_threads())
-    if key not in _STEPS:
-        wide = [m * rows for m in WIDE_MULTIPLES] if device.type == "cpu" else []
-        generator = torch.Generator().manual_seed(0)
-        query = torch.randn(max(wide, default=rows), dim, generator=generator).to(device)
-        items = torch.randn(dim, width, generator=generator).to(device)
-        tiles = torch.cat([query[s:s + rows] @ items for s in range(0, len(query), rows)])
-        _STEPS[key] = [m for m in wide if torch.equal(query[:m] @ items, tiles[:m])] + [rows]
-    return _STEPS[key]
+def _canonical_top(query: torch.Tensor, positions: torch.Tensor, items: torch.Tensor, width: int, count: int,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [U, k] float64 holding float32 values, positions [U, k]) of the best k candidates by
+    canonical score, ties to the smaller position (id); -inf / `count` where there are fewer than k."""
+    users, fetched = positions.shape
+    scores = torch.full((users, fetched), -torch.inf, dtype=torch.float64, device=query.device)
+    step = max(1, CANONICAL_ENTRIES // max(1, fetched))
+    for start in range(0, users, step):
+        part = positions[start:start + step]
+        safe = part.clamp(min=0)
+        vectors = items[safe // width, :, safe % width]  # [u, F, d]
+        scores[start:start + step] = canonical_scores(query[start:start + step], vectors).masked_fill(part < 0, -torch.inf)
+    keys = torch.where(positions < 0, count, positions)
+    order = torch.argsort(keys, dim=1, stable=True)  # id order, then a stable sort by score
+    scores, keys = scores.gather(1, order), keys.gather(1, order)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    scores, keys = scores.gather(1, order), keys.gather(1, order)
+    if fetched < k:
+        pad = k - fetched
+        scores = torch.cat([scores, scores.new_full((users, pad), -torch.inf)], 1)
+        keys = torch.cat([keys, keys.new_full((users, pad), count)], 1)
+    return scores[:, :k], keys[:, :k]
 
 
 def _block_width(count: int, most: int) -> int:

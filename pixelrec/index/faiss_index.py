@@ -5,12 +5,12 @@
 L2-normalised, then inner product). Results are item vocabulary ids (int64, never 0; -1 marks
 padding), kept through `faiss.IndexIDMap`.
 
-An exact (Flat) index on the CPU or one GPU is not searched by FAISS: `ExactSearch`
-(pixelrec/index/exact.py) scores the items with torch matrix products of one fixed shape, so a
-query's ids and scores do not depend on the batch it came in, and runs at the speed of a matrix
-product for any batch size (FAISS uses BLAS only from 2,000 queries at d 64). FAISS still holds
-the index (files, additions) and searches every approximate index, and a Flat index spread over
-several GPUs (`search_with_faiss`).
+An exact (Flat) index on the CPU or one GPU is searched by `ExactSearch` (pixelrec/index/exact.py):
+candidates from whichever exhaustive scan is fastest for the batch (FAISS's for 1-3 and from 2,048
+queries, torch matrix products otherwise), then scores computed in one canonical way and a
+certificate that nothing left out ranks higher, so a query's ids and scores do not depend on the
+batch it came in. FAISS also holds the index (files, additions), searches every approximate index,
+and a Flat index spread over several GPUs (`search_with_faiss`).
 
 Conventions shared by `ItemIndex.search` and the torch reference `brute_force_search`:
 
@@ -247,8 +247,8 @@ class ItemIndex:
         harmless). See the module docstring for the ordering, tie and padding conventions; an
         approximate index can also pad a row when its nprobe / efSearch reaches too few items.
         An exact (Flat) index on one device searches with `ExactSearch` (pixelrec/index/exact.py):
-        matrix products of one fixed shape, so results do not depend on the batch; other indexes
-        (and Flat over several GPUs) with FAISS, see `search_with_faiss`. Queries are processed in
+        canonical scores, so results do not depend on the batch; other indexes (and Flat over several
+        GPUs) with FAISS, see `search_with_faiss`. Queries are processed in
         chunks, so memory stays bounded.
         """
         if self._exact is None:
@@ -363,9 +363,14 @@ class ItemIndex:
         return faiss.index_gpu_to_cpu(self._index) if self._faiss_on_gpu else self._index
 
     def _exact_search(self) -> ExactSearch:
-        """The torch exact search over the current vectors (as searched: normalised for cosine)."""
+        """The exact search over the current vectors (as searched: normalised for cosine); on the CPU
+        it takes its candidates for the batch sizes FAISS scans fastest from this index's own Flat."""
+        flat = faiss.downcast_index(self._index.index)
+        scan = None
+        if self._radius is None and not self._faiss_on_gpu and flat.metric_type == faiss.METRIC_INNER_PRODUCT:
+            scan = self._index.search
         return ExactSearch(_for_metric(np.asarray(self._vectors, dtype=np.float32), self.metric), self._ids,
-                           torch.device(self._device))
+                           torch.device(self._device), faiss_search=scan)
 
 
 def brute_force_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int,
