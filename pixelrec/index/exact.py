@@ -68,6 +68,7 @@ class ExactSearch:
             part = order[start:start + self.width]
             blocks[b, :, :len(part)] = torch.from_numpy(np.asarray(vectors[part], dtype=np.float32)).T
         self.items = blocks.to(device)  # [blocks, d, width]
+        self._blocks_np = blocks.numpy() if kind == "cpu" else None  # the same memory (canonical scores read it)
         self.faiss_search = faiss_search if kind == "cpu" else None
         largest = float(np.sqrt((np.asarray(vectors, dtype=np.float64) ** 2).sum(1).max())) if count else 0.0
         u = 2.0 ** -24
@@ -77,57 +78,75 @@ class ExactSearch:
     def search(self, queries: np.ndarray, k: int,
                excluded: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(scores [U, k] float32, ids [U, k] int64) of queries [U, d]; `excluded[u]` int64 ids."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         users = len(queries)
         scores = np.full((users, k), -np.inf, dtype=np.float32)
         ids = np.full((users, k), -1, dtype=np.int64)
-        query = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
-        slack = torch.linalg.vector_norm(query.double(), dim=1) * self.slack_per_norm  # [U]
+        slack = np.sqrt(np.einsum("ud,ud->u", queries, queries, dtype=np.float64)) * self.slack_per_norm  # [U]
         pending, fetch = np.arange(users), min(self.count, k + MARGIN)
         while len(pending):
-            rows = torch.from_numpy(pending).to(self.device)
             positions, last = self._candidates(queries[pending], [excluded[u] for u in pending], fetch)
-            top, cols = _canonical_top(query[rows], positions, self.items, self.width, self.count, k)
-            certain = torch.isneginf(last) | (top[:, -1] > last.double() + slack[rows])
-            done = certain.cpu().numpy() | (fetch >= self.count)
-            top, cols = top[done].cpu(), cols[done].cpu().numpy()
-            found = torch.isfinite(top).numpy()
-            scores[pending[done]] = top.float().numpy()
-            ids[pending[done]] = np.where(found, self.sorted_ids[np.minimum(cols, self.count - 1)], -1)
+            top, cols = _canonical_top(queries[pending], positions, self._vectors_at, self.count, k)
+            done = np.isneginf(last) | (top[:, -1] > last.astype(np.float64) + slack[pending]) | (fetch >= self.count)
+            rows = pending[done]
+            scores[rows] = top[done]
+            ids[rows] = np.where(np.isfinite(top[done]), self.sorted_ids[np.minimum(cols[done], self.count - 1)], -1)
             pending, fetch = pending[~done], min(self.count, 4 * fetch)
         return scores, ids
 
+    def _vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        """[..., d] float32 item vectors at `positions` [...] (id order, all valid), on the CPU."""
+        width = self.width
+        if self.device.type == "cpu":
+            return self._blocks_np[positions // width, :, positions % width]
+        where = torch.from_numpy(positions).to(self.device)
+        return self.items[where // width, :, where % width].cpu().numpy()
+
     # ---------------------------------------------------------------------------- candidates
     def _candidates(self, queries: np.ndarray, excluded: Sequence[np.ndarray], n: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions [U, >= n] int64 in id order, -1 = none; last [U]: the approximate score no item
-        left out exceeds, -inf where every eligible item is among the positions)."""
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """(positions [U, n] int64 in id order, -1 = none, best first by approximate score; last [U]
+        float32: the approximate score no item left out exceeds, -inf where every eligible item is
+        among the positions)."""
         if self.faiss_search is not None and (len(queries) < FAISS_BELOW or len(queries) >= FAISS_FROM):
             return self._faiss_candidates(queries, excluded, n)
         return self._product_candidates(queries, excluded, n)
 
     def _faiss_candidates(self, queries: np.ndarray, excluded: Sequence[np.ndarray], n: int
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """FAISS's top n + |excluded[u]| per query (rounded up to a power of two, so that the rows fall
-        into few searches), excluded ids dropped."""
-        extra = np.array([len(e) for e in excluded], dtype=np.int64)
-        sizes = np.minimum(self.count, n + np.where(extra > 0, 1 << np.ceil(np.log2(np.maximum(extra, 1))).astype(np.int64), 0))
-        positions = np.full((len(queries), int(sizes.max(initial=n))), -1, dtype=np.int64)
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's top n + |excluded[u]| per query (the excess rounded up to a power of two, so that the
+        rows fall into few searches), excluded ids dropped, the first n kept."""
+        lengths = np.array([len(e) for e in excluded], dtype=np.int64)
+        extra = np.where(lengths > 0, 1 << np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64), 0)
+        sizes = np.minimum(self.count, n + extra)
+        # (row, position) keys of the excluded ids that are in the index
+        flat = np.concatenate(excluded).astype(np.int64) if lengths.sum() else np.empty(0, np.int64)
+        at = np.minimum(np.searchsorted(self.sorted_ids, flat), self.count - 1)
+        hit = self.sorted_ids[at] == flat
+        banned = (np.repeat(np.arange(len(excluded)), lengths)[hit] * self.count + at[hit])
+        positions = np.full((len(queries), n), -1, dtype=np.int64)
         last = np.full(len(queries), -np.inf, dtype=np.float32)
         for size in np.unique(sizes):
             rows = np.flatnonzero(sizes == size)
-            approx, found = self.faiss_search(np.ascontiguousarray(queries[rows], dtype=np.float32), int(size))
+            approx, found = self.faiss_search(queries[rows], int(size))
             where = np.minimum(np.searchsorted(self.sorted_ids, found), self.count - 1)
             valid = (found >= 0) & (self.sorted_ids[where] == found)
-            for i, row in enumerate(rows):
-                if len(excluded[row]):
-                    valid[i] &= ~np.isin(found[i], excluded[row])
-            positions[rows, :size] = np.where(valid, where, -1)
-            if size < self.count:  # fetched `size` of them: any item left out scores at most the last
-                last[rows] = np.where(found[:, -1] >= 0, approx[:, -1], -np.inf)
-        return torch.from_numpy(positions).to(self.device), torch.from_numpy(last).to(self.device)
+            valid &= ~np.isin(rows[:, None] * self.count + where, banned)
+            rank = np.cumsum(valid, axis=1)  # FAISS's rows are best first: keep the first n valid
+            keep = valid & (rank <= n)
+            slot = np.where(keep, rank - 1, n)
+            out = np.full((len(rows), n + 1), -1, dtype=np.int64)
+            np.put_along_axis(out, slot, np.where(keep, where, -1), axis=1)
+            positions[rows] = out[:, :n]
+            # an item left out scores at most the n-th kept one, or the last fetched if fewer were kept
+            enough = rank[:, -1] >= n
+            nth = np.take_along_axis(approx, np.argmax(rank >= n, axis=1)[:, None], axis=1)[:, 0]
+            complete = (found[:, -1] < 0) | (size >= self.count)  # every item was fetched
+            last[rows] = np.where(enough, nth, np.where(complete, -np.inf, approx[:, -1]))
+        return positions, last
 
     def _product_candidates(self, queries: np.ndarray, excluded: Sequence[np.ndarray], n: int
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+                            ) -> tuple[np.ndarray, np.ndarray]:
         """The top n by torch products with the item blocks (excluded ids at -inf), as the blocks go by."""
         users = len(queries)
         query = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
@@ -144,7 +163,8 @@ class ExactSearch:
                 self._score_group(query[start:stop], blocks, pairs.within(blocks, start, stop), start, scores)
                 _keep_best(scores, first_block * self.width, start, best, columns)
         positions = torch.where(torch.isfinite(best), columns, -1)
-        return positions, best[:, -1]  # -inf: fewer than n eligible items, every one of them kept
+        # best[:, -1] is -inf where fewer than n items are eligible: every one of them was kept
+        return positions.cpu().numpy(), best[:, -1].cpu().numpy()
 
     def _group_shape(self, users: int) -> tuple[int, int]:
         """(query rows, item blocks) scored before each selection: about `entries` scores (the
@@ -168,43 +188,40 @@ class ExactSearch:
 
 
 # ------------------------------------------------------------------------------ canonical scores
-def canonical_scores(query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """[..., F] float64 holding float32 values: query [..., d] . items [..., F, d], each product taken
-    exactly in float64, summed over d as a fixed pairwise tree (zero-padded to a power of two), then
-    rounded once to float32. Elementwise operations in one order: the same bits whatever the shapes,
-    the batch or the device."""
-    terms = items.double() * query.double().unsqueeze(-2)  # [..., F, d], exact
+def canonical_scores(query: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """[..., F] float32: query [..., d] . items [..., F, d], each product taken exactly in float64,
+    summed over d as a fixed pairwise tree (zero-padded to a power of two), then rounded once to
+    float32. Elementwise IEEE operations in one order: the same bits whatever the shapes, the batch
+    or the device the candidates were found on."""
+    terms = items.astype(np.float64) * query.astype(np.float64)[..., None, :]  # [..., F, d], exact
     width = 1 << max(0, (terms.shape[-1] - 1).bit_length())
     if width != terms.shape[-1]:
-        terms = torch.nn.functional.pad(terms, (0, width - terms.shape[-1]))
+        terms = np.concatenate([terms, np.zeros((*terms.shape[:-1], width - terms.shape[-1]))], axis=-1)
     while terms.shape[-1] > 1:
         half = terms.shape[-1] // 2
         terms = terms[..., :half] + terms[..., half:]
-    return terms[..., 0].float().double()
+    return terms[..., 0].astype(np.float32)
 
 
-def _canonical_top(query: torch.Tensor, positions: torch.Tensor, items: torch.Tensor, width: int, count: int,
-                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores [U, k] float64 holding float32 values, positions [U, k]) of the best k candidates by
-    canonical score, ties to the smaller position (id); -inf / `count` where there are fewer than k."""
+def _canonical_top(queries: np.ndarray, positions: np.ndarray, vectors_at: Callable[[np.ndarray], np.ndarray],
+                   count: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [U, k] float32, positions [U, k]) of the best k candidates `positions` [U, F] (-1 =
+    none) of queries [U, d] by canonical score, ties to the smaller position (= id); -inf / `count`
+    where there are fewer than k."""
     users, fetched = positions.shape
-    scores = torch.full((users, fetched), -torch.inf, dtype=torch.float64, device=query.device)
+    scores = np.full((users, fetched), -np.inf, dtype=np.float32)
     step = max(1, CANONICAL_ENTRIES // max(1, fetched))
     for start in range(0, users, step):
         part = positions[start:start + step]
-        safe = part.clamp(min=0)
-        vectors = items[safe // width, :, safe % width]  # [u, F, d]
-        scores[start:start + step] = canonical_scores(query[start:start + step], vectors).masked_fill(part < 0, -torch.inf)
-    keys = torch.where(positions < 0, count, positions)
-    order = torch.argsort(keys, dim=1, stable=True)  # id order, then a stable sort by score
-    scores, keys = scores.gather(1, order), keys.gather(1, order)
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)
-    scores, keys = scores.gather(1, order), keys.gather(1, order)
+        scored = canonical_scores(queries[start:start + step], vectors_at(np.maximum(part, 0)))
+        scores[start:start + step] = np.where(part >= 0, scored, -np.inf)
+    keys = np.where(positions < 0, count, positions)
+    order = np.lexsort((keys, -scores), axis=1)[:, :k]  # by score, descending, then by position
+    top, cols = np.take_along_axis(scores, order, axis=1), np.take_along_axis(keys, order, axis=1)
     if fetched < k:
-        pad = k - fetched
-        scores = torch.cat([scores, scores.new_full((users, pad), -torch.inf)], 1)
-        keys = torch.cat([keys, keys.new_full((users, pad), count)], 1)
-    return scores[:, :k], keys[:, :k]
+        top = np.concatenate([top, np.full((users, k - fetched), -np.inf, np.float32)], axis=1)
+        cols = np.concatenate([cols, np.full((users, k - fetched), count)], axis=1)
+    return top, cols
 
 
 def _block_width(count: int, most: int) -> int:
