@@ -124,12 +124,18 @@ def reference(vectors, ids, queries, k, exclude):
     return out_scores, out_ids
 
 
-def test_scores_are_the_exact_dot_products_rounded_once(catalogue):
+@pytest.mark.parametrize("sparse", [False, True])  # ids looked up in a table, or (far apart) by binary search
+def test_scores_are_the_exact_dot_products_rounded_once(catalogue, sparse):
     vectors, ids, queries, exclude = catalogue
-    scores, found = ItemIndex.build(vectors, ids).search(queries[:300], K, exclude=exclude[:300])
-    ref_scores, ref_found = reference(vectors, ids, queries[:300], K, exclude[:300])
-    np.testing.assert_array_equal(found, ref_found)
-    np.testing.assert_array_equal(scores, ref_scores)
+    if sparse:
+        ids, exclude = ids * 10_000 + 7, [np.asarray(e) * 10_000 + 7 for e in exclude]
+    index = ItemIndex.build(vectors, ids)
+    assert (index._exact._position is None) == sparse
+    for batch in (1, 300):  # FAISS's scan and torch products as the candidates
+        scores, found = in_batches(index, queries[:300], exclude[:300], batch)
+        ref_scores, ref_found = reference(vectors, ids, queries[:300], K, exclude[:300])
+        np.testing.assert_array_equal(found, ref_found)
+        np.testing.assert_array_equal(scores, ref_scores)
 
 
 def test_both_candidate_paths_and_forced_retries_give_the_same_bits(catalogue, monkeypatch):

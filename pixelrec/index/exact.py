@@ -70,6 +70,10 @@ class ExactSearch:
         self.items = blocks.to(device)  # [blocks, d, width]
         self._blocks_np = blocks.numpy() if kind == "cpu" else None  # the same memory (canonical scores read it)
         self.faiss_search = faiss_search if kind == "cpu" else None
+        self._position = None  # id -> position in id order (-1: none), where the ids are dense enough
+        if count and 0 <= self.sorted_ids[0] and self.sorted_ids[-1] < 4 * count + 1024:
+            self._position = np.full(int(self.sorted_ids[-1]) + 1, -1, dtype=np.int64)
+            self._position[self.sorted_ids] = np.arange(count)
         largest = float(np.sqrt((np.asarray(vectors, dtype=np.float64) ** 2).sum(1).max())) if count else 0.0
         u = 2.0 ** -24
         gamma = dim * u / (1 - dim * u)
@@ -121,16 +125,14 @@ class ExactSearch:
         sizes = np.minimum(self.count, n + extra)
         # (row, position) keys of the excluded ids that are in the index
         flat = np.concatenate(excluded).astype(np.int64) if lengths.sum() else np.empty(0, np.int64)
-        at = np.minimum(np.searchsorted(self.sorted_ids, flat), self.count - 1)
-        hit = self.sorted_ids[at] == flat
+        at, hit = self._positions_of(flat)
         banned = (np.repeat(np.arange(len(excluded)), lengths)[hit] * self.count + at[hit])
         positions = np.full((len(queries), n), -1, dtype=np.int64)
         last = np.full(len(queries), -np.inf, dtype=np.float32)
         for size in np.unique(sizes):
             rows = np.flatnonzero(sizes == size)
             approx, found = self.faiss_search(queries[rows], int(size))
-            where = np.minimum(np.searchsorted(self.sorted_ids, found), self.count - 1)
-            valid = (found >= 0) & (self.sorted_ids[where] == found)
+            where, valid = self._positions_of(found)
             valid &= ~np.isin(rows[:, None] * self.count + where, banned)
             rank = np.cumsum(valid, axis=1)  # FAISS's rows are best first: keep the first n valid
             keep = valid & (rank <= n)
@@ -144,6 +146,16 @@ class ExactSearch:
             complete = (found[:, -1] < 0) | (size >= self.count)  # every item was fetched
             last[rows] = np.where(enough, nth, np.where(complete, -np.inf, approx[:, -1]))
         return positions, last
+
+    def _positions_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in id order, found) of `ids` (any shape; ids not in the index: found False):
+        a table lookup where the ids are dense (vocabulary indices), else a binary search."""
+        if self._position is not None:
+            inside = (ids >= 0) & (ids < len(self._position))
+            at = np.where(inside, self._position[np.where(inside, ids, 0)], -1)
+            return np.maximum(at, 0), at >= 0
+        at = np.minimum(np.searchsorted(self.sorted_ids, ids), self.count - 1)
+        return at, self.sorted_ids[at] == ids
 
     def _product_candidates(self, queries: np.ndarray, excluded: Sequence[np.ndarray], n: int
                             ) -> tuple[np.ndarray, np.ndarray]:
