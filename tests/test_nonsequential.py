@@ -95,7 +95,7 @@ def test_context_window_states_are_the_windows_other_items_by_hand():
     assert fm(x, mask)[0, 1:].tolist() == [[1., 2.], [4., 1.], [4.5, 1.5]]  # served: causal, as by default
     dssm = DSSM(SequenceConfig(model="dssm", dim=2, dropout=0.0, context="window")).eval()
     assert torch.allclose(dssm(x, mask, targets)[0, 1:], torch.tensor([[1.75, -0.25], [0.75, 1.25], [2., 0.5]]))
-    assert FM(SequenceConfig(model="fm", dim=2)).objective == "causal"
+    assert FM(SequenceConfig(model="fm", dim=2, dropout=0.0)).objective == "causal"
 
 
 def test_context_window_loss_is_each_items_softmax_given_the_others_by_hand(tmp_path):

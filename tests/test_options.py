@@ -145,8 +145,11 @@ def test_per_model_defaults_are_written_from_the_tables():
         "2 for sasrec, 1 for gru4rec, 1 for nextitnet, 1 for lightsans, 1 for srgnn, 2 for bert4rec")
     assert by_key["train.lr"].spec.default_text == per_model(DEFAULT_LR) == (
         "0.001 for sasrec, 0.002 for gru4rec, 0.001 for nextitnet, 0.001 for lightsans, 0.001 for srgnn, "
-        "0.003 for bert4rec, 0.01 for mf, 0.001 for fm, 0.005 for dssm, 0.01 for vbpr, 0.01 for acf, 0 for visrank")
+        "0.001 for bert4rec, 0.01 for mf, 0.001 for fm, 0.005 for dssm, 0.01 for vbpr, 0.01 for acf, 0 for visrank")
     assert by_key["train.windows"].spec.default_text == per_model(DEFAULT_WINDOWS)
+    # shared settings a model may default differently: its value, then the one every other model takes
+    assert by_key["model.dropout"].spec.default_text == "0.2 for bert4rec, 0.3 for the others"
+    assert by_key["model.attn_dropout"].spec.default_text == "0.2 for bert4rec, 0.3 for the others"
     assert set(DEFAULT_LR) == set(DEFAULT_WINDOWS) == set(config.MODELS)
     # a default number of layers for exactly the models that stack layers
     assert set(DEFAULT_LAYERS) == {m for m, spec in MODEL_SPECS.items() if "layers" in spec.reads}

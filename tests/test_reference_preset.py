@@ -305,8 +305,8 @@ def test_post_ln_block_is_layernorm_of_x_plus_sublayer():
 
 
 def test_post_ln_sasrec_has_no_final_layernorm_and_pre_is_unchanged():
-    post = SASRec(SequenceConfig(dim=8, heads=2, max_len=4, layers=1, norm="post"))
-    pre = SASRec(SequenceConfig(dim=8, heads=2, max_len=4, layers=1))
+    post = SASRec(SequenceConfig(dim=8, heads=2, max_len=4, layers=1, norm="post", dropout=0.3, attn_dropout=0.3))
+    pre = SASRec(SequenceConfig(dim=8, heads=2, max_len=4, layers=1, dropout=0.3, attn_dropout=0.3))
     assert isinstance(post.ln_out, torch.nn.Identity) and post.ln_in.eps == 1e-12
     assert isinstance(pre.ln_out, torch.nn.LayerNorm) and pre.ln_in.eps == 1e-5 and pre.blocks[0].ln1.eps == 1e-5
     # post blocks put their output through a LayerNorm: unit variance per position (weights 1, bias 0)

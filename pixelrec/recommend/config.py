@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import PixelrecError
-from .models.registry import CACHE_MODELS, MODEL_SETTINGS, MODEL_SPECS, default_of, model_spec
+from .models.registry import CACHE_MODELS, MODEL_SETTINGS, MODEL_SPECS, SHARED_DEFAULTS, default_of, model_spec
 
 if TYPE_CHECKING:
     from .towers import ItemTower
@@ -60,6 +60,8 @@ PRESET_NAMES = ("default", "pixelrec")
 DEFAULT_LAYERS = default_of("model.layers")
 DEFAULT_LR = default_of("train.lr")
 DEFAULT_WINDOWS = default_of("train.windows")
+DEFAULT_DROPOUT = default_of("model.dropout")
+DEFAULT_ATTN_DROPOUT = default_of("model.attn_dropout")
 
 SEED_MAX = 2**32 - 1  # numpy's seed range
 IMAGE_SIZE_MAX = 1024  # e2e encoder input side in pixels, as for `encode --image-size` (larger ones exhaust memory)
@@ -94,6 +96,11 @@ def per_model(defaults: dict[str, Any]) -> str:
     """Help text for a default that depends on --model, e.g. '2 for sasrec, 1 for gru4rec'."""
     return ", ".join(f"{value:g} for {model}" if isinstance(value, float) else f"{value} for {model}"
                      for model, value in defaults.items())
+
+
+def _with_others(defaults: dict[str, Any], key: str) -> str:
+    """Help text for a shared setting some models default differently: '0.2 for bert4rec, 0.3 for the others'."""
+    return f"{per_model(defaults)}, {SHARED_DEFAULTS[key]:g} for the others"
 
 
 # ---------------------------------------------------------------------------------- sections
@@ -189,10 +196,11 @@ class SequenceConfig:
                                       "SR-GNN's gated graph steps.")
     heads: int = setting(2, at_least=1, help="Attention heads (must divide --dim).")
     inner_mult: int = 4  # transformer feed-forward width = inner_mult * dim (not an option: NOT_OPTIONS)
-    dropout: float = setting(0.3, at_least=0, below=1, help="Dropout in the sequence model.")
-    attn_dropout: float = setting(0.3, at_least=0, below=1,
-                                  help="Dropout on the attention weights (0 with --dropout 0 makes "
-                                       "training free of dropout, e.g. to compare runs exactly).")
+    dropout: float | None = setting(None, at_least=0, below=1, default_text=_with_others(DEFAULT_DROPOUT, "model.dropout"),
+                                    help="Dropout in the sequence model.")
+    attn_dropout: float | None = setting(None, at_least=0, below=1, default_text=_with_others(DEFAULT_ATTN_DROPOUT, "model.attn_dropout"),
+                                         help="Dropout on the attention weights (0 with --dropout 0 makes "
+                                              "training free of dropout, e.g. to compare runs exactly).")
     positions: str = setting(
         "relative", choices=POSITIONS,
         help="Positions: relative (attention bias by distance, trains every position as it is served) "
@@ -286,7 +294,7 @@ class TrainConfig:
     stride: int = setting(
         0, help="Sliding windows: a window ends every STRIDE items and trains its newest STRIDE targets "
                 "(1 = one sample per prefix, as RecBole). 0 = auto: max-len/6 for id/frozen, max-len/2 for "
-                "towers that run image blocks and for overlapping windows.")
+                "towers that run image blocks and for overlapping windows, 1 for bert4rec over id/frozen.")
     seed: int = setting(0, at_least=0, at_most=SEED_MAX, help="Random seed.")
     deterministic: bool = setting(False, help="Ask torch for deterministic kernels.")
     device: str = setting("auto", help="auto | cpu | cuda[:N]")
@@ -404,7 +412,7 @@ class FitConfig:
         spec = MODEL_SPECS.get(self.model.model)
         if spec and "context" in spec.reads and self.model.context == "window" and self.train.windows is None:
             self.train.windows = "chunks"  # the windows of --context window (the PixelRec code's)
-        for key, value in (spec.defaults.items() if spec else ()):
+        for key, value in [*(spec.defaults.items() if spec else ()), *SHARED_DEFAULTS.items()]:
             if self.get(key) is None:
                 self.set(key, value)
         if self.train.stride == 0:
@@ -438,7 +446,8 @@ class FitConfig:
                                  ("train.cold_threshold", self.train.cold_threshold, 0)):
             if value < low:
                 raise PixelrecError(f"{name} must be at least {low} (got {value})")
-        if not (math.isfinite(self.model.attn_dropout) and 0 <= self.model.attn_dropout < 1):
+        if self.model.attn_dropout is not None and not (math.isfinite(self.model.attn_dropout)
+                                                          and 0 <= self.model.attn_dropout < 1):
             raise PixelrecError(f"model.attn_dropout must be in [0, 1) (got {self.model.attn_dropout})")
         share = self.loss.full_softmax_max_share
         if not (math.isfinite(share) and 0 < share < 1):
@@ -527,7 +536,8 @@ class FitConfig:
 def default_stride(cfg: FitConfig) -> int:
     """Window stride when none is asked for: for `sliding` windows max_len // 6 with cheap item towers
     (id, frozen), max_len // 2 with towers that run image blocks on every batch (partial, e2e, hybrid
-    over partial); max_len // 2 for `overlapping` windows.
+    over partial); max_len // 2 for `overlapping` windows; a model's own `train.stride` default with
+    cheap towers (BERT4Rec: 1, every prefix ends a window, as RecBole trains it).
 
     A window trains its newest `stride` targets, so a smaller stride gives every target more context
     and each step fewer, less correlated targets, at the cost of more windows per epoch. On ML-100K
@@ -537,6 +547,9 @@ def default_stride(cfg: FitConfig) -> int:
     if cfg.train.windows == "prefixes":
         return 1  # a window ends at every item
     image_blocks = cfg.items.kind in ("partial", "e2e") or (cfg.items.kind == "hybrid" and cfg.items.image_branch == "partial")
+    spec = MODEL_SPECS.get(cfg.model.model)
+    if not image_blocks and spec is not None and "train.stride" in spec.defaults:  # the model's own (BERT4Rec: 1)
+        return min(spec.defaults["train.stride"], cfg.model.max_len)
     if image_blocks or cfg.train.windows != "sliding":
         return max(1, cfg.model.max_len // 2)
     return max(1, cfg.model.max_len // 6)

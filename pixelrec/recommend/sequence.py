@@ -22,7 +22,7 @@ from torch import nn
 from .config import DEFAULT_LAYERS, SequenceConfig
 from .models.gru4rec import GRU4Rec
 from .models.layers import POST_LN_EPS, Block, CausalSelfAttention, init_weights
-from .models.registry import model_spec
+from .models.registry import SHARED_DEFAULTS, model_spec
 from .models.sasrec import SASRec
 
 __all__ = ["Block", "CausalSelfAttention", "DEFAULT_LAYERS", "GRU4Rec", "POST_LN_EPS", "SASRec", "SequenceConfig",
@@ -30,11 +30,15 @@ __all__ = ["Block", "CausalSelfAttention", "DEFAULT_LAYERS", "GRU4Rec", "POST_LN
 
 
 def build_sequence_encoder(cfg: SequenceConfig, num_users: int = 0) -> nn.Module:
-    """The nn.Module of `cfg.model` (its ModelSpec's factory), with the model's default layers if none given;
+    """The nn.Module of `cfg.model` (its ModelSpec's factory), with the model's default layers and dropout
+    rates where none are given;
     a model with a vector per training user (`ModelSpec.per_user`) is built with `num_users` of them."""
     spec = model_spec(cfg.model)
     if cfg.layers is None and "layers" in spec.reads:
         cfg = replace(cfg, layers=spec.defaults["model.layers"])
+    for name in ("dropout", "attn_dropout"):  # shared settings some models default differently
+        if getattr(cfg, name) is None:
+            cfg = replace(cfg, **{name: spec.defaults.get(f"model.{name}", SHARED_DEFAULTS[f"model.{name}"])})
     module, _, name = spec.factory.partition(":")
     cls = getattr(importlib.import_module(f"{__package__}.models.{module}"), name)
     return cls(cfg, num_users) if spec.per_user else cls(cfg)
