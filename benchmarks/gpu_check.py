@@ -273,6 +273,9 @@ def section_faiss(sec: Section, sizes: Sizes, work: Path) -> None:
             if spec == "Flat" and device != "cpu":
                 row["flat_equal_to_cpu"] = bool(np.array_equal(found, exact["cpu"][1])
                                                 and np.allclose(scores, exact["cpu"][0], rtol=1e-4, atol=1e-4))
+                # canonical scores (pixelrec/index/exact.py) are the same bits whichever device found them
+                row["flat_bits_equal_to_cpu"] = bool(np.array_equal(found, exact["cpu"][1])
+                                                     and scores.tobytes() == exact["cpu"][0].tobytes())
             sec.row(**row)
     exact_search_rows(sec, items, ids, queries, histories, sizes.device, gpu)
 
