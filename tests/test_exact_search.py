@@ -158,6 +158,20 @@ def test_both_candidate_paths_and_forced_retries_give_the_same_bits(catalogue, m
         monkeypatch.setattr(exact.ExactSearch, "_candidates", original)
         if margin == 0 and below == 0:  # (FAISS over-fetches by the excluded ids: a margin of its own)
             assert max(calls) > K, calls  # the tie at the cut was searched again
+    for margin in (16, 0):  # one query at a time (FAISS's scan, 1-D steps), the tie forcing retries
+        monkeypatch.setattr(exact, "MARGIN", margin)
+        monkeypatch.setattr(exact, "FAISS_BELOW", 4)
+        calls, scans = [], []
+        original, scan = exact.ExactSearch._search_one, index._exact.faiss_search
+        monkeypatch.setattr(exact.ExactSearch, "_search_one",
+                            lambda self, q, k, e: calls.append(len(q)) or original(self, q, k, e))
+        monkeypatch.setattr(index._exact, "faiss_search", lambda q, n: scans.append(n) or scan(q, n))
+        results.append(in_batches(index, queries[:200], exclude[:200], 3))
+        monkeypatch.setattr(exact.ExactSearch, "_search_one", original)
+        monkeypatch.setattr(index._exact, "faiss_search", scan)
+        assert len(calls) == 200  # every query went through the one-query path
+        if margin == 0:
+            assert len(scans) > 200  # the tie at the cut was searched again, wider
     for scores, found in results[1:]:
         np.testing.assert_array_equal(found, results[0][1])
         assert scores.tobytes() == results[0][0].tobytes()

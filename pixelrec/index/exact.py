@@ -10,6 +10,8 @@ bits would too. Here the speed and the result are separated:
    fused heap) or torch products of the queries with item blocks ([d, width], sorted by id) and a
    running top-k through chunk maxima (every other batch, and every batch on a GPU). Each query
    gets its k + `MARGIN` best items by these approximate scores (excluded ids never among them).
+   Batches of 1-3 go through FAISS one query at a time (`_search_one`: the same steps on 1-D
+   arrays, so a lone query costs little more than FAISS's scan).
 2. **Canonical scores** of the candidates: products of the float32 query and item in float64
    (exact), summed over the dimensions as a fixed pairwise tree, rounded once to float32
    (`canonical_scores`). That is elementwise arithmetic in one fixed order, so a query's score of
@@ -83,6 +85,10 @@ class ExactSearch:
                excluded: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(scores [U, k] float32, ids [U, k] int64) of queries [U, d]; `excluded[u]` int64 ids."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.faiss_search is not None and 0 < len(queries) < FAISS_BELOW:  # a query at a time
+            found = [self._search_one(queries[u:u + 1], k, np.asarray(excluded[u], dtype=np.int64))
+                     for u in range(len(queries))]
+            return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
         users = len(queries)
         scores = np.full((users, k), -np.inf, dtype=np.float32)
         ids = np.full((users, k), -1, dtype=np.int64)
@@ -97,6 +103,33 @@ class ExactSearch:
             ids[rows] = np.where(np.isfinite(top[done]), self.sorted_ids[np.minimum(cols[done], self.count - 1)], -1)
             pending, fetch = pending[~done], min(self.count, 4 * fetch)
         return scores, ids
+
+    def _search_one(self, query: np.ndarray, k: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`search` of one query [1, d] with FAISS's scan as the candidates: the same three steps on
+        1-D arrays, without the batch's bookkeeping (a lone query, as `serve` and `retrieve` send,
+        then costs about the scan, not 5x it on a small catalogue)."""
+        slack = float(np.sqrt(np.dot(query[0].astype(np.float64), query[0].astype(np.float64)))) * self.slack_per_norm
+        fetch = min(self.count, k + MARGIN)
+        while True:
+            size = min(self.count, fetch + len(excluded))
+            approx, found = (row[0] for row in self.faiss_search(query, size))
+            valid = found >= 0
+            if len(excluded):
+                valid &= ~_member(found, excluded)
+            kept, kept_approx = found[valid][:fetch], approx[valid][:fetch]
+            if len(kept) >= fetch:  # an item left out scores at most the fetch-th kept one
+                last = float(kept_approx[-1])
+            else:  # ... or the last fetched; -inf where every item was fetched
+                last = -np.inf if found[-1] < 0 or size >= self.count else float(approx[-1])
+            positions = self._positions_of(kept)[0]
+            scored = canonical_scores(query[0], self._vectors_at(positions))  # [F]
+            order = np.lexsort((positions, -scored))[:k]  # by score, descending, then by position
+            top = np.full(k, -np.inf, dtype=np.float32)
+            ids = np.full(k, -1, dtype=np.int64)
+            top[:len(order)], ids[:len(order)] = scored[order], self.sorted_ids[positions[order]]
+            if np.isneginf(last) or float(top[-1]) > last + slack or fetch >= self.count:
+                return top[None], ids[None]
+            fetch = min(self.count, 4 * fetch)
 
     def _vectors_at(self, positions: np.ndarray) -> np.ndarray:
         """[..., d] float32 item vectors at `positions` [...] (id order, all valid), on the CPU."""
@@ -236,6 +269,13 @@ def _canonical_top(queries: np.ndarray, positions: np.ndarray, vectors_at: Calla
     return top, cols
 
 
+def _member(values: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """values [F] found in pool [P]: by broadcasting where both are short (np.isin sorts), else np.isin."""
+    if len(values) * len(pool) <= 8192:
+        return (values[:, None] == pool[None, :]).any(axis=1)
+    return np.isin(values, pool)
+
+
 def _block_width(count: int, most: int) -> int:
     """Columns per item block: as few blocks as `most` allows, evenly filled, in whole chunks where
     that stays within `most` (e.g. 9,628 items: 2 blocks of 4,864, not 8,192 + 1,436 of 8,192)."""
@@ -246,9 +286,11 @@ def _block_width(count: int, most: int) -> int:
 
 def _keep_best(scores: torch.Tensor, first_column: int, first_row: int, best: torch.Tensor,
                columns: torch.Tensor) -> None:
-    """Merge one block's scores [R, W] into the running top-k (`best`, `columns` [U, k], sorted by
-    score desc then column asc) of rows first_row.. ; only rows whose block maximum beats their
-    k-th score are touched (a tie with it cannot enter: its column is larger)."""
+    """Merge one group's scores [R, W] into the running top-k (`best`, `columns` [U, k], best first)
+    of rows first_row.. ; only rows whose group maximum beats their k-th score are touched.
+
+    Ties may fall either way here: these are candidates, ranked again by canonical score, and the
+    certificate needs only that no item left out scores above the k-th kept (which any top k has)."""
     k = best.shape[1]
     kth = best[first_row:first_row + len(scores), -1]
     chunked = k * CHUNK * 2 <= scores.shape[1] and scores.shape[1] % CHUNK == 0
@@ -261,43 +303,23 @@ def _keep_best(scores: torch.Tensor, first_column: int, first_row: int, best: to
     if chunked:
         values, cols = _chunked_top(part, maxima if every else maxima[hit], k)
     else:
-        values, cols = _block_top(part, min(k, part.shape[1]))
+        values, cols = torch.topk(part, min(k, part.shape[1]), dim=1)
     rows = hit + first_row
     merged_values = torch.cat([best[rows], values], dim=1)
     merged_cols = torch.cat([columns[rows], cols + first_column], dim=1)
-    order = torch.argsort(merged_cols, dim=1, stable=True)
-    merged_values, merged_cols = merged_values.gather(1, order), merged_cols.gather(1, order)
-    order = torch.argsort(merged_values, dim=1, descending=True, stable=True)[:, :k]
-    best[rows], columns[rows] = merged_values.gather(1, order), merged_cols.gather(1, order)
+    values, at = torch.topk(merged_values, k, dim=1)
+    best[rows], columns[rows] = values, merged_cols.gather(1, at)
 
 
 def _chunked_top(scores: torch.Tensor, maxima: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_block_top` of scores [R, W] through the maxima [R, W / CHUNK] of their chunks of CHUNK
-    columns: the k chunks with the largest maxima (ties: the earlier chunk) hold the top k (each
-    chunk ranked before one holding a top-k item holds an item ranked before that item), so only
-    their k x CHUNK scores are ranked."""
-    _, chunks = _block_top(maxima, k)
-    chunks = torch.sort(chunks, dim=1).values  # column order, so ties still go to the smaller column
+    """Top k (values, columns) of scores [R, W] through the maxima [R, W / CHUNK] of their chunks of
+    CHUNK columns: the k chunks with the largest maxima hold a top k (a chunk outside them has a
+    maximum no larger than theirs, each of which is a distinct item), so only their k x CHUNK
+    scores are ranked."""
+    _, chunks = torch.topk(maxima, k, dim=1)
     cols = (chunks[:, :, None] * CHUNK + torch.arange(CHUNK, device=scores.device)).reshape(len(scores), -1)
-    values, positions = _block_top(scores.gather(1, cols), k)
+    values, positions = torch.topk(scores.gather(1, cols), k, dim=1)
     return values, cols.gather(1, positions)
-
-
-def _block_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top k (values, columns) of each row, ties at the cut resolved to the smaller columns.
-
-    `torch.topk` picks an arbitrary subset of equal values: one more value is taken, and where it
-    equals the k-th (a tie at the cut, rare) the row is sorted in full (stable) instead."""
-    if k >= scores.shape[1]:
-        return torch.sort(scores, dim=1, descending=True, stable=True)
-    values, cols = torch.topk(scores, k + 1, dim=1)
-    values, cols, next_value = values[:, :k], cols[:, :k], values[:, k]
-    tied = (next_value == values[:, -1]) & torch.isfinite(next_value)
-    if tied.any():
-        rows = torch.nonzero(tied).squeeze(1)
-        full_values, full_cols = torch.sort(scores[rows], dim=1, descending=True, stable=True)
-        values[rows], cols[rows] = full_values[:, :k], full_cols[:, :k]
-    return values, cols
 
 
 class _ExcludedPairs:

@@ -256,9 +256,11 @@ class ItemIndex:
         queries = _prepare_queries(queries, self.dim, self.metric)
         _check_k(k, self.ntotal)
         excluded = _exclusion_lists(exclude, len(queries))
+        step = max(1, _CHUNK_ENTRIES // k)
+        if len(queries) <= step:  # one chunk (serve's micro-batches, retrieve): no progress bar to draw
+            return self._exact.search(queries, k, excluded)
         scores = np.empty((len(queries), k), dtype=np.float32)
         ids = np.empty((len(queries), k), dtype=np.int64)
-        step = max(1, _CHUNK_ENTRIES // k)
         with progress(total=len(queries), desc="search", unit="user") as bar:
             for start in range(0, len(queries), step):
                 part = slice(start, start + step)
