@@ -197,7 +197,7 @@ class ExactSearch:
         query = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
         best = torch.full((users, n), -torch.inf, device=self.device)
         columns = torch.full((users, n), self.count, dtype=torch.long, device=self.device)
-        pairs = _ExcludedPairs(excluded, self.sorted_ids, self.width, users)
+        pairs = _ExcludedPairs(excluded, self._positions_of, self.width, users)
         rows_per_group, blocks_per_group = self._group_shape(users)
         buffer = torch.empty(rows_per_group, blocks_per_group * self.width, device=self.device)
         for first_block in range(0, len(self.items), blocks_per_group):
@@ -325,12 +325,12 @@ def _chunked_top(scores: torch.Tensor, maxima: torch.Tensor, k: int) -> tuple[to
 class _ExcludedPairs:
     """(row, column-in-block) of every excluded id found in the index, looked up by (block, rows)."""
 
-    def __init__(self, excluded: Sequence[np.ndarray], sorted_ids: np.ndarray, width: int, padded: int):
+    def __init__(self, excluded: Sequence[np.ndarray], positions_of: Callable[[np.ndarray], tuple],
+                 width: int, padded: int):
         lengths = [len(e) for e in excluded]
         rows = np.repeat(np.arange(len(excluded), dtype=np.int64), lengths)
         flat = np.concatenate(excluded) if sum(lengths) else np.empty(0, dtype=np.int64)
-        positions = np.minimum(np.searchsorted(sorted_ids, flat), len(sorted_ids) - 1)
-        found = sorted_ids[positions] == flat
+        positions, found = positions_of(flat)  # (`ExactSearch._positions_of`)
         rows, positions = rows[found], positions[found]
         self.padded = padded
         keys = (positions // width) * padded + rows
