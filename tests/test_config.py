@@ -254,7 +254,7 @@ def test_runs_written_before_positions_existed_load_as_absolute():
 
 
 def test_windows_default_per_model():
-    for model, windows, stride in ((("sasrec", "sliding", 3), ("gru4rec", "overlapping", 10), ("nextitnet", "sliding", 3),
+    for model, windows, stride in ((("sasrec", "sliding", 3), ("gru4rec", "overlapping", 10), ("nextitnet", "sliding", 1),
                                     ("lightsans", "prefixes", 1), ("srgnn", "prefixes", 1))):
         c = FitConfig(interactions="i.csv", out="o")
         c.model.model = model

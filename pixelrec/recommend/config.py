@@ -294,7 +294,7 @@ class TrainConfig:
     stride: int = setting(
         0, help="Sliding windows: a window ends every STRIDE items and trains its newest STRIDE targets "
                 "(1 = one sample per prefix, as RecBole). 0 = auto: max-len/6 for id/frozen, max-len/2 for "
-                "towers that run image blocks and for overlapping windows, 1 for bert4rec over id/frozen.")
+                "towers that run image blocks and for overlapping windows, 1 for bert4rec and nextitnet over id/frozen.")
     seed: int = setting(0, at_least=0, at_most=SEED_MAX, help="Random seed.")
     deterministic: bool = setting(False, help="Ask torch for deterministic kernels.")
     device: str = setting("auto", help="auto | cpu | cuda[:N]")
@@ -537,7 +537,7 @@ def default_stride(cfg: FitConfig) -> int:
     """Window stride when none is asked for: for `sliding` windows max_len // 6 with cheap item towers
     (id, frozen), max_len // 2 with towers that run image blocks on every batch (partial, e2e, hybrid
     over partial); max_len // 2 for `overlapping` windows; a model's own `train.stride` default with
-    cheap towers (BERT4Rec: 1, every prefix ends a window, as RecBole trains it).
+    cheap towers (BERT4Rec and NextItNet: 1, every prefix ends a window, as RecBole trains them).
 
     A window trains its newest `stride` targets, so a smaller stride gives every target more context
     and each step fewer, less correlated targets, at the cost of more windows per epoch. On ML-100K
@@ -548,7 +548,7 @@ def default_stride(cfg: FitConfig) -> int:
         return 1  # a window ends at every item
     image_blocks = cfg.items.kind in ("partial", "e2e") or (cfg.items.kind == "hybrid" and cfg.items.image_branch == "partial")
     spec = MODEL_SPECS.get(cfg.model.model)
-    if not image_blocks and spec is not None and "train.stride" in spec.defaults:  # the model's own (BERT4Rec: 1)
+    if not image_blocks and spec is not None and "train.stride" in spec.defaults:  # the model's own (1)
         return min(spec.defaults["train.stride"], cfg.model.max_len)
     if image_blocks or cfg.train.windows != "sliding":
         return max(1, cfg.model.max_len // 2)
