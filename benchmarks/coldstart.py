@@ -56,10 +56,14 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_settings import changed_settings  # noqa: E402
 
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
@@ -294,12 +298,6 @@ def run_recipe(name: str, overrides: dict, seed: int, interactions: Path, caches
 
     overrides = {**overrides, **args.overrides}
     result_file = out / "results" / f"{name}-seed{seed}.json"  # name is RECIPE or MODEL/RECIPE (--models)
-    if result_file.is_file() and not args.refit:
-        row = json.loads(result_file.read_text())
-        if row.get("overrides") == _jsonable(overrides) and row.get("epochs_cap", 0) == epochs_cap(overrides, args):
-            return row
-    if args.report_only:
-        return None
     cfg = FitConfig(interactions=str(interactions), out=str(out / "runs" / f"{name}-seed{seed}"))
     cache_kind = "vit"
     for key, value in overrides.items():
@@ -311,6 +309,16 @@ def run_recipe(name: str, overrides: dict, seed: int, interactions: Path, caches
     cfg.train.seed, cfg.train.device = seed, args.device
     if epochs_cap(overrides, args):
         cfg.train.epochs = epochs_cap(overrides, args)
+    if result_file.is_file() and not args.refit:
+        row = json.loads(result_file.read_text())
+        if row.get("overrides") == _jsonable(overrides) and row.get("epochs_cap", 0) == epochs_cap(overrides, args):
+            changed = changed_settings(cfg, cfg.out)
+            if not changed:
+                return row
+            print(f"  {name} seed {seed}: the cached result was fitted with other settings ({'; '.join(changed)}): "
+                  f"{'not used' if args.report_only else 'fitting again'}", flush=True)
+    if args.report_only:
+        return None
     t0 = time.time()
     res = fit(cfg, overwrite=True)
     test = res.test

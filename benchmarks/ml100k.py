@@ -19,7 +19,8 @@ peer script does), pixelrec's max length and dim, CE loss, early stop on valid N
 patience. It prints NDCG@10, Recall@10 and s/epoch (training only) for both, and the ratios ours/peer.
 `--peer-epochs` / `--peer-max-minutes` cap RecBole's schedule (it is slow on CPU); the table marks
 capped runs. Every result is cached per (side, model, seed) under --out/results and reused by a rerun
-with the same settings (`--peer-only` runs only the peer and reads our figures from that cache).
+with the same settings (`--peer-only` runs only the peer and reads our figures from that cache); a
+cached pixelrec result whose run recorded other settings than today's defaults give is fitted again.
 
 With several seeds it also prints the mean and standard deviation over seeds: with 943 test users
 a single figure carries a sampling error of about +-0.008 NDCG@10. Without --peer it prints the RecBole
@@ -33,10 +34,14 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_settings import changed_settings  # noqa: E402
 
 # model -> list of (setting, test NDCG@10, test Recall@10): RecBole figures published with the CSV
 RECBOLE = {
@@ -136,14 +141,19 @@ def run_ours(model: str, seed: int, args, out: Path, cached_only: bool = False) 
 
     key = {"overrides": sorted(args.overrides), "csv": _file_key(args.csv)}
     result_file = out / "results" / f"pixelrec-{model}-seed{seed}.json"
-    cached = _cached(result_file, key, args.refit)
-    if cached or cached_only:
-        return cached
     cfg = FitConfig(interactions=args.csv, out=str(out / f"{model}-seed{seed}"))
     cfg.model.model = model
     cfg.train.seed, cfg.train.device = seed, args.device
     for item in args.overrides:
         _override(cfg, item)
+    cached = _cached(result_file, key, args.refit)
+    changed = changed_settings(cfg, cfg.out) if cached else []
+    if changed:  # fitted under other defaults (an older pixelrec)
+        print(f"pixelrec {model} seed {seed}: the cached result was fitted with other settings "
+              f"({'; '.join(changed)}): {'not used' if cached_only else 'fitting again'}", flush=True)
+        cached = None
+    if cached or cached_only:
+        return cached
     t0 = time.time()
     res = fit(cfg, overwrite=True)
     t = res.test["overall"]

@@ -45,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from coldstart import _jsonable, encode_covers, parse_recipe, write_covers  # noqa: E402
+from run_settings import changed_settings  # noqa: E402
 
 TOWERS = {"id": "ID", "frozen": "frozen", "partial": "partial"}  # --items kind -> row label
 METRICS = (("recall@10", "Recall@10"), ("ndcg@10", "NDCG@10"))
@@ -173,6 +174,11 @@ def run_cell(model: str, tower: str, seeds: list[int], data: dict, out: Path, ar
                               **({"preset": args.preset} if args.preset else {})})
         path = result_path(out, model, tower, seed)
         row = None if args.refit else cached_row(path, settings)
+        changed = changed_settings(cfg, row["run"]) if row and row.get("run") else []
+        if changed:  # fitted under other defaults (an older pixelrec)
+            print(f"  {model}/{tower} seed {seed}: the cached result was fitted with other settings "
+                  f"({'; '.join(changed)}): {'fitting again' if fit else 'not used'}", flush=True)
+            row = None
         if row is None and fit and claim(path):
             try:
                 print(f"  fitting {model}/{tower} seed {seed} ...", flush=True)

@@ -4,6 +4,7 @@ hand case, its metrics, argument checks, result caching and the table."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -169,3 +170,27 @@ def test_peer_checks_recbole_inputs_against_our_split():
         recbole_run.check_inputs(inter, Names, [np.array([1, 2, 4, 3, 5]), np.array([7])], [6, 8])
     with pytest.raises(SystemExit, match="row 1"):
         recbole_run.check_inputs(inter, Names, [np.array([3, 4, 5]), np.array([7])], [6, 9])
+
+
+def test_cached_results_fitted_under_other_defaults_are_found(tmp_path):
+    """A result cached by a benchmark is today's only if its run recorded the settings a fit would use now:
+    a changed default (NextItNet's stride was 3) is named; unread (null) settings and the device are not."""
+    from run_settings import changed_settings
+
+    from pixelrec.recommend.config import FitConfig
+
+    cfg = FitConfig(interactions="ml100k.csv", out=str(tmp_path / "run"))
+    cfg.model.model = "nextitnet"
+    now = FitConfig.from_dict(cfg.to_dict())
+    now.validate()
+    recorded = now.to_dict()
+    recorded["model"]["heads"] = None  # not read by nextitnet: recorded as null
+    recorded["train"]["device"] = "cuda"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"config": recorded}))
+    assert changed_settings(cfg, tmp_path / "run") == []
+    recorded["train"]["stride"] = 3
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"config": recorded}))
+    assert changed_settings(cfg, tmp_path / "run") == ["train.stride: 3 recorded, 1 now"]
+    assert cfg.train.stride == 0  # the caller's config is left as given (resolved on a copy)
+    assert changed_settings(cfg, tmp_path / "missing") == ["no config.json"]
