@@ -19,8 +19,8 @@ IGNORED = {"train.device", "train.eval_batch_size"}  # where or how fast, not wh
 
 def changed_settings(cfg, run_dir: str | Path) -> list[str]:
     """["train.stride: 3 recorded, 1 now", ...] for every setting of `cfg` (a FitConfig, resolved here on a
-    copy) that differs from the run's config.json; settings the run recorded as null (not read by its
-    model) are skipped. A run without a readable config.json -> ["no config.json"]."""
+    copy) that differs from the run's config.json; settings that are null on either side (not read by
+    the model) are skipped. A run without a readable config.json -> ["no config.json"]."""
     try:
         recorded = json.loads((Path(run_dir) / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
@@ -32,8 +32,8 @@ def changed_settings(cfg, run_dir: str | Path) -> list[str]:
     for section in SECTIONS:
         for name, value in (recorded.get(section) or {}).items():
             key = f"{section}.{name}"
-            if value is None or key in IGNORED or name not in current[section]:
-                continue
+            if value is None or key in IGNORED or current[section].get(name) is None:
+                continue  # not read by the model (then or now: older runs recorded every setting)
             if current[section][name] != value:
                 changed.append(f"{key}: {value!r} recorded, {current[section][name]!r} now")
     return changed

@@ -189,6 +189,19 @@ def test_cached_results_fitted_under_other_defaults_are_found(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"config": recorded}))
     assert changed_settings(cfg, tmp_path / "run") == []
+    mf = FitConfig(interactions="ml100k.csv", out=str(tmp_path / "mf"))
+    mf.model.model = "mf"  # reads no --layers: unset now, though older runs recorded the default 1
+    old_mf = FitConfig.from_dict(mf.to_dict())
+    old_mf.validate()
+    old_record = old_mf.to_dict()
+    assert old_record["model"]["layers"] is None
+    old_record["model"]["layers"] = 1
+    (tmp_path / "mf").mkdir()
+    (tmp_path / "mf" / "config.json").write_text(json.dumps({"config": old_record}))
+    assert changed_settings(mf, tmp_path / "mf") == []
+    old_record["train"]["lr"] = 1e-3  # a default of its own that moved: found
+    (tmp_path / "mf" / "config.json").write_text(json.dumps({"config": old_record}))
+    assert changed_settings(mf, tmp_path / "mf") == ["train.lr: 0.001 recorded, 0.01 now"]
     recorded["train"]["stride"] = 3
     (tmp_path / "run" / "config.json").write_text(json.dumps({"config": recorded}))
     assert changed_settings(cfg, tmp_path / "run") == ["train.stride: 3 recorded, 1 now"]
