@@ -40,6 +40,8 @@ FEATURE_NORMS = ("none", "standardize", "whiten")
 IMAGE_BRANCHES = ("frozen", "partial", "side")
 CACHE_IN_MEMORY = ("auto", "yes", "no")
 MODELS = tuple(MODEL_SPECS)  # the sequence models: one ModelSpec each (models/registry.py)
+# models with a window stride of their own over cheap towers (`default_stride`), for --stride's help
+OWN_STRIDE = " and ".join(name for name, spec in MODEL_SPECS.items() if "train.stride" in spec.defaults)
 POSITIONS = ("relative", "absolute")
 NORMS = ("pre", "post")  # SASRec LayerNorm placement
 CONTEXTS = ("causal", "window")  # FM/DSSM training context (models/fm.py)
@@ -294,7 +296,7 @@ class TrainConfig:
     stride: int = setting(
         0, help="Sliding windows: a window ends every STRIDE items and trains its newest STRIDE targets "
                 "(1 = one sample per prefix, as RecBole). 0 = auto: max-len/6 for id/frozen, max-len/2 for "
-                "towers that run image blocks and for overlapping windows, 1 for bert4rec and nextitnet over id/frozen.")
+                f"towers that run image blocks and for overlapping windows, 1 for {OWN_STRIDE} over id/frozen.")
     seed: int = setting(0, at_least=0, at_most=SEED_MAX, help="Random seed.")
     deterministic: bool = setting(False, help="Ask torch for deterministic kernels.")
     device: str = setting("auto", help="auto | cpu | cuda[:N]")
