@@ -167,6 +167,7 @@ BAD: dict[str, dict[str, list]] = {
                        Args("--mask-ratio", "0.3")],  # sasrec has no cloze objective
         "mask_last": [Args("--model", "bert4rec", "--mask-last", "-0.1"), Args("--mask-last", "0.5")],
         "bert_head": [Args("--no-bert-head")],  # sasrec has no output head option
+        "item_bias": [Args("--item-bias")],  # sasrec has no item bias (yet)
         "visrank_k": [Args("--model", "visrank", "--items", "frozen", "--cache", "{default_cache}", "--visrank-k", "0"),
                       Args("--visrank-k", "2")],  # sasrec has no visrank k
         "dssm_mlp": [Args("--model", "dssm", "--dssm-mlp", "64,0"), Args("--model", "dssm", "--dssm-mlp", "x"),

@@ -101,6 +101,26 @@ def test_the_mask_slot_appended_at_inference_is_the_training_state_of_a_hidden_l
     assert isinstance(rec.encoder.head, torch.nn.Sequential) == head
 
 
+def test_item_bias_is_the_item_vectors_last_coordinate_added_to_every_score():
+    """--item-bias: every state (training and served) ends in the constant 1, so an item's score is the
+    dot product of the other coordinates plus the item vector's last one; without it, nothing is fixed."""
+    rec = recommender(item_bias=True)
+    seq, _ = windows(batch=8, width=7, num_items=30)
+    seq[:, -1] = torch.arange(1, 9)
+    hidden = cloze_masks(seq, torch.full((8,), 6), 0.3, 0.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        table = rec.tower(torch.arange(31))  # [31, 16]
+        trained = rec.states(table[seq], seq, hidden=hidden)  # [8, 7, 16]
+        users = rec.user_vectors(seq[:, :-1])  # [8, 16]
+    assert torch.equal(trained[..., -1], torch.ones(8, 7)) and torch.equal(users[:, -1], torch.ones(8))
+    assert users[:, :-1].abs().min() > 0  # the other coordinates are the head's output, not constants
+    scores = users @ table.T
+    assert torch.allclose(scores, users[:, :-1] @ table[:, :-1].T + table[:, -1], atol=1e-6)
+    plain = recommender(item_bias=False)
+    with torch.no_grad():
+        assert not torch.equal(plain.user_vectors(seq[:, :-1])[:, -1], torch.ones(8))
+
+
 def test_user_vector_does_not_depend_on_padding_and_sees_the_whole_history():
     enc = encoder(max_len=10)
     torch.manual_seed(3)

@@ -326,6 +326,14 @@ def _other_shapes(run: Path) -> None:
     (run / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _newer_setting(run: Path) -> None:
+    """A setting of a later pixelrec (it changes what the model computes): never dropped silently."""
+    meta = json.loads((run / "config.json").read_text())
+    meta["config"]["model"]["future_setting"] = True
+    meta["config"]["train"]["later_null"] = None  # a null one is not read by the model: tolerated
+    (run / "config.json").write_text(json.dumps(meta))
+
+
 def _latin1_added(run: Path) -> None:
     (RunDir(run).published().index_dir / "added_items.jsonl").write_bytes("\"caf\xe9\"\n".encode("latin-1"))
 
@@ -339,6 +347,7 @@ def _edited_checkpoint(run: Path) -> None:
     (_null_dim, ["config.json", "model.dim", "None"]),
     (_no_config_section, ["config.json", "'config'"]),
     (_other_shapes, ["do not fit the settings in config.json", "size mismatch"]),
+    (_newer_setting, ["config.json", "model.future_setting", "unknown to pixelrec", "newer version"]),
     (_latin1_added, ["added_items.jsonl", "not UTF-8"]),
     (_edited_checkpoint, ["does not match the run's manifest"]),
 ])

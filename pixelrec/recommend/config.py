@@ -228,6 +228,10 @@ class SequenceConfig:
     bert_head: bool = setting(
         True, help="An output head (Linear, GELU, LayerNorm) on the states before scoring (RecBole's, #1839); "
                    "--no-bert-head scores the transformer's output as the PixelRec code does.")
+    item_bias: bool = setting(
+        False, help="A learned bias per item added to its scores (RecBole's BERT4Rec output bias), served by the same "
+                    "dot product: the user vector's last coordinate is the constant 1, so the item vector's last "
+                    "coordinate is the item's bias.")
     visrank_k: int = setting(
         1, at_least=1,
         help="VisRank: an item's score is the mean of its k largest cosine similarities to the history's items "

@@ -401,6 +401,12 @@ def _load_fit_config(path: Path, config: dict[str, Any]) -> FitConfig:
         raise PixelrecError(f"{path}: damaged settings ({type(exc).__name__}: {exc}); refit the run") from None
     defaults = FitConfig(interactions="", out="")
     for section in ("items", "model", "loss", "train"):
+        known = {f.name for f in dataclasses.fields(getattr(defaults, section))}
+        recorded = config.get(section)
+        unknown = [k for k, v in (recorded.items() if isinstance(recorded, dict) else ()) if k not in known and v is not None]
+        if unknown:  # a setting of a newer pixelrec changes what the run computes: never drop it silently
+            raise PixelrecError(f"{path}: setting {section}.{unknown[0]} is unknown to pixelrec {__version__} (the run "
+                                f"was written by a newer version); read it with that version, or refit the run")
         have, want = getattr(cfg, section), getattr(defaults, section)
         for f in dataclasses.fields(have):
             value, default = getattr(have, f.name), getattr(want, f.name)

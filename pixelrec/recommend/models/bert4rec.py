@@ -37,6 +37,7 @@ class BERT4Rec(nn.Module):
         if cfg.norm not in NORMS:
             raise PixelrecError(f"unknown --norm {cfg.norm!r}; expected one of {', '.join(NORMS)}")
         self.mask_ratio, self.mask_last = cfg.mask_ratio, cfg.mask_last
+        self.item_bias = cfg.item_bias
         self.pos = nn.Embedding(cfg.max_len + 1, cfg.dim)
         post = cfg.norm == "post"
         self.ln_in = nn.LayerNorm(cfg.dim, eps=POST_LN_EPS if post else 1e-5)
@@ -63,7 +64,10 @@ class BERT4Rec(nn.Module):
         allowed = keys[:, None, :] | torch.eye(L, dtype=torch.bool, device=x.device)  # padded queries see themselves
         for block in self.blocks:
             x = block(x, allowed[:, None])  # [B, 1, L, L]: every query sees every real or hidden slot
-        return self.head(self.ln_out(x))
+        x = self.head(self.ln_out(x))
+        if self.item_bias:  # the last coordinate is 1: it multiplies the item vector's bias coordinate
+            x = torch.cat([x[..., :-1], x.new_ones(*x.shape[:-1], 1)], -1)
+        return x
 
 
 def append_mask_slot(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -130,7 +130,8 @@ SRGNN = ModelSpec(
 BERT4REC = ModelSpec(
     name="bert4rec",
     summary="bidirectional transformer trained by cloze; a mask slot after the history is the user (Sun et al. 2019)",
-    reads=("layers", "heads", "attn_dropout", "norm", "inner_mult", "mask_ratio", "mask_last", "bert_head"),
+    reads=("layers", "heads", "attn_dropout", "norm", "inner_mult", "mask_ratio", "mask_last", "bert_head",
+           "item_bias"),
     # ML-100K (benchmarks/ml100k.py, docs/models.md): lr 3e-3 reached lr 1e-3's best validation NDCG@10 in
     # half the epochs; mask ratio 0.4, no head and no last-item-only windows were no better (one seed each)
     # ML-100K (seed 0, test NDCG@10): stride 10, lr 3e-3, dropout 0.3 (the earlier defaults) 0.0858; stride 1
