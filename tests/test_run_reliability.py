@@ -331,6 +331,7 @@ def _newer_setting(run: Path) -> None:
     meta = json.loads((run / "config.json").read_text())
     meta["config"]["model"]["future_setting"] = True
     meta["config"]["train"]["later_null"] = None  # a null one is not read by the model: tolerated
+    meta["config"]["train"]["amp"] = False  # a retired setting older runs hold: tolerated (test_loss_choice too)
     (run / "config.json").write_text(json.dumps(meta))
 
 

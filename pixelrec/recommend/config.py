@@ -639,6 +639,15 @@ def _drop_unused(section: Any, name: str, unused: set[str]) -> Any:
     return {k: v for k, v in section.items() if not (v is None and f"{name}.{k}" in unused)}
 
 
+# Settings that older runs' config.json may hold and this version no longer has; reading such a run
+# ignores them (their meaning is carried by what replaced them). A key neither current nor listed here
+# was written by a newer pixelrec, and reading its run is refused (runs/rundir.py).
+RETIRED_SETTINGS = {
+    "loss.full_softmax_max_items": "the full/sampled softmax cost rule (loss.softmax auto) replaced it",
+    "train.amp": "train.precision replaced it (amp true = auto)",
+}
+
+
 def _train_section(train: dict[str, Any]) -> dict[str, Any]:
     """Runs written before `precision` existed recorded `amp` (True: autocast on CUDA = auto)."""
     if "precision" in train or "amp" not in train:

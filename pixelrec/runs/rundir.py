@@ -52,7 +52,7 @@ from ..data.ids import PAD, first_bad_id, shown
 from ..data.sequences import SequenceData
 from ..encode.cache import cache_identity
 from ..errors import PixelrecError
-from ..recommend.config import MODEL_SPECS, FitConfig
+from ..recommend.config import MODEL_SPECS, RETIRED_SETTINGS, FitConfig
 from ..runtime import (FileLock, atomic_path, disk_full_error, file_sha256, fsync_path, load_tensors, lock_path_for, log,
                        save_tensors, write_json)
 
@@ -403,7 +403,8 @@ def _load_fit_config(path: Path, config: dict[str, Any]) -> FitConfig:
     for section in ("items", "model", "loss", "train"):
         known = {f.name for f in dataclasses.fields(getattr(defaults, section))}
         recorded = config.get(section)
-        unknown = [k for k, v in (recorded.items() if isinstance(recorded, dict) else ()) if k not in known and v is not None]
+        unknown = [k for k, v in (recorded.items() if isinstance(recorded, dict) else ())
+                   if k not in known and v is not None and f"{section}.{k}" not in RETIRED_SETTINGS]
         if unknown:  # a setting of a newer pixelrec changes what the run computes: never drop it silently
             raise PixelrecError(f"{path}: setting {section}.{unknown[0]} is unknown to pixelrec {__version__} (the run "
                                 f"was written by a newer version); read it with that version, or refit the run")
