@@ -28,7 +28,9 @@ the reason below it (the one line `pixelrec fit` refuses it with).
 Every fitted cell is cached under --out: results/<model>/<tower>-seed<s>.json, the run in
 runs/<model>-<tower>-seed<s>. A rerun reuses a result whose settings are the same; a process claims a
 cell with a lock file while fitting it, so several processes given the same --out share the work
-(each skips what another is fitting); run once more when they are done to print the whole table.
+(each skips what another is fitting); run once more when they are done to print the whole table. A
+cell whose fit was killed continues from its last finished epoch on the next run (when its settings
+are unchanged), so a table of several CPU-hours can be made over several sittings.
 """
 
 from __future__ import annotations
@@ -145,17 +147,31 @@ def write_json(path: Path, row: dict) -> None:
     os.replace(tmp, path)
 
 
-def fit_cell(cfg, path: Path, settings: dict) -> dict:
-    """Fit one configuration and save its result row at `path`."""
+def fit_cell(cfg, path: Path, settings: dict, resume: bool = True) -> dict:
+    """Fit one configuration and save its result row at `path`. With `resume`, a run directory left by a
+    fit that was killed (a finished epoch, no result row) is continued from its last epoch when its
+    settings are these (`pixelrec fit --resume`'s check); otherwise it is fitted again from the start."""
+    from pixelrec.errors import PixelrecError
     from pixelrec.runs.fit import fit
+    from pixelrec.runs.rundir import RunDir
 
     t0 = time.time()
-    res = fit(cfg, overwrite=True)
+    res, continued = None, False
+    if resume and RunDir(cfg.out).last.is_file():
+        try:
+            res, continued = fit(cfg, resume=True), True
+            print(f"  {cfg.model.model}/{cfg.items.kind} seed {cfg.train.seed}: continued the killed fit in "
+                  f"{cfg.out}", flush=True)
+        except PixelrecError as exc:
+            print(f"  {cfg.model.model}/{cfg.items.kind} seed {cfg.train.seed}: not continued ({exc}); "
+                  f"fitting from the start", flush=True)
+    if res is None:
+        res = fit(cfg, overwrite=True)
     row = {"model": cfg.model.model, "tower": cfg.items.kind, "seed": cfg.train.seed, "settings": settings,
            "run": str(res.run_dir), **{m: res.test["overall"][m] for m, _ in METRICS},
            "s_per_epoch": res.seconds_per_epoch, "best_epoch": res.best_epoch, "epochs": res.epochs_run,
-           "wall_s": round(time.time() - t0, 1)}
-    write_json(path, row)
+           "wall_s": round(time.time() - t0, 1), **({"continued": True} if continued else {})}
+    write_json(path, row)  # wall_s: this sitting only when continued (s_per_epoch is over every epoch)
     return row
 
 
@@ -182,7 +198,7 @@ def run_cell(model: str, tower: str, seeds: list[int], data: dict, out: Path, ar
         if row is None and fit and claim(path):
             try:
                 print(f"  fitting {model}/{tower} seed {seed} ...", flush=True)
-                row = fit_cell(cfg, path, settings)
+                row = fit_cell(cfg, path, settings, resume=not args.refit)
             except PixelrecError as exc:  # refused once the data is read (e.g. a cache without tokens)
                 cell.na = str(exc)
                 return cell

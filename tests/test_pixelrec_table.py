@@ -88,6 +88,34 @@ def test_tiny_table_fits_each_cell_once_and_reruns_from_the_cache(tmp_path, caps
     assert f"[{saved['ndcg@10']:.4f}]" in second
 
 
+def test_a_killed_cell_continues_from_its_last_epoch_and_one_with_other_settings_starts_over(tmp_path, capsys):
+    """A cell whose fit stopped after epoch 0 (killed: a checkpoint, no result row) is continued by the
+    next run, not fitted again; the same leftover under other settings is fitted from the start."""
+    from pixelrec.runs.fit import fit
+
+    data = cold_dataset()
+    overrides = {"model.dim": 16, "model.max_len": 10}
+    run = pt.run_path(tmp_path, "mf", "id", 0)
+    fit(pt.cell_config("mf", "id", 0, data.interactions, None, run, overrides, epochs=1))
+    first_epoch = (run / "metrics.jsonl").read_text().splitlines()[0]
+    argv = [str(data.interactions), "--cache", str(data.cache()), "--out", str(tmp_path), "--models", "mf",
+            "--towers", "id", "--seeds", "0", "--epochs", "2", "--set", "model.dim=16", "--set", "model.max_len=10"]
+    pt.main(argv)
+    assert "mf/id seed 0: continued the killed fit" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "results/mf/id-seed0.json").read_text())
+    assert saved["epochs"] == 2 and saved["continued"] is True
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == first_epoch  # epoch 0 kept (its timing too), epoch 1 trained now
+
+    (tmp_path / "results/mf/id-seed0.json").unlink()  # the leftover run now has other settings than asked
+    pt.main(argv[:-4] + ["--set", "model.dim=8", "--set", "model.max_len=10"])
+    out = capsys.readouterr().out
+    assert "mf/id seed 0: not continued" in out and "model.dim" in out
+    saved = json.loads((tmp_path / "results/mf/id-seed0.json").read_text())
+    assert saved["epochs"] == 2 and "continued" not in saved
+    assert (run / "metrics.jsonl").read_text().splitlines()[0] != first_epoch
+
+
 def test_bad_selection_is_refused_naming_the_option():
     with pytest.raises(SystemExit, match="--models: unknown nope"):
         pt.parse_list("sasrec,nope", ["sasrec"], "models")
