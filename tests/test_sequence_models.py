@@ -145,6 +145,9 @@ def test_the_preset_sets_only_the_models_own_settings():
     cfg.model.model = "lightsans"
     record = apply_preset(cfg, "pixelrec").validate().record()
     assert (record["model"]["interests"], record["train"]["windows"], record["model"]["dilations"]) == (3, "prefixes", None)
+    cfg = FitConfig(interactions="i.csv", out="o")
+    cfg.model.model = "lightsans"
+    assert cfg.validate().record()["model"]["interests"] == 5  # RecBole's, not the reference's 3 (docs/results.md)
     assert FitConfig.from_dict(record).model.dilations == "1,4"  # null -> the default again
 
 
