@@ -158,13 +158,12 @@ def fit_cell(cfg, path: Path, settings: dict, resume: bool = True) -> dict:
     t0 = time.time()
     res, continued = None, False
     if resume and RunDir(cfg.out).last.is_file():
+        cell = f"{cfg.model.model}/{cfg.items.kind} seed {cfg.train.seed}"
         try:
             res, continued = fit(cfg, resume=True), True
-            print(f"  {cfg.model.model}/{cfg.items.kind} seed {cfg.train.seed}: continued the killed fit in "
-                  f"{cfg.out}", flush=True)
+            print(f"  {cell}: continued the killed fit in {cfg.out}", flush=True)
         except PixelrecError as exc:
-            print(f"  {cfg.model.model}/{cfg.items.kind} seed {cfg.train.seed}: not continued ({exc}); "
-                  f"fitting from the start", flush=True)
+            print(f"  {cell}: not continued ({exc}); fitting from the start", flush=True)
     if res is None:
         res = fit(cfg, overwrite=True)
     row = {"model": cfg.model.model, "tower": cfg.items.kind, "seed": cfg.train.seed, "settings": settings,
