@@ -41,7 +41,7 @@ def test_setup_cfg_declares_the_contracts():
     cfg.read(SETUP_CFG)
     assert cfg["importlinter"]["root_package"] == "pixelrec"
     layers = [line.strip() for line in cfg[f"importlinter:contract:{LAYERS}"]["layers"].splitlines() if line.strip()]
-    assert layers == ["__main__", "cli", "demo", "runs", "recommend | index", "encode", "data", "distributed", "runtime", "errors"]
+    assert layers == ["__main__", "cli", "cli_boundary", "demo", "runs", "recommend | index", "encode", "data", "distributed", "runtime", "errors"]
     assert f"importlinter:contract:{FORBIDDEN}" in cfg
 
 

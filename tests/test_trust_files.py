@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from fixtures_runs import TINY_ARGS, assert_one_line_error, invoke, synth_dataset
-from pixelrec.cli import describe_failure
+from pixelrec.cli_boundary import describe_failure
 from pixelrec.encode.checkpoint_check import read_checkpoint
 from pixelrec.encode.encoder import TINY_MODEL
 from pixelrec.errors import PixelrecError

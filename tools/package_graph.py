@@ -2,7 +2,7 @@
 
 The graph is read from the code itself with grimp (the import-graph library import-linter uses), so
 it counts every import, also those inside functions. Modules are grouped by their top-level package
-under `pixelrec/` (data, encode, recommend, index, runs, cli, demo, runtime, errors, plus `__main__`
+under `pixelrec/` (data, encode, recommend, index, runs, cli, cli_boundary, demo, runtime, errors, plus `__main__`
 and the package root `pixelrec/__init__.py`). For every pair of packages with imports between them
 the table gives the number of module-to-module imports (one importing module importing one module,
 however many import statements that takes, at the top of the file or inside a function) and which
