@@ -126,6 +126,7 @@ BAD: dict[str, dict[str, list]] = {
         "cache": ["{file}", Args("--items", "frozen", "--cache", "{tmp}/missing.h5"),
                   Args("--items", "frozen", "--cache", "{file}")],
         "images": ["{covers}", Args("--items", "e2e", "--images", "{tmp}/missing")],
+        "follow_symlinks": [Args("--follow-symlinks")],  # the id tower has no covers folder
         "encoder": [Args(*E2E, "--encoder", "no-such-model")],
         "pretrained": [Args(*E2E, "--pretrained", "{tmp}/missing.pt"),
                        Args(*E2E, "--pretrained", "{openai_pt}")],  # OpenAI CLIP weights into a GELU tower

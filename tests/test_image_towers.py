@@ -436,3 +436,42 @@ def test_unknown_hybrid_mode_and_head_are_refused(ds, data):
         HybridTower(IdTower(data.num_items, DIM), image, "product")
     with pytest.raises(PixelrecError, match="head"):
         PartialTower(open_cache(ds.cache()), data, DIM, head="cls")
+
+
+def test_e2e_reads_a_cover_linked_from_outside_its_folder_only_with_follow_symlinks(ds, data, tmp_path):
+    """fit's e2e tower treats its covers folder as `encode` does: a symbolic link to a file outside it
+    is refused (the item gets zero pixels, logged by name) unless --follow-symlinks."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    covers, outside = tmp_path / "covers", tmp_path / "elsewhere"
+    shutil.copytree(ds.covers, covers)
+    outside.mkdir()
+    linked = sorted(p for p in covers.iterdir() if p.stem == str(data.item_ids[1]))[0]
+    shutil.move(linked, outside / linked.name)
+    os.symlink(outside / linked.name, covers / linked.name)
+
+    def pixel_source(folder, follow: bool):
+        cfg = FitConfig(interactions=str(ds.interactions), out=str(tmp_path / "r"),
+                        items=ItemsConfig(kind="e2e", images=str(folder), encoder=TINY_VIT, tune_blocks=SPLIT,
+                                          follow_symlinks=follow), model=seq_config())
+        cfg.validate()
+        return build_image_tower(cfg, data).pixels
+
+    item = torch.tensor([1])
+    refused = pixel_source(covers, False)
+    assert refused.failed == {linked.stem: "symbolic link to a file outside the covers folder (not followed "
+                                           "without --follow-symlinks)"}
+    assert float(refused.get(item).abs().sum()) == 0.0  # zero pixels, as for any unreadable cover
+    followed = pixel_source(covers, True)
+    assert followed.failed == {} and Path(covers / linked.name).is_symlink()
+    assert torch.equal(followed.get(item), pixel_source(ds.covers, False).get(item))  # the linked file's pixels
+    assert float(followed.get(item).abs().sum()) > 0
+
+
+def test_follow_symlinks_is_refused_for_towers_without_a_covers_folder(ds, tmp_path):
+    cfg = FitConfig(interactions=str(ds.interactions), out=str(tmp_path / "r"),
+                    items=ItemsConfig(kind="id", follow_symlinks=True), model=seq_config())
+    with pytest.raises(PixelrecError, match=r"--follow-symlinks is read only by --items e2e .*not by --items id"):
+        cfg.validate()

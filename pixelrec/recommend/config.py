@@ -119,6 +119,9 @@ class ItemsConfig:
                                 help="HDF5 cache from `pixelrec encode` (frozen/partial/hybrid/side; "
                                      "--model acf / visrank read it whatever the tower).")
     images: str | None = setting(None, path="any", help="Covers dir or LMDB (e2e).")
+    follow_symlinks: bool = setting(
+        False, help="e2e: also read covers that are symbolic links to files outside the covers folder (otherwise "
+                    "they are refused and logged, as `pixelrec encode` does).")
     encoder: str = setting("ViT-B-32", help="open_clip model (e2e).")
     pretrained: str = setting("none", help="none | open_clip tag | local checkpoint path (e2e).")
     image_size: int | None = setting(
@@ -520,6 +523,9 @@ class FitConfig:
         if items.images and items.kind not in IMAGE_KINDS:
             raise PixelrecError(f"--images is read only by --items {_one_of(IMAGE_KINDS)}, not by --items "
                                 f"{items.kind}; drop --images or choose that tower")
+        if items.follow_symlinks and items.kind not in IMAGE_KINDS:
+            raise PixelrecError(f"--follow-symlinks is read only by --items {_one_of(IMAGE_KINDS)} (its covers folder), "
+                                f"not by --items {items.kind}; drop --follow-symlinks")
         branch = items.image_branch if items.kind == "hybrid" else items.kind
         defaults = {f.name: f.default for f in dataclasses.fields(ItemsConfig)}
         side_given = ["--" + name.replace("_", "-") for name in ("side_dim", "side_taps", "side_residual")
@@ -569,6 +575,7 @@ def default_stride(cfg: FitConfig) -> int:
 # every other tower ignores them, and config.json records them as null.
 _ITEM_SETTING_BRANCHES: dict[str, tuple[str, ...]] = {
     "encoder": ("e2e",),
+    "follow_symlinks": ("e2e",),
     "pretrained": ("e2e",),
     "image_size": ("e2e",),
     "tune_blocks": ("partial", "e2e"),  # partial: the split block `--preset pixelrec` checks the cache for

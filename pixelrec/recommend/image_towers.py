@@ -584,8 +584,7 @@ def build_image_tower(cfg: FitConfig, data: SequenceData) -> ItemTower:
         encoder.train()
         if it.grad_checkpointing:
             encoder.set_grad_checkpointing(True)
-        # fit has no --follow-symlinks: its own covers folder may link anywhere (special files are still refused)
-        store = open_image_store(it.images, follow_symlinks=True) if it.images else None
+        store = open_image_store(it.images, follow_symlinks=it.follow_symlinks) if it.images else None
         tower = E2ETower(encoder, store, data, d, adapter, it.head, it.tune_blocks, it.cache_in_memory,
                          dropout=it.dropout, tune_head=it.tune_head)
     else:
