@@ -347,3 +347,22 @@ def test_ip_to_l2_index_saves_its_radius_and_refuses_longer_added_items(tmp_path
         ItemIndex.load(tmp_path)
     with pytest.raises(PixelrecError, match=r"IP2L2, must be followed by a FAISS spec"):
         ItemIndex.build(vectors, ids, spec="IP2L2,")
+
+
+@pytest.mark.parametrize("spec", ["Flat", "IVF16,Flat"])
+def test_a_few_queries_draw_no_progress_bar_when_progress_is_on(clustered, capsys, spec):
+    """A library user who never silences progress (serve, retrieve, notebooks) sees no bar flash for a
+    single query, on the exact path and on an approximate index alike."""
+    from pixelrec.runtime import is_quiet, set_quiet
+
+    vectors, ids, queries = clustered
+    index = ItemIndex.build(vectors, ids, spec=spec, nprobe=16) if spec != "Flat" else ItemIndex.build(vectors, ids)
+    was = is_quiet()
+    set_quiet(False)
+    try:
+        capsys.readouterr()
+        _, found = index.search(queries[:1], K, exclude=[ids[:5]])
+        assert found.shape == (1, K) and not np.isin(found, ids[:5]).any()
+        assert capsys.readouterr().err == ""
+    finally:
+        set_quiet(was)

@@ -281,7 +281,8 @@ class ItemIndex:
         fetch = _fetch_sizes(excluded, k, self.ntotal)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
-        with progress(total=len(queries), desc="search", unit="user") as bar:
+        # delay: a bar only for a search that lasts (not for serve's or retrieve's few queries)
+        with progress(total=len(queries), desc="search", unit="user", delay=0.5) as bar:
             for size in np.unique(fetch):
                 rows = np.flatnonzero(fetch == size)
                 step = max(1, _CHUNK_ENTRIES // int(size))
