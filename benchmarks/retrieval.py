@@ -58,7 +58,8 @@ import numpy as np
 import torch
 
 from pixelrec.index import tuning
-from pixelrec.index.faiss_index import ItemIndex, brute_force_search, split_ip_to_l2
+from pixelrec.index.faiss_factory import split_ip_to_l2
+from pixelrec.index.faiss_index import ItemIndex, brute_force_search
 from pixelrec.runtime import set_quiet
 
 SAME_ROWS = 64  # exact mode: rows compared, bit for bit, between a batch size and one search of them

@@ -22,7 +22,7 @@ from .cli_boundary import PixelrecGroup, process_rank, quiet_given, rank_zero_on
 from .errors import PixelrecError
 from .recommend.config import ITEM_KINDS, PRECISIONS, SEED_MAX, FitOption, fit_options
 
-GPU_LAYOUTS = ("shard", "replicate")  # = pixelrec.index.faiss_index.GPU_LAYOUTS (importing FAISS here is slow)
+GPU_LAYOUTS = ("shard", "replicate")  # = pixelrec.index.faiss_factory.GPU_LAYOUTS (importing FAISS here is slow)
 
 _SEED = click.IntRange(0, SEED_MAX)
 

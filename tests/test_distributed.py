@@ -350,19 +350,19 @@ def test_several_gpus_get_a_sharded_or_replicated_index(monkeypatch):
     import faiss
 
     from pixelrec.cli import GPU_LAYOUTS as CLI_LAYOUTS
-    from pixelrec.index import faiss_index
+    from pixelrec.index import faiss_factory
 
     calls = []
-    monkeypatch.setattr(faiss_index, "resolve_device", lambda device: torch.device(device))
-    monkeypatch.setattr(faiss_index, "_faiss_has_gpu", lambda: True)
+    monkeypatch.setattr(faiss_factory, "resolve_device", lambda device: torch.device(device))
+    monkeypatch.setattr(faiss_factory, "faiss_has_gpu", lambda: True)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
     monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", type("Options", (), {"shard": False}), raising=False)
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index, co: calls.append(co.shard) or index,
                         raising=False)
     index = faiss.IndexIDMap(faiss.IndexFlatIP(4))
     for layout, shard in (("shard", True), ("replicate", False)):
-        placed, device, _ = faiss_index._place(index, "cuda", "Flat", layout)
+        placed, device, _ = faiss_factory.place_index(index, "cuda", "Flat", layout)
         assert placed is index and device == f"cuda:all (2 GPUs, {layout})" and calls[-1] is shard
     with pytest.raises(PixelrecError, match="unknown GPU layout 'mirror'"):
-        faiss_index._place(index, "cuda", "Flat", "mirror")
-    assert CLI_LAYOUTS == faiss_index.GPU_LAYOUTS
+        faiss_factory.place_index(index, "cuda", "Flat", "mirror")
+    assert CLI_LAYOUTS == faiss_factory.GPU_LAYOUTS

@@ -10,7 +10,8 @@ candidates from whichever exhaustive scan is fastest for the batch (FAISS's for 
 queries, torch matrix products otherwise), then scores computed in one canonical way and a
 certificate that nothing left out ranks higher, so a query's ids and scores do not depend on the
 batch it came in. FAISS also holds the index (files, additions), searches every approximate index,
-and a Flat index spread over several GPUs (`search_with_faiss`).
+and a Flat index spread over several GPUs (`search_with_faiss`). How a spec becomes a trained FAISS
+index on a device is `faiss_factory.py`; the directory an index is saved to is `index_files.py`.
 
 Conventions shared by `ItemIndex.search` and the torch reference `brute_force_search`:
 
@@ -40,28 +41,27 @@ with any other index.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import faiss
 import numpy as np
 import torch
 
 from ..errors import PixelrecError
-from ..runtime import atomic_path, file_sha256, log, progress, resolve_device, write_json
+from ..runtime import progress, resolve_device
 from .exact import ExactSearch
+from .faiss_factory import (GPU_LAYOUTS, IP_TO_L2, apply_search_params, default_search_params, exact_device,
+                            faiss_rows, for_metric, new_faiss_index, place_index, read_search_params,
+                            squared_norms, train_index, with_extra_coordinate)
+from .index_files import read_index_files, write_index_files
+
+__all__ = ["ItemIndex", "brute_force_search", "METRICS", "GPU_LAYOUTS", "GPU_MAX_K"]
 
 METRICS = ("ip", "cosine")
-EXAMPLE_SPECS = ("Flat", "IVF1024,Flat", "IVF1024,PQ16", "HNSW32", "OPQ16,IVF1024,PQ16", "PQ16", "SQ8")
-INDEX_FILE, META_FILE, VECTORS_FILE, IDS_FILE = "index.faiss", "index.json", "item_vectors.npy", "item_ids.npy"
-GPU_LAYOUTS = ("shard", "replicate")  # how an index spreads over several GPUs
 GPU_MAX_K = 2048  # largest k FAISS GPU indexes can return; larger over-fetches search a CPU copy
 _CHUNK_ENTRIES = 1 << 22  # queries x candidates handled per FAISS call (bounds result memory)
-_REBUILD_HINT = "rebuild it with `pixelrec index RUN_DIR`"
-IP_TO_L2 = "IP2L2"  # spec prefix: inner products searched as L2 distances over one extra coordinate
 _RESCORE_ENTRIES = 1 << 18  # candidates re-scored per numpy step (bounds the gathered vectors)
 
 
@@ -85,14 +85,14 @@ class ItemIndex:
         self._order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._order]
         self._is_exact = isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
-        self._params = _read_params(index)
-        exact_device = _exact_device(device, gpu_layout) if self._is_exact else None
-        if exact_device is None:
-            self._index, self._device, self._gpu_resources = _place(index, device, spec, gpu_layout)
-        else:  # FAISS keeps the CPU index (files, adds); searches run in torch on exact_device
-            self._index, self._device, self._gpu_resources = index, str(exact_device), None
+        self._params = read_search_params(index)
+        on_device = exact_device(device, gpu_layout) if self._is_exact else None
+        if on_device is None:
+            self._index, self._device, self._gpu_resources = place_index(index, device, spec, gpu_layout)
+        else:  # FAISS keeps the CPU index (files, adds); searches run in torch on on_device
+            self._index, self._device, self._gpu_resources = index, str(on_device), None
         self._faiss_on_gpu = self._index is not index
-        self._exact = self._exact_search() if exact_device is not None else None
+        self._exact = self._exact_search() if on_device is not None else None
         self._cpu_copy: faiss.Index | None = None
 
     # ----------------------------------------------------------------------------- construction
@@ -115,29 +115,20 @@ class ItemIndex:
             raise PixelrecError("no item vectors to index")
         index, spec = new_faiss_index(spec, vectors.shape[1])
         data, radius = faiss_rows(vectors, metric, spec)
-        _train(index, data, spec)
+        train_index(index, data, spec)
         index = faiss.IndexIDMap(index)
         index.add_with_ids(data, ids)
-        nprobe, ef_search = _default_params(index, nprobe, ef_search)
-        _set_params(index, spec, nprobe, ef_search)
+        nprobe, ef_search = default_search_params(index, nprobe, ef_search)
+        apply_search_params(index, spec, nprobe, ef_search)
         return cls(index, vectors, ids, spec=spec, metric=metric, device=device, gpu_layout=gpu_layout,
                    radius=radius)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu") -> "ItemIndex":
         """Load an index saved by `save`; any missing, corrupt or inconsistent file is a PixelrecError."""
-        directory = Path(directory)
-        missing = [name for name in (INDEX_FILE, META_FILE, VECTORS_FILE, IDS_FILE) if not (directory / name).is_file()]
-        if missing:
-            raise PixelrecError(f"{directory}: item index incomplete, missing {', '.join(missing)}; {_REBUILD_HINT}")
-        meta = _read_meta(directory / META_FILE)
+        index, vectors, ids, meta, radius = read_index_files(Path(directory))
         _check_metric(meta["metric"])
-        index = _read_index(directory / INDEX_FILE, meta)
-        vectors = _load_npy(directory / VECTORS_FILE, mmap=True)
-        ids = _load_npy(directory / IDS_FILE, mmap=False)
-        radius = _read_radius(directory / META_FILE, meta)
-        _check_consistent(directory, meta, index, vectors, ids, extra=0 if radius is None else 1)
-        _set_params(index, meta["spec"], meta.get("nprobe"), meta.get("ef_search"))
+        apply_search_params(index, meta["spec"], meta.get("nprobe"), meta.get("ef_search"))
         return cls(index, vectors, ids, spec=meta["spec"], metric=meta["metric"], device=device, radius=radius)
 
     # ----------------------------------------------------------------------------- properties
@@ -207,7 +198,7 @@ class ItemIndex:
     # ----------------------------------------------------------------------------- changes
     def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Change nprobe (IVF) and/or efSearch (HNSW) without rebuilding; None leaves a value as is."""
-        _set_params(self._index, self.spec, nprobe, ef_search, gpu=self._faiss_on_gpu)
+        apply_search_params(self._index, self.spec, nprobe, ef_search, gpu=self._faiss_on_gpu)
         self._params.update({k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None})
         self._cpu_copy = None
 
@@ -222,7 +213,7 @@ class ItemIndex:
         if len(taken):
             raise PixelrecError(f"item id(s) already in the index: {_preview(taken)}; new items need new ids")
         if self._radius is not None:
-            longer = _squared_norms(_for_metric(vectors, self.metric)) > self._radius ** 2 * (1 + 1e-6)
+            longer = squared_norms(for_metric(vectors, self.metric)) > self._radius ** 2 * (1 + 1e-6)
             if longer.any():
                 raise PixelrecError(
                     f"item id(s) {_preview(ids[longer])} are longer than the largest vector of this "
@@ -308,16 +299,9 @@ class ItemIndex:
     # ----------------------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike) -> None:
         """Write index.faiss (CPU form), item_vectors.npy, item_ids.npy, then index.json, each atomically."""
-        directory = Path(directory)
-        with atomic_path(directory / INDEX_FILE) as tmp:
-            faiss.write_index(self._cpu_index(), str(tmp))
-            digest, size = file_sha256(tmp), tmp.stat().st_size
-        _save_npy(directory / VECTORS_FILE, self._vectors)
-        _save_npy(directory / IDS_FILE, self._ids)
-        write_json(directory / META_FILE, {
+        write_index_files(Path(directory), self._cpu_index(), np.asarray(self._vectors), self._ids, {
             "spec": self.spec, "metric": self.metric, "dim": self.dim, "ntotal": self.ntotal,
             "nprobe": self.nprobe, "ef_search": self.ef_search, "exact": self.is_exact,
-            "faiss_version": faiss.__version__, "index_bytes": size, "index_sha256": digest,
             **({} if self._radius is None else {"ip2l2_radius": self._radius}),
         })
 
@@ -336,7 +320,7 @@ class ItemIndex:
     def _faiss_search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) [B, fetch] of the FAISS index; an "IP2L2," index's distances are replaced by
         the exact inner products, so its rows are ranked like every other index's."""
-        data = queries if self._radius is None else _with_extra_coordinate(queries, np.zeros(len(queries)))
+        data = queries if self._radius is None else with_extra_coordinate(queries, np.zeros(len(queries)))
         index = self._index
         if self._faiss_on_gpu and fetch > GPU_MAX_K:
             if self._cpu_copy is None:
@@ -357,7 +341,7 @@ class ItemIndex:
         step = max(1, _RESCORE_ENTRIES // max(1, ids.shape[1]))
         for start in range(0, len(ids), step):
             part = slice(start, start + step)
-            items = _for_metric(np.asarray(self._vectors[rows[part].ravel()], dtype=np.float32), self.metric)
+            items = for_metric(np.asarray(self._vectors[rows[part].ravel()], dtype=np.float32), self.metric)
             scores[part] = np.einsum("bd,bfd->bf", queries[part], items.reshape(*rows[part].shape, -1))
         scores[~found] = -np.inf
         return scores
@@ -372,7 +356,7 @@ class ItemIndex:
         scan = None
         if self._radius is None and not self._faiss_on_gpu and flat.metric_type == faiss.METRIC_INNER_PRODUCT:
             scan = self._index.search
-        return ExactSearch(_for_metric(np.asarray(self._vectors, dtype=np.float32), self.metric), self._ids,
+        return ExactSearch(for_metric(np.asarray(self._vectors, dtype=np.float32), self.metric), self._ids,
                            torch.device(self._device), faiss_search=scan)
 
 
@@ -386,7 +370,7 @@ def brute_force_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray
     vectors, ids = _check_items(vectors, ids)
     order = np.argsort(ids, kind="stable")  # sort by id so a stable sort breaks ties by smaller id
     ids = ids[order]
-    items = torch.from_numpy(_for_metric(vectors[order], metric)).to(resolve_device(device))
+    items = torch.from_numpy(for_metric(vectors[order], metric)).to(resolve_device(device))
     queries = _prepare_queries(queries, vectors.shape[1], metric)
     _check_k(k, len(ids))
     excluded = _exclusion_lists(exclude, len(queries))
@@ -446,7 +430,7 @@ def _prepare_queries(queries: np.ndarray, dim: int, metric: str) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(queries).all(axis=1))
     if len(bad):
         raise PixelrecError(f"query vector(s) with NaN or inf at row(s) {_preview(bad)}")
-    return _for_metric(queries, metric)
+    return for_metric(queries, metric)
 
 
 def _check_k(k: int, ntotal: int) -> None:
@@ -456,216 +440,10 @@ def _check_k(k: int, ntotal: int) -> None:
         raise PixelrecError(f"k={k} but the index holds only {ntotal} items")
 
 
-def _for_metric(vectors: np.ndarray, metric: str) -> np.ndarray:
-    """Vectors as FAISS sees them: unchanged for "ip", L2-normalised rows for "cosine"."""
-    if metric == "ip":
-        return vectors
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
-
 
 def _preview(values: np.ndarray, limit: int = 5) -> str:
     shown = ", ".join(str(v) for v in np.asarray(values)[:limit])
     return shown + (f" ... ({len(values)} in all)" if len(values) > limit else "")
-
-
-# --------------------------------------------------------------------------------- index creation
-def new_faiss_index(spec: str, dim: int) -> tuple[faiss.Index, str]:
-    """An untrained FAISS index for `spec` over `dim`-dimensional item vectors, and the spec as
-    stored (a bare "IVF<n>" becomes "IVF<n>,Flat"): inner product, or for an "IP2L2," spec an L2
-    index over dim + 1 coordinates (fill it with `faiss_rows`)."""
-    if re.fullmatch(r"(.+,)?IVF\d+(_\w+)?", spec):
-        spec += ",Flat"
-    reduced, body = split_ip_to_l2(spec)
-    if reduced and not body:
-        raise PixelrecError(f"index spec {spec!r}: {IP_TO_L2}, must be followed by a FAISS spec, "
-                            f"e.g. '{IP_TO_L2},IVF1024,Flat'")
-    try:
-        if reduced:
-            return faiss.index_factory(dim + 1, body, faiss.METRIC_L2), spec
-        return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT), spec
-    except RuntimeError as error:
-        examples = "; ".join(EXAMPLE_SPECS)
-        raise PixelrecError(
-            f"invalid index spec {spec!r} for {dim}-dimensional vectors: {_faiss_message(error)}; "
-            f"valid examples: {examples} (any FAISS index_factory string with inner-product support)"
-        ) from None
-
-
-def split_ip_to_l2(spec: str) -> tuple[bool, str]:
-    """(whether `spec` asks for the inner-product-to-L2 reduction, the FAISS spec after the prefix)."""
-    head, _, rest = spec.partition(",")
-    return (True, rest) if head == IP_TO_L2 else (False, spec)
-
-
-def faiss_rows(vectors: np.ndarray, metric: str, spec: str,
-               radius: float | None = None) -> tuple[np.ndarray, float | None]:
-    """(rows as the FAISS index of `spec` stores them, R): `vectors` for the metric (L2-normalised for
-    cosine), plus for an "IP2L2," spec the coordinate sqrt(R^2 - |x|^2), R the largest norm unless
-    given (items added to an existing index must not be longer: `ItemIndex.add` checks)."""
-    data = _for_metric(vectors, metric)
-    if not split_ip_to_l2(spec)[0]:
-        return data, None
-    norms2 = _squared_norms(data)
-    if radius is None:
-        radius = float(np.sqrt(norms2.max())) if len(norms2) else 0.0
-    return _with_extra_coordinate(data, np.sqrt(np.maximum(radius * radius - norms2, 0.0))), radius
-
-
-def _squared_norms(rows: np.ndarray) -> np.ndarray:
-    return np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
-
-
-def _with_extra_coordinate(rows: np.ndarray, extra: np.ndarray) -> np.ndarray:
-    """[N, d] rows and [N] values -> [N, d + 1] float32."""
-    out = np.empty((len(rows), rows.shape[1] + 1), dtype=np.float32)
-    out[:, :-1] = rows
-    out[:, -1] = extra
-    return out
-
-
-def _train(index: faiss.Index, vectors: np.ndarray, spec: str) -> None:
-    """Train `index` on the item vectors, turning too-few-vectors failures into a PixelrecError."""
-    if index.is_trained:
-        return
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        _check_training_size(spec, len(vectors), ivf.nlist)
-        if len(vectors) < 39 * ivf.nlist:
-            log(f"index {spec}: {len(vectors)} vectors for {ivf.nlist} lists (FAISS advises >= {39 * ivf.nlist})")
-            ivf.cp.min_points_per_centroid = 1  # already warned once above; keep FAISS quiet
-    try:
-        index.train(vectors)
-    except RuntimeError as error:
-        found = re.search(r"training points \((\d+)\).*clusters \((\d+)\)", str(error))
-        if found:
-            _check_training_size(spec, int(found.group(1)), int(found.group(2)))
-        raise PixelrecError(f"training index {spec!r} failed: {_faiss_message(error)}") from None
-
-
-def _check_training_size(spec: str, available: int, needed: int) -> None:
-    if available >= needed:
-        return
-    smaller = 2 ** int(np.log2(available / 39)) if available >= 39 else 0
-    hint = f"fewer centroids (e.g. 'IVF{smaller},Flat') or 'Flat'" if smaller else "'Flat'"
-    raise PixelrecError(
-        f"index spec {spec!r} needs at least {needed} item vectors to train {needed} centroids, "
-        f"but there are only {available}; use {hint}"
-    )
-
-
-# Search breadth when the user gives none (FAISS's own defaults, nprobe 1 and efSearch 16, lose
-# much of the exact top-k): probe up to 16 lists, efSearch 64.
-DEFAULT_NPROBE = 16
-DEFAULT_EF_SEARCH = 64
-
-
-def _default_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> tuple[int | None, int | None]:
-    ivf = faiss.try_extract_index_ivf(index)
-    if nprobe is None and ivf is not None:
-        nprobe = min(int(ivf.nlist), DEFAULT_NPROBE)
-    if ef_search is None and _find_hnsw(index) is not None:
-        ef_search = DEFAULT_EF_SEARCH
-    return nprobe, ef_search
-
-
-def _set_params(index: faiss.Index, spec: str, nprobe: int | None, ef_search: int | None, gpu: bool = False) -> None:
-    """Apply nprobe / efSearch through FAISS's ParameterSpace (GpuParameterSpace for a GPU index)."""
-    space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
-    for name, value, applies_to in (("nprobe", nprobe, "IVF"), ("efSearch", ef_search, "HNSW")):
-        if value is None:
-            continue
-        if int(value) != value or value < 1:
-            raise PixelrecError(f"{name} must be a positive integer, got {value}")
-        try:
-            space.set_index_parameter(index, name, int(value))
-        except RuntimeError:
-            raise PixelrecError(f"{name} applies to {applies_to} indexes only, not to {spec!r}") from None
-
-
-def _read_params(index: faiss.Index) -> dict[str, int | None]:
-    """Effective search parameters of a CPU index (None where they do not apply)."""
-    ivf = faiss.try_extract_index_ivf(index)
-    hnsw = _find_hnsw(index)
-    return {"nprobe": int(ivf.nprobe) if ivf is not None else None,
-            "ef_search": int(hnsw.hnsw.efSearch) if hnsw is not None else None}
-
-
-def _find_hnsw(index: faiss.Index) -> Any:
-    """The HNSW index inside `index` (through IDMap / PreTransform wrappers), or None."""
-    index = faiss.downcast_index(index)
-    while True:
-        if isinstance(index, faiss.IndexHNSW):
-            return index
-        inner = getattr(index, "index", None)
-        if inner is None:
-            return None
-        index = faiss.downcast_index(inner)
-
-
-def _faiss_message(error: Exception) -> str:
-    """FAISS's C++ exception text without the 'Error in <function> at <file>:<line>:' prefix."""
-    message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-    message = re.sub(r"^Error in .*? at \S+:\d+: ", "", message)
-    if "'metric == METRIC_L2' failed" in message:
-        return (f"this index type supports only L2 distance, not inner product (prefix the spec with "
-                f"'{IP_TO_L2},' to search inner products as L2 distances)")
-    return re.sub(r"^Error: '.*?' failed: ", "", message)
-
-
-# --------------------------------------------------------------------------------- device
-def _faiss_has_gpu() -> bool:
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def _exact_device(device: str, gpu_layout: str) -> torch.device | None:
-    """Where an exact index searches with `ExactSearch` (torch; no faiss-gpu needed): the CPU or one
-    GPU. None for "cuda" on a machine with several GPUs: FAISS's multi-GPU Flat (`_place`)."""
-    if gpu_layout not in GPU_LAYOUTS:
-        raise PixelrecError(f"unknown GPU layout {gpu_layout!r}; expected one of {', '.join(GPU_LAYOUTS)}")
-    target = resolve_device(device)
-    if target.type != "cuda":
-        return torch.device("cpu")
-    if target.index is None and torch.cuda.device_count() > 1:
-        return None
-    return torch.device("cuda", target.index or 0)
-
-
-def _place(index: faiss.Index, device: str, spec: str, gpu_layout: str = "shard") -> tuple[faiss.Index, str, Any]:
-    """(index to search, device name, GPU resources to keep alive) for the requested device."""
-    if gpu_layout not in GPU_LAYOUTS:
-        raise PixelrecError(f"unknown GPU layout {gpu_layout!r}; expected one of {', '.join(GPU_LAYOUTS)}")
-    target = resolve_device(device)
-    if target.type != "cuda":
-        return index, "cpu", None
-    if not _faiss_has_gpu():
-        if device == "auto":
-            return index, "cpu", None
-        raise PixelrecError(f"--device {device}: this FAISS build has no GPU support; "
-                            f"install pixelrec[gpu] (faiss-gpu) or use --device cpu")
-    if target.index is None and faiss.get_num_gpus() > 1:
-        return _place_on_all_gpus(index, spec, gpu_layout)
-    gpu = target.index or 0
-    resources = faiss.StandardGpuResources()
-    try:
-        return faiss.index_cpu_to_gpu(resources, gpu, index), f"cuda:{gpu}", resources
-    except RuntimeError as error:
-        log(f"index {spec} cannot run on the GPU ({_faiss_message(error)}); searching on the CPU")
-        return index, "cpu", None
-
-
-def _place_on_all_gpus(index: faiss.Index, spec: str, gpu_layout: str) -> tuple[faiss.Index, str, Any]:
-    """The index over every visible GPU with FAISS's own multi-GPU cloning: split into one shard per
-    GPU (the catalogue may be larger than one GPU) or one copy per GPU (more queries per second).
-    Exact (Flat) results equal the CPU index's. Not exercised without several GPUs."""
-    options = faiss.GpuMultipleClonerOptions()
-    options.shard = gpu_layout == "shard"
-    try:
-        placed = faiss.index_cpu_to_all_gpus(index, co=options)
-    except RuntimeError as error:
-        log(f"index {spec} cannot run on the GPUs ({_faiss_message(error)}); searching on the CPU")
-        return index, "cpu", None
-    return placed, f"cuda:all ({faiss.get_num_gpus()} GPUs, {gpu_layout})", None
 
 
 # --------------------------------------------------------------------------------- search helpers
@@ -732,67 +510,3 @@ def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.
     return positions, sorted_ids[positions] == ids
 
 
-# --------------------------------------------------------------------------------- files
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, np.asarray(array))
-
-
-def _load_npy(path: Path, mmap: bool) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise PixelrecError(f"{path}: unreadable ({error}); {_REBUILD_HINT}") from None
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PixelrecError(f"{path}: not valid JSON ({error}); {_REBUILD_HINT}") from None
-    missing = [key for key in ("spec", "metric", "dim", "ntotal", "index_sha256") if key not in meta]
-    if missing:
-        raise PixelrecError(f"{path}: missing field(s) {', '.join(missing)}; {_REBUILD_HINT}")
-    return meta
-
-
-def _read_index(path: Path, meta: dict[str, Any]) -> faiss.Index:
-    if file_sha256(path) != meta["index_sha256"]:
-        raise PixelrecError(f"{path}: corrupt or truncated (checksum differs from index.json); {_REBUILD_HINT}")
-    try:
-        index = faiss.read_index(str(path))
-    except RuntimeError as error:
-        raise PixelrecError(f"{path}: cannot read the FAISS index ({_faiss_message(error)}); {_REBUILD_HINT}") from None
-    if not isinstance(index, faiss.IndexIDMap):
-        raise PixelrecError(f"{path}: not a pixelrec item index (no id map); {_REBUILD_HINT}")
-    return index
-
-
-def _read_radius(path: Path, meta: dict[str, Any]) -> float | None:
-    """R of an "IP2L2," index from index.json (None for other specs)."""
-    if not split_ip_to_l2(str(meta["spec"]))[0]:
-        return None
-    radius = meta.get("ip2l2_radius")
-    if not isinstance(radius, (int, float)) or not np.isfinite(radius) or radius < 0:
-        raise PixelrecError(f"{path}: spec {meta['spec']!r} without a valid ip2l2_radius; {_REBUILD_HINT}")
-    return float(radius)
-
-
-def _check_consistent(directory: Path, meta: dict[str, Any], index: faiss.Index, vectors: np.ndarray,
-                      ids: np.ndarray, extra: int = 0) -> None:
-    """Counts and dimensions agree across the files (`extra`: coordinates the FAISS index adds)."""
-    sizes = {"index.json ntotal": meta["ntotal"], INDEX_FILE: index.ntotal, VECTORS_FILE: len(vectors),
-             IDS_FILE: len(ids)}
-    dims = {"index.json dim": meta["dim"], INDEX_FILE: index.d - extra,
-            VECTORS_FILE: vectors.shape[1] if vectors.ndim == 2 else None}
-    for what, values in (("item counts", sizes), ("dimensions", dims)):
-        if len(set(values.values())) > 1:
-            listing = ", ".join(f"{name} {value}" for name, value in values.items())
-            raise PixelrecError(f"{directory}: inconsistent {what} ({listing}); {_REBUILD_HINT}")
-    # files from elsewhere: the ids must be usable as table rows, and the ones FAISS answers with
-    if ids.ndim != 1 or ids.dtype.kind not in "iu" or (len(ids) and int(ids.min()) < 0) or \
-            len(np.unique(ids)) != len(ids) or vectors.dtype.kind != "f":
-        raise PixelrecError(f"{directory}: {IDS_FILE} must hold distinct non-negative integer ids and {VECTORS_FILE} "
-                            f"floats; {_REBUILD_HINT}")
-    if not np.array_equal(faiss.vector_to_array(index.id_map), ids):
-        raise PixelrecError(f"{directory}: {INDEX_FILE} maps its vectors to other ids than {IDS_FILE}; {_REBUILD_HINT}")

@@ -37,7 +37,8 @@ import numpy as np
 
 from ..errors import PixelrecError
 from ..runtime import is_quiet, log, set_quiet
-from .faiss_index import IP_TO_L2, ItemIndex, faiss_rows, new_faiss_index, split_ip_to_l2
+from .faiss_factory import IP_TO_L2, faiss_rows, new_faiss_index, split_ip_to_l2
+from .faiss_index import ItemIndex
 
 TUNING_FILE = "tuning.json"  # sidecar in an index directory: what the tuner measured and chose
 TRAIN_POINTS_PER_LIST = 32  # IVF training sample per list (FAISS advises 39; 32 loses no recall here)...
