@@ -313,7 +313,7 @@ def fit(ctx: click.Context, config_file: str | None, print_config: bool, resume:
 
     Settings come from the defaults, then --preset, then --config FILE, then the options given here.
     """
-    from .recommend.config import FitConfig, apply_preset
+    from .recommend.config import FitConfig, apply_preset, check_window_options
     from .runs.config_file import apply_config_file, dump_settings, read_config_file
 
     if resume and overwrite:
@@ -322,11 +322,12 @@ def fit(ctx: click.Context, config_file: str | None, print_config: bool, resume:
     cfg = FitConfig(interactions=settings["interactions"], out=settings["out"])
     for opt in options:
         cfg.set(opt.key, settings[opt.param_name])
-    typed = _explicit(ctx)
-    given = {opt.key for opt in options if opt.param_name in typed}
+    typed = {opt.key for opt in options if opt.param_name in _explicit(ctx)}
+    given = typed
     if config_file is not None:
-        given = apply_config_file(cfg, given, read_config_file(config_file))
+        given = apply_config_file(cfg, typed, read_config_file(config_file))
     apply_preset(cfg, cfg.preset, given)
+    check_window_options(cfg, typed)
     if print_config:
         click.echo(dump_settings(cfg.validate(), "json" if as_json else "toml"), nl=False)
         return

@@ -199,7 +199,8 @@ BAD: dict[str, dict[str, list]] = {
                     Args("--model", "srgnn", "--windows", "chunks"),
                     Args("--model", "bert4rec", "--windows", "sliding"),  # cloze hides items anywhere in a window
                     Args("--windows", "prefixes", "--stride", "3")],
-        "stride": ["-1", "9"],
+        "stride": ["-1", "9", Args("--windows", "chunks", "--stride", "3"),  # chunks have no stride
+                   Args("--preset", "pixelrec", "--stride", "3")],  # the preset's SASRec windows are chunks
         "seed": ["-1", str(2**40)],
         "device": ["tpu"],
         "min_interactions": ["2"],

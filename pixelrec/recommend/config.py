@@ -16,6 +16,7 @@ sequence encoders and the recommender import their configurations from here.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -640,6 +641,18 @@ def check_model_options(model: str, given: set[str] | frozenset[str]) -> None:
             flag = next((o.flag for o in fit_options() if o.key == key), key)
             raise PixelrecError(f"{flag} is not a setting of --model {spec.name} (it is read by --model "
                                 f"{_one_of(MODEL_SETTINGS[name])}); drop it")
+
+
+def check_window_options(cfg: FitConfig, typed: set[str] | frozenset[str]) -> None:
+    """Refuse a --stride typed on the command line for --windows chunks (given, or the model's or preset's
+    default), which have none: back-to-back chunks of max_len + 1 items. Only typed keys count: a run's
+    config.json given back with --config records the stride resolved for it, which its chunks ignored."""
+    if "train.stride" not in typed or cfg.train.stride == 0:
+        return
+    windows = cfg.train.windows or copy.deepcopy(cfg).resolve_defaults().train.windows
+    if windows == "chunks":
+        raise PixelrecError(f"--stride applies to sliding and overlapping windows, not to --windows chunks "
+                            f"(back-to-back chunks of --max-len + 1 items); drop --stride {cfg.train.stride}")
 
 
 def _drop_unused(section: Any, name: str, unused: set[str]) -> Any:
