@@ -52,12 +52,10 @@ import torch
 from ..errors import PixelrecError
 from ..runtime import progress, resolve_device
 from .exact import ExactSearch
-from .faiss_factory import (GPU_LAYOUTS, IP_TO_L2, apply_search_params, default_search_params, exact_device,
+from .faiss_factory import (IP_TO_L2, apply_search_params, default_search_params, exact_device,
                             faiss_rows, for_metric, new_faiss_index, place_index, read_search_params,
                             squared_norms, train_index, with_extra_coordinate)
 from .index_files import read_index_files, write_index_files
-
-__all__ = ["ItemIndex", "brute_force_search", "METRICS", "GPU_LAYOUTS", "GPU_MAX_K"]
 
 METRICS = ("ip", "cosine")
 GPU_MAX_K = 2048  # largest k FAISS GPU indexes can return; larger over-fetches search a CPU copy
